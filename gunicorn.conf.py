@@ -1,0 +1,53 @@
+"""gunicorn settings for passthrough: `gunicorn -c gunicorn.conf.py` from the repo root.
+
+Every value can be overridden on the command line (`--bind 127.0.0.1:9000`) or with
+GUNICORN_CMD_ARGS; the environment variables below are the documented knobs.
+"""
+
+from __future__ import annotations
+
+import os
+
+wsgi_app = "passthrough:create_app()"
+
+bind = [os.environ.get("BIND", "0.0.0.0:8080")]
+
+# gthread: each download holds one thread for its whole life (routers read slowly),
+# and in gthread `timeout` is only the worker's liveness heartbeat, so a download
+# that lasts an hour is not killed.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+timeout = 60
+keepalive = 5
+
+# On SIGTERM, in-flight downloads get this long to finish before workers are killed.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "120"))
+
+# Worker recycling would cut long downloads mid-transfer.
+max_requests = 0
+
+# gunicorn 25+ otherwise opens a control socket under $HOME, which breaks
+# read-only containers.
+control_socket_disable = True
+
+# The heartbeat file is touched often: keep it in memory when /dev/shm exists.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
+
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# The default access log format records the request line and headers we choose;
+# never the Authorization header.
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(L)ss "%(a)s"'
+
+
+def on_starting(server: object) -> None:
+    """Validate the configuration once in the master, so a bad value stops start-up
+    with one message naming the variable instead of every worker failing to boot."""
+    from passthrough.config import ConfigError, load_settings
+
+    try:
+        load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"passthrough: configuration error: {exc}") from None

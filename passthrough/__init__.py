@@ -1,0 +1,48 @@
+"""passthrough: any container registry image as one ``docker save`` tar over a plain
+HTTP GET, built straight from the registry's V2 API with no Docker daemon."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from passthrough.config import Settings, load_settings
+from passthrough.pipeline import Services
+
+__all__ = ["create_app"]
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger("passthrough")
+    root.setLevel(level)
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """The app factory. ``config`` may hold ``SETTINGS`` (a ready :class:`Settings`),
+    environment-style overrides (``{"REGISTRY_URL": ...}``) and Flask settings."""
+    overrides = dict(config or {})
+    settings = overrides.pop("SETTINGS", None)
+    if not isinstance(settings, Settings):
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in overrides.items() if k.isupper() and isinstance(v, str)})
+        settings = load_settings(env)
+
+    app = Flask(__name__)
+    app.config.update(overrides)
+    app.extensions["passthrough"] = Services(settings)
+    _configure_logging(settings.log_level)
+
+    from passthrough.routes import downloads, errors, health
+
+    app.register_blueprint(errors.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(downloads.bp)
+    return app

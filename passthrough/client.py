@@ -1,0 +1,369 @@
+"""The registry HTTP client: V2 requests with the token dance, safe redirects and
+status codes mapped to meaningful errors.
+
+- ``trust_env=False``: no .netrc, proxy or CA settings leak in from the environment.
+- Authorization goes only to the registry's own origin (and credentials to the token
+  realm the registry names); a redirect to another host (S3, a CDN) gets none.
+- Every failure becomes a :class:`~passthrough.errors.UpstreamError` leaf whose message
+  names the cause and never holds a secret or an upstream body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from passthrough.auth import (
+    DEFAULT_EXPIRES_IN,
+    Challenge,
+    TokenCache,
+    TokenKey,
+    parse_challenges,
+)
+from passthrough.errors import (
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
+from passthrough.registry import AuthKind, Target
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "passthrough/0.1 (+docker-save over HTTP)"
+MAX_REDIRECTS = 5
+MAX_TOKEN_RESPONSE_BYTES = 1 << 20
+
+
+def origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, f"{(parts.hostname or '').lower()}:{port}"
+
+
+@dataclass
+class Timeouts:
+    connect: float
+    read: float
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (self.connect, self.read)
+
+
+class RegistryClient:
+    """One request's conversation with one registry, for one repository.
+
+    Shared by the threads of one download (requests' connection pool is thread-safe);
+    never shared across requests, so credentials live exactly as long as the download.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        repository: str,
+        tokens: TokenCache,
+        timeouts: Timeouts,
+        pool_size: int = 8,
+    ) -> None:
+        self.target = target
+        self.repository = repository
+        self.tokens = tokens
+        self.timeouts = timeouts
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.headers["User-Agent"] = USER_AGENT
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._authorization: str | None = None
+        if target.auth is AuthKind.STATIC_BEARER and target.bearer_token:
+            self._authorization = f"Bearer {target.bearer_token}"
+        #: What the last challenge asked for, for observability (never a secret).
+        self.auth_scheme_used: str | None = None
+        self.last_ratelimit_remaining: str | None = None
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def base(self) -> str:
+        return self.target.registry.url
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        stream: bool,
+        what: str,
+        authorization: str | None,
+    ) -> requests.Response:
+        send_headers = dict(headers)
+        if authorization and origin(url) == origin(self.base):
+            send_headers["Authorization"] = authorization
+        try:
+            return self.session.request(
+                method,
+                url,
+                headers=send_headers,
+                stream=stream,
+                allow_redirects=False,
+                timeout=self.timeouts.as_tuple(),
+            )
+        except requests.Timeout:
+            raise UpstreamTimeout(
+                f"{what}: {urlsplit(url).netloc} did not answer in time"
+            ) from None
+        except requests.ConnectionError:
+            raise UpstreamUnreachable(f"{what}: cannot connect to {urlsplit(url).netloc}") from None
+        except requests.RequestException as exc:
+            raise UpstreamError(f"{what}: request failed ({type(exc).__name__})") from None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        what: str,
+        follow_redirects: bool = True,
+    ) -> requests.Response:
+        """Send a V2 request, authenticating on demand and following redirects safely.
+
+        Returns a 2xx response (or a 3xx when ``follow_redirects`` is false); anything
+        else raises the matching :class:`UpstreamError`.
+        """
+        url = self.base + path
+        headers = dict(headers or {})
+        response = self._send(
+            method, url, headers, stream=stream, what=what, authorization=self._authorization
+        )
+        if response.status_code == 401:
+            challenges = parse_challenges(response.headers.get("WWW-Authenticate", ""))
+            response.close()
+            self._authenticate(challenges, what)
+            response = self._send(
+                method, url, headers, stream=stream, what=what, authorization=self._authorization
+            )
+            if response.status_code == 401 and self.auth_scheme_used == "bearer":
+                # A cached token may be stale or have lost its scope: one fresh try.
+                retry = parse_challenges(response.headers.get("WWW-Authenticate", ""))
+                response.close()
+                self._authenticate(retry or challenges, what, fresh=True)
+                response = self._send(
+                    method,
+                    url,
+                    headers,
+                    stream=stream,
+                    what=what,
+                    authorization=self._authorization,
+                )
+        hops = 0
+        while follow_redirects and response.status_code in (301, 302, 303, 307, 308):
+            location = response.headers.get("Location")
+            response.close()
+            if not location or hops >= MAX_REDIRECTS:
+                raise UpstreamInvalid(f"{what}: too many or empty redirects")
+            hops += 1
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise UpstreamInvalid(f"{what}: redirect to a non-HTTP location")
+            # _send adds Authorization only when the redirect stays on the registry.
+            response = self._send(
+                "GET" if response.status_code == 303 else method,
+                url,
+                headers,
+                stream=stream,
+                what=what,
+                authorization=self._authorization,
+            )
+        self._note_rate_limit(response)
+        if response.status_code >= 400 or (response.status_code >= 300 and follow_redirects):
+            raise_for_status(response, what)
+        return response
+
+    def _note_rate_limit(self, response: requests.Response) -> None:
+        remaining = response.headers.get("ratelimit-remaining")
+        if remaining:
+            self.last_ratelimit_remaining = remaining.split(";")[0].strip()
+
+    # -- authentication ----------------------------------------------------------------
+
+    def _authenticate(self, challenges: list[Challenge], what: str, *, fresh: bool = False) -> None:
+        target = self.target
+        if target.auth is AuthKind.STATIC_BEARER:
+            raise UpstreamUnauthorized(f"{what}: the registry rejected the configured bearer token")
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        basic = next((c for c in challenges if c.scheme == "basic"), None)
+        if bearer is not None or (target.realm_override and basic is None):
+            self.auth_scheme_used = "bearer"
+            self._authorization = f"Bearer {self._token(bearer, what, fresh=fresh)}"
+            return
+        if basic is not None:
+            self.auth_scheme_used = "basic"
+            if target.credentials is None:
+                raise UpstreamUnauthorized(f"{what}: the registry requires credentials")
+            if self._authorization == target.credentials.basic_header():
+                raise UpstreamUnauthorized(f"{what}: the registry rejected the credentials")
+            self._authorization = target.credentials.basic_header()
+            return
+        raise UpstreamUnauthorized(
+            f"{what}: the registry refused access without a usable challenge"
+        )
+
+    def _token(self, challenge: Challenge | None, what: str, *, fresh: bool) -> str:
+        target = self.target
+        params = challenge.params if challenge else {}
+        realm = target.realm_override or params.get("realm")
+        if not realm:
+            raise UpstreamInvalid(f"{what}: the registry's Bearer challenge names no realm")
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamInvalid(f"{what}: the token realm is not an http(s) URL")
+        service = target.service_override or params.get("service") or ""
+        wanted = {f"repository:{self.repository}:pull"}
+        wanted.update(s for s in params.get("scope", "").split() if s)
+        scopes = tuple(sorted(wanted))
+        identity = target.credentials.identity if target.credentials else "anonymous"
+        key = TokenKey(realm, service, scopes, identity)
+        if fresh:
+            self.tokens.discard(key)
+        else:
+            cached = self.tokens.get(key)
+            if cached and f"Bearer {cached}" != self._authorization:
+                return cached
+
+        query: list[tuple[str, str]] = []
+        if service:
+            query.append(("service", service))
+        # One `scope` parameter per scope, as the token spec and Docker Hub expect.
+        query.extend(("scope", s) for s in scopes)
+        headers = {"Accept": "application/json"}
+        if target.credentials is not None:
+            query.append(("account", target.credentials.username))
+            headers["Authorization"] = target.credentials.basic_header()
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        token_what = f"{what}: token service {urlsplit(realm).netloc}"
+        try:
+            response = self.session.get(
+                url, headers=headers, timeout=self.timeouts.as_tuple(), allow_redirects=False
+            )
+        except requests.Timeout:
+            raise UpstreamTimeout(f"{token_what} did not answer in time") from None
+        except requests.ConnectionError:
+            raise UpstreamUnreachable(f"{token_what}: cannot connect") from None
+        except requests.RequestException as exc:
+            raise UpstreamError(f"{token_what}: request failed ({type(exc).__name__})") from None
+        with response:
+            if response.status_code in (401, 403):
+                if target.credentials is None:
+                    raise UpstreamUnauthorized(f"{token_what} requires credentials")
+                raise UpstreamUnauthorized(f"{token_what} rejected the credentials")
+            if response.status_code >= 300:
+                raise_for_status(response, token_what)
+            body = response.content[:MAX_TOKEN_RESPONSE_BYTES]
+        try:
+            document: Any = response.json() if body else {}
+        except ValueError:
+            raise UpstreamInvalid(f"{token_what} answered something that is not JSON") from None
+        if not isinstance(document, dict):
+            raise UpstreamInvalid(f"{token_what} answered something that is not a token")
+        token = document.get("token") or document.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise UpstreamInvalid(f"{token_what} answered without a token")
+        expires_in = document.get("expires_in")
+        if not isinstance(expires_in, int | float) or expires_in <= 0:
+            expires_in = DEFAULT_EXPIRES_IN
+        self.tokens.put(key, token, float(expires_in))
+        return token
+
+    # -- V2 operations -----------------------------------------------------------------
+
+    @contextmanager
+    def blob(self, digest: str, *, offset: int = 0, what: str) -> Iterator[requests.Response]:
+        """Stream a blob (following redirects to storage); the caller reads ``.raw`` or
+        iterates. ``offset`` asks for the rest of a blob with a Range request."""
+        headers = {"Accept": "*/*"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        response = self.request(
+            "GET", f"/v2/{self.repository}/blobs/{digest}", headers=headers, stream=True, what=what
+        )
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def blob_exists(self, digest: str, *, what: str) -> int | None:
+        """HEAD a blob without following redirects (a presigned storage URL is often signed
+        for GET only): 2xx or a redirect means readable. Returns the size when given."""
+        response = self.request(
+            "HEAD",
+            f"/v2/{self.repository}/blobs/{digest}",
+            what=what,
+            follow_redirects=False,
+        )
+        response.close()
+        length = response.headers.get("Content-Length")
+        if response.status_code < 300 and length and length.isdigit():
+            return int(length)
+        return None
+
+
+def raise_for_status(response: requests.Response, what: str) -> None:
+    """Map a non-2xx registry answer to the error that names it."""
+    status = response.status_code
+    if status < 300:
+        return
+    code = _registry_error_code(response)
+    detail = f" ({code})" if code else ""
+    if status == 404:
+        raise UpstreamNotFound(f"{what}: not found on the registry{detail}")
+    if status == 401:
+        raise UpstreamUnauthorized(f"{what}: the registry requires other credentials{detail}")
+    if status == 403:
+        raise UpstreamForbidden(f"{what}: the registry denied access{detail}")
+    if status == 429:
+        retry_after = response.headers.get("Retry-After", "").strip()
+        headers = {"Retry-After": retry_after} if retry_after.isdigit() else {}
+        raise UpstreamRateLimited(
+            f"{what}: the registry is rate-limiting us{detail}", headers=headers
+        )
+    if status in (500, 502, 503, 504):
+        raise UpstreamUnavailable(f"{what}: the registry answered {status}{detail}")
+    if 300 <= status < 400:
+        raise UpstreamInvalid(f"{what}: unexpected redirect {status}")
+    raise UpstreamError(f"{what}: the registry answered {status}{detail}")
+
+
+def _registry_error_code(response: requests.Response) -> str | None:
+    """The first error code of a distribution error body (MANIFEST_UNKNOWN, DENIED…),
+    read only when small; codes are a fixed vocabulary, so safe to show."""
+    if response.request is not None and response.request.method == "HEAD":
+        return None
+    length = response.headers.get("Content-Length")
+    if length is None or not length.isdigit() or int(length) > 65536:
+        return None
+    try:
+        document = response.json()
+        code = document["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) < 64:
+        return code
+    return None

@@ -1,0 +1,232 @@
+"""Settings: read once from the environment (and a `.env` file) when the app is created.
+
+Nothing here runs at import time. :func:`load_settings` validates every value and
+raises :class:`ConfigError` naming the variable, so a bad deployment stops at
+start-up instead of failing on the first download.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB_REALM = "https://auth.docker.io/token"
+DOCKER_HUB_SERVICE = "registry.docker.io"
+
+CLIENT_AUTH_MODES = ("optional", "required", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_HOST_RE = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::\d{1,5})?$"
+)
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class RegistryEndpoint:
+    """Where a registry lives: its base URL and the name it goes by in image references."""
+
+    url: str  # scheme://host[:port], no trailing slash
+    name: str  # familiar host name used in RepoTags, e.g. docker.io or host:5000
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.url == DOCKER_HUB_URL
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one running service."""
+
+    registry: RegistryEndpoint = field(
+        default_factory=lambda: RegistryEndpoint(DOCKER_HUB_URL, "docker.io")
+    )
+    registry_auth_url: str | None = None
+    registry_service: str | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    bearer_token: str | None = field(default=None, repr=False)
+    client_auth: str = "optional"
+    default_namespace: str | None = None
+    log_level: str = "INFO"
+    # Timeouts for upstream requests, in seconds.
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    # How many layers of one download are fetched at once.
+    layer_concurrency: int = 3
+    # Where temp files go (None: the system default, honouring TMPDIR).
+    temp_dir: str | None = None
+
+    @property
+    def has_env_credentials(self) -> bool:
+        return bool(self.username and self.password)
+
+
+def normalize_registry(value: str, *, variable: str = "REGISTRY_URL") -> RegistryEndpoint:
+    """Turn `docker.io`, `host:5000` or `http://host:5000/` into an endpoint.
+
+    Every Docker Hub alias means the same registry; a value without a scheme is https.
+    """
+    raw = value.strip()
+    if not raw:
+        raise ConfigError(f"{variable} is empty")
+    if "://" not in raw:
+        raw = "https://" + raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{variable} must use http or https, not {parts.scheme!r}")
+    if parts.username or parts.password:
+        raise ConfigError(f"{variable} must not carry credentials; use REGISTRY_USERNAME/PASSWORD")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{variable} must be scheme://host[:port] with no path")
+    host = parts.netloc.lower()
+    if not _HOST_RE.match(host):
+        raise ConfigError(f"{variable} has an invalid host {parts.netloc!r}")
+    if parts.port is not None and not 0 < parts.port < 65536:
+        raise ConfigError(f"{variable} has an invalid port")
+    if host in DOCKER_HUB_ALIASES:
+        return RegistryEndpoint(DOCKER_HUB_URL, "docker.io")
+    return RegistryEndpoint(f"{parts.scheme}://{host}", host)
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d+", raw):
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}")
+    value = int(raw)
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    raw = _optional(env, name)
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL")
+    return raw
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, env_file: str | None = None
+) -> dict[str, str]:
+    """The effective variables: a `.env` file (ENV_FILE, default ./.env) under the real
+    environment, which wins."""
+    real = dict(os.environ if environ is None else environ)
+    path = env_file or real.get("ENV_FILE") or ".env"
+    merged: dict[str, str] = {}
+    if os.path.isfile(path):
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(real)
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, env_file: str | None = None
+) -> Settings:
+    """Build validated :class:`Settings` from the environment."""
+    env = read_environment(environ, env_file)
+
+    registry = normalize_registry(_optional(env, "REGISTRY_URL") or "docker.io")
+    name = _optional(env, "REGISTRY_NAME")
+    if name is not None:
+        if not _HOST_RE.match(name):
+            raise ConfigError("REGISTRY_NAME must be a host name such as registry.example.com:5000")
+        registry = RegistryEndpoint(registry.url, name.lower())
+
+    auth_url = _url(env, "REGISTRY_AUTH_URL")
+    service = _optional(env, "REGISTRY_SERVICE")
+    if registry.is_docker_hub:
+        auth_url = auth_url or DOCKER_HUB_REALM
+        service = service or DOCKER_HUB_SERVICE
+
+    username = _optional(env, "REGISTRY_USERNAME")
+    password = env.get("REGISTRY_PASSWORD") or None
+    if bool(username) != bool(password):
+        missing = "REGISTRY_PASSWORD" if username else "REGISTRY_USERNAME"
+        raise ConfigError(f"{missing} must be set together with the other half of the credential")
+    if username and ":" in username:
+        raise ConfigError("REGISTRY_USERNAME must not contain ':'")
+
+    bearer = _optional(env, "REGISTRY_BEARER_TOKEN") or _optional(env, "REGISTRY_TOKEN")
+
+    client_auth = (_optional(env, "REGISTRY_CLIENT_AUTH") or "optional").lower()
+    if client_auth not in CLIENT_AUTH_MODES:
+        raise ConfigError(
+            f"REGISTRY_CLIENT_AUTH must be one of {', '.join(CLIENT_AUTH_MODES)}, "
+            f"got {client_auth!r}"
+        )
+
+    namespace = _optional(env, "REGISTRY_DEFAULT_NAMESPACE")
+    if namespace is not None:
+        namespace = namespace.strip("/")
+        from passthrough.reference import PATH_COMPONENT_RE
+
+        if not all(PATH_COMPONENT_RE.fullmatch(c) for c in namespace.split("/")):
+            raise ConfigError(
+                "REGISTRY_DEFAULT_NAMESPACE must be lowercase path components "
+                "such as 'team' or 'org/team'"
+            )
+
+    log_level = (_optional(env, "LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+
+    temp_dir = _optional(env, "TEMP_DIR")
+    if temp_dir is not None and not os.path.isdir(temp_dir):
+        raise ConfigError(f"TEMP_DIR {temp_dir!r} is not a directory")
+
+    return Settings(
+        registry=registry,
+        registry_auth_url=auth_url,
+        registry_service=service,
+        username=username,
+        password=password,
+        bearer_token=bearer,
+        client_auth=client_auth,
+        default_namespace=namespace,
+        log_level=log_level,
+        connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1),
+        read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 60.0, minimum=0.1),
+        layer_concurrency=_integer(env, "LAYER_CONCURRENCY", 3, minimum=1),
+        temp_dir=temp_dir,
+    )

@@ -1,0 +1,164 @@
+"""The exceptions passthrough raises, and what each one means to a client.
+
+One root, :class:`PassthroughError`; every leaf carries the HTTP status it maps to
+and a one-line message that is safe to show (it never holds a credential, a token
+or an upstream body). :mod:`passthrough.routes.errors` turns them into responses in
+one place.
+"""
+
+from __future__ import annotations
+
+
+class PassthroughError(Exception):
+    """Root of every error passthrough answers with an HTTP status."""
+
+    status: int = 500
+    #: A short, stable name for logs, metrics and traces (``error.type``).
+    kind: str = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+# -- the client's request --------------------------------------------------------------
+
+
+class BadRequest(PassthroughError):
+    """The filename, reference or query cannot be used (400)."""
+
+    status = 400
+    kind = "bad_request"
+
+
+class ClientAuthRequired(PassthroughError):
+    """The route needs the client's Basic credentials (401 with a Basic challenge)."""
+
+    status = 401
+    kind = "client_auth_required"
+    CHALLENGE = 'Basic realm="registry credentials"'
+
+    def __init__(self, message: str = "this route needs registry credentials (HTTP Basic)") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": self.CHALLENGE})
+
+
+class ClientAuthDisabled(PassthroughError):
+    """Client credentials are switched off (REGISTRY_CLIENT_AUTH=off) (403)."""
+
+    status = 403
+    kind = "client_auth_disabled"
+
+
+class Forbidden(PassthroughError):
+    """The service refuses the target itself, such as a registry host not allowed (403)."""
+
+    status = 403
+    kind = "forbidden"
+
+
+class NotAcceptable(PassthroughError):
+    """The image exists but not in a form we can deliver, such as another platform (404)."""
+
+    status = 404
+    kind = "platform_not_found"
+
+
+class TooBusy(PassthroughError):
+    """This worker already serves as many downloads as it may (503, Retry-After)."""
+
+    status = 503
+    kind = "too_busy"
+
+
+class TooLarge(PassthroughError):
+    """A manifest, config or image is over a configured limit (413)."""
+
+    status = 413
+    kind = "too_large"
+
+
+class InsufficientStorage(PassthroughError):
+    """The disk for temp files or the cache is full (507)."""
+
+    status = 507
+    kind = "insufficient_storage"
+
+
+# -- the upstream registry ------------------------------------------------------------
+
+
+class UpstreamError(PassthroughError):
+    """Something the registry did (or did not do); 502 unless a leaf says otherwise."""
+
+    status = 502
+    kind = "upstream_error"
+
+
+class UpstreamNotFound(UpstreamError):
+    """The repository, tag, manifest or blob does not exist upstream (404)."""
+
+    status = 404
+    kind = "upstream_not_found"
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The registry wants credentials, or refused the ones we sent (401).
+
+    When the route accepts client credentials the response carries the Basic
+    challenge, so a client such as IOS-XE can retry with them.
+    """
+
+    status = 401
+    kind = "upstream_unauthorized"
+
+
+class UpstreamForbidden(UpstreamError):
+    """The registry understood the credentials and denied access (403)."""
+
+    status = 403
+    kind = "upstream_forbidden"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The registry answered 429; its Retry-After is passed on."""
+
+    status = 429
+    kind = "upstream_rate_limited"
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the registry or its token service could be made (502)."""
+
+    status = 502
+    kind = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The registry did not answer in time (504)."""
+
+    status = 504
+    kind = "upstream_timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The registry answered 5xx (503)."""
+
+    status = 503
+    kind = "upstream_unavailable"
+
+
+class UpstreamInvalid(UpstreamError):
+    """The registry sent something that is not what it promised: bad JSON, a digest
+    mismatch, a truncated blob (502)."""
+
+    status = 502
+    kind = "upstream_invalid"
+
+
+class UnsupportedImage(UpstreamError):
+    """The image uses something we refuse to package: schema1, foreign layers,
+    an unknown media type (422)."""
+
+    status = 422
+    kind = "unsupported_image"

@@ -1,0 +1,241 @@
+"""Stage 4, fetch and verify: stream a layer blob from the registry into a temporary
+file, decompressing on the way, and prove it: the compressed bytes must hash to the
+descriptor's digest and size, the decompressed tar to the config's diff_id.
+
+Memory stays bounded whatever the layer size: input is read in chunks and every
+decompressor is driven with a cap on its output (a small zstd or gzip chunk can expand
+enormously). Compression is sniffed from the bytes, as docker does, because registries
+in the wild mislabel media types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import types
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import urllib3
+import zstandard
+
+from passthrough.client import RegistryClient
+from passthrough.errors import (
+    InsufficientStorage,
+    PassthroughError,
+    UpstreamInvalid,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from passthrough.resolve import LayerDescriptor
+
+_gzip_backend: types.ModuleType
+try:  # isal inflates gzip about twice as fast as zlib; use it whenever it is there.
+    from isal import isal_zlib as _gzip_backend
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    _gzip_backend = zlib
+
+READ_CHUNK = 1 << 20
+#: Cap on what one decompression step may produce.
+OUTPUT_CHUNK = 4 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class Cancelled(PassthroughError):
+    """The download this fetch belonged to is gone; stop quietly."""
+
+    status = 499
+    kind = "cancelled"
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """A verified, uncompressed layer tar on disk."""
+
+    path: Path
+    size: int
+    diff_id: str
+
+
+class HashingSource:
+    """A file-like view over a chunk iterator that hashes and counts what passes."""
+
+    def __init__(self, chunks: Iterator[bytes], algorithm: str = "sha256") -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self.hash = hashlib.new(algorithm)
+        self.count = 0
+        self.on_chunk: Callable[[bytes], None] | None = None
+
+    def _pull(self) -> bool:
+        for chunk in self._chunks:
+            if chunk:
+                self.hash.update(chunk)
+                self.count += len(chunk)
+                if self.on_chunk is not None:
+                    self.on_chunk(chunk)
+                self._buffer += chunk
+                return True
+        return False
+
+    def peek(self, size: int) -> bytes:
+        while len(self._buffer) < size and self._pull():
+            pass
+        return self._buffer[:size]
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            while self._pull():
+                pass
+            data, self._buffer = self._buffer, b""
+            return data
+        if not self._buffer:
+            self._pull()
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def sniff_compression(prefix: bytes) -> str:
+    if prefix.startswith(GZIP_MAGIC):
+        return "gzip"
+    if prefix.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return "none"
+
+
+def _inflate_gzip(source: HashingSource) -> Iterator[bytes]:
+    """gzip, including multi-member streams (concatenated gzip is valid and seen)."""
+    decoder: Any = _gzip_backend.decompressobj(31)
+    pending = b""
+    while True:
+        data = pending or source.read(READ_CHUNK)
+        pending = b""
+        if not data:
+            break
+        out = decoder.decompress(data, OUTPUT_CHUNK)
+        if out:
+            yield out
+        while decoder.unconsumed_tail:
+            out = decoder.decompress(decoder.unconsumed_tail, OUTPUT_CHUNK)
+            if out:
+                yield out
+        if decoder.eof:
+            pending = decoder.unused_data
+            if not pending and not source.peek(1):
+                return
+            if pending.lstrip(b"\0") == b"" and not source.peek(1):
+                return  # trailing zero padding after the last member
+            decoder = _gzip_backend.decompressobj(31)
+    if not decoder.eof:
+        raise UpstreamInvalid("the gzip stream ends early")
+
+
+def _inflate_zstd(source: HashingSource) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(BinaryIO, source), read_size=READ_CHUNK, read_across_frames=True, closefd=False
+    )
+    try:
+        while True:
+            out = reader.read(OUTPUT_CHUNK)
+            if not out:
+                return
+            yield out
+    except zstandard.ZstdError:
+        raise UpstreamInvalid("the zstd stream is corrupt") from None
+
+
+def decompressed_chunks(source: HashingSource) -> Iterator[bytes]:
+    """The layer tar's bytes, whatever the blob's compression."""
+    kind = sniff_compression(source.peek(4))
+    if kind == "gzip":
+        try:
+            yield from _inflate_gzip(source)
+        except zlib.error:
+            raise UpstreamInvalid("the gzip stream is corrupt") from None
+        except OSError as exc:  # isal raises IsalError, an OSError subclass
+            if type(exc).__name__ == "IsalError":
+                raise UpstreamInvalid("the gzip stream is corrupt") from None
+            raise
+    elif kind == "zstd":
+        yield from _inflate_zstd(source)
+    else:
+        while chunk := source.read(READ_CHUNK):
+            yield chunk
+
+
+def blob_chunks(
+    client: RegistryClient, layer: LayerDescriptor, what: str, cancel: threading.Event
+) -> Iterator[bytes]:
+    """The blob's bytes from the registry, in chunks; stops when ``cancel`` is set."""
+    with client.blob(layer.digest, what=what) as response:
+        raw: Any = response.raw
+        try:
+            for chunk in raw.stream(READ_CHUNK, decode_content=False):
+                if cancel.is_set():
+                    raise Cancelled("the download was cancelled")
+                yield chunk
+        except urllib3.exceptions.ReadTimeoutError:
+            raise UpstreamTimeout(f"{what}: the registry stopped sending") from None
+        except (urllib3.exceptions.HTTPError, OSError):
+            raise UpstreamUnreachable(f"{what}: the connection broke mid-blob") from None
+
+
+def verify_blob(source: HashingSource, layer: LayerDescriptor, what: str) -> None:
+    if source.count != layer.size:
+        raise UpstreamInvalid(f"{what}: got {source.count} bytes, the manifest says {layer.size}")
+    if "sha256:" + source.hash.hexdigest() != layer.digest:
+        raise UpstreamInvalid(f"{what}: content does not match its digest {layer.digest}")
+
+
+def fetch_layer(
+    client: RegistryClient,
+    layer: LayerDescriptor,
+    workdir: Path,
+    cancel: threading.Event,
+    *,
+    keep_compressed: BinaryIO | None = None,
+) -> LayerFile:
+    """Download, decompress and verify one layer into ``workdir``; nothing unverified is
+    returned, and a failed attempt leaves no file behind."""
+    what = f"layer {layer.index + 1} ({layer.digest[:19]})"
+    if not layer.digest.startswith("sha256:") or not layer.diff_id.startswith("sha256:"):
+        raise UpstreamInvalid(f"{what}: only sha256 layer digests are supported")
+    source = HashingSource(blob_chunks(client, layer, what, cancel))
+    if keep_compressed is not None:
+        sink = keep_compressed
+
+        def tee(chunk: bytes) -> None:
+            sink.write(chunk)
+
+        source.on_chunk = tee
+    diff_hash = hashlib.sha256()
+    size = 0
+    fd, name = tempfile.mkstemp(prefix="layer-", suffix=".tar", dir=workdir)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in decompressed_chunks(source):
+                diff_hash.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        verify_blob(source, layer, what)
+        if "sha256:" + diff_hash.hexdigest() != layer.diff_id:
+            raise UpstreamInvalid(
+                f"{what}: the uncompressed layer does not match the config's diff_id"
+            )
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise InsufficientStorage("no space left for temporary layer files") from None
+        raise
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return LayerFile(path, size, layer.diff_id)

@@ -1,0 +1,143 @@
+"""Stage 1, parse: a download filename such as ``team__platform__api_2026.06.tar`` becomes
+an image reference, checked against the distribution reference grammar before any
+upstream call.
+
+Filename rules (those of the reference service):
+
+- it ends in ``.tar``; the last ``_`` separates the image from the tag;
+- ``__`` separates repository path components (``team__platform__api`` is team/platform/api);
+- a single ``_`` keeps the ``namespace_image`` shorthand (``myrepo_myimage`` is myrepo/myimage).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from passthrough.config import RegistryEndpoint
+from passthrough.errors import BadRequest
+
+# github.com/distribution/reference: path components and tags.
+PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
+MAX_REPOSITORY_LENGTH = 255
+MAX_FILENAME_LENGTH = 512
+
+
+def quote_input(value: str, limit: int = 80) -> str:
+    """Client input as it may appear in an error message: JSON-quoted (so CR, LF, NUL and
+    other controls are escaped and can never reach a header or split a log line) and cut."""
+    cut = value if len(value) <= limit else value[:limit] + "…"
+    return json.dumps(cut)
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A fully qualified image: repository path on one registry, plus a tag or a digest."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """What goes after /manifests/: the digest when pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        if self.digest:
+            return f"{self.repository}@{self.digest}"
+        return f"{self.repository}:{self.tag}"
+
+
+def validate_repository(path: str) -> str:
+    """Check a repository path against the grammar; answer 400 naming the rule broken."""
+    if not path:
+        raise BadRequest("the image name is empty")
+    if len(path) > MAX_REPOSITORY_LENGTH:
+        raise BadRequest(f"the repository name is longer than {MAX_REPOSITORY_LENGTH} characters")
+    for component in path.split("/"):
+        if not component:
+            raise BadRequest(f"the repository {quote_input(path)} has an empty path component")
+        if not PATH_COMPONENT_RE.fullmatch(component):
+            raise BadRequest(
+                f"invalid repository component {quote_input(component)}: components are lowercase "
+                "letters and digits, separated by '.', '_', '__' or '-' "
+                "(distribution reference grammar)"
+            )
+    return path
+
+
+def validate_tag(tag: str) -> str:
+    if not TAG_RE.fullmatch(tag):
+        raise BadRequest(
+            f"invalid tag {quote_input(tag)}: a tag is 1 to 128 characters of [A-Za-z0-9_.-] "
+            "and does not start with '.' or '-'"
+        )
+    return tag
+
+
+def validate_digest(digest: str) -> str:
+    if not DIGEST_RE.fullmatch(digest):
+        raise BadRequest(
+            f"invalid digest {quote_input(digest)}: expected sha256:<64 lowercase hex digits>"
+        )
+    return digest
+
+
+def parse_filename(filename: str) -> ImageReference:
+    """``myrepo_myimage_v1.0.tar`` → myrepo/myimage:v1.0 (unqualified: no default namespace)."""
+    if len(filename) > MAX_FILENAME_LENGTH:
+        raise BadRequest(f"the filename is longer than {MAX_FILENAME_LENGTH} characters")
+    if not filename.endswith(".tar"):
+        raise BadRequest(
+            f"the filename {quote_input(filename)} must end in .tar, as in nginx_latest.tar"
+        )
+    stem = filename[: -len(".tar")]
+    image, separator, tag = stem.rpartition("_")
+    if not separator or not image:
+        raise BadRequest(
+            f"the filename {quote_input(filename)} must be <image>_<tag>.tar, "
+            "as in nginx_latest.tar"
+        )
+    if not tag:
+        raise BadRequest(
+            f"the filename {quote_input(filename)} has an empty tag after the last '_'"
+        )
+    # `__` separates path components; what is left of single `_` is the namespace shorthand.
+    components: list[str] = []
+    for part in image.split("__"):
+        components.extend(part.split("_"))
+    if any(not c for c in components):
+        raise BadRequest(
+            f"the image part of {quote_input(filename)} has an empty path component "
+            "(a stray '_' at the start or end, or three in a row)"
+        )
+    return ImageReference(validate_repository("/".join(components)), tag=validate_tag(tag))
+
+
+def qualify(
+    ref: ImageReference, registry: RegistryEndpoint, default_namespace: str | None
+) -> ImageReference:
+    """Apply the registry's defaults to a one-component name: REGISTRY_DEFAULT_NAMESPACE when
+    set, else Docker Hub's ``library/``; other registries take the name as it is."""
+    if "/" in ref.repository:
+        return ref
+    if default_namespace:
+        namespace = default_namespace
+    elif registry.is_docker_hub:
+        namespace = "library"
+    else:
+        return ref
+    qualified = validate_repository(f"{namespace}/{ref.repository}")
+    return ImageReference(qualified, tag=ref.tag, digest=ref.digest)
+
+
+def familiar_name(registry: RegistryEndpoint, repository: str) -> str:
+    """The name docker shows: ``nginx`` for docker.io/library/nginx, ``host:5000/team/api``
+    elsewhere."""
+    if registry.is_docker_hub:
+        return repository.removeprefix("library/")
+    return f"{registry.name}/{repository}"

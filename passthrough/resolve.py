@@ -1,0 +1,348 @@
+"""Stage 3, resolve: tag or digest → one image manifest for the wanted platform, its
+config, and the list of layers, each checked before anything is downloaded.
+
+Accepts the four manifest types (OCI index, Docker manifest list, OCI manifest, Docker
+v2 manifest); refuses schema1 and foreign (non-distributable) layers with a clear reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from passthrough.client import RegistryClient
+from passthrough.errors import (
+    NotAcceptable,
+    TooLarge,
+    UnsupportedImage,
+    UpstreamInvalid,
+)
+from passthrough.reference import DIGEST_RE, ImageReference
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SCHEMA1_TYPES = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+
+CONFIG_TYPES = (
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.image.config.v1+json",
+)
+LAYER_TYPES = {
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.v1.tar": "none",
+}
+FOREIGN_LAYER_TYPES = (
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+)
+
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 4 << 20
+MAX_LAYERS = 1000
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.strip().lower().split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"platform must be os/arch[/variant], got {text!r}")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    def normalized_variant(self) -> str | None:
+        """containerd's defaults: arm64 without a variant is v8; arm without one is v7."""
+        if self.variant:
+            return self.variant
+        if self.architecture == "arm64":
+            return "v8"
+        if self.architecture == "arm":
+            return "v7"
+        return None
+
+    def matches(self, other: Platform) -> bool:
+        return (
+            self.os == other.os
+            and self.architecture == other.architecture
+            and self.normalized_variant() == other.normalized_variant()
+        )
+
+
+DEFAULT_PLATFORM = Platform("linux", "amd64")
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    index: int
+    digest: str
+    size: int
+    media_type: str
+    #: gzip, zstd or none, by media type; the fetch stage also sniffs the bytes.
+    compression: str
+    diff_id: str
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    reference: ImageReference
+    manifest_digest: str
+    manifest_media_type: str
+    manifest: bytes = field(repr=False)
+    #: Digest of the index or list the manifest was chosen from, when there was one.
+    index_digest: str | None
+    platform: Platform
+    config_digest: str
+    config: bytes = field(repr=False)
+    layers: tuple[LayerDescriptor, ...]
+
+    @property
+    def config_document(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.config)
+        return document
+
+    @property
+    def total_compressed_size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def verify_digest(data: bytes, digest: str, what: str) -> None:
+    algorithm, _, expected = digest.partition(":")
+    if algorithm not in ("sha256", "sha512"):
+        raise UnsupportedImage(f"{what}: unsupported digest algorithm {algorithm!r}")
+    actual = hashlib.new(algorithm, data).hexdigest()
+    if actual != expected:
+        raise UpstreamInvalid(f"{what}: content does not match its digest {digest}")
+
+
+def _read_limited(response: Any, limit: int, what: str) -> bytes:
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"{what} is larger than {limit >> 20} MiB")
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_content(65536):
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"{what} is larger than {limit >> 20} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise UpstreamInvalid(f"{what} is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise UpstreamInvalid(f"{what} is not a JSON object")
+    return document
+
+
+def fetch_manifest(
+    client: RegistryClient, reference: str, what: str
+) -> tuple[bytes, str, str, dict[str, Any]]:
+    """GET a manifest; returns (bytes, media type, digest, parsed document)."""
+    response = client.request(
+        "GET",
+        f"/v2/{client.repository}/manifests/{reference}",
+        headers={"Accept": ACCEPT},
+        stream=True,
+        what=what,
+    )
+    with response:
+        body = _read_limited(response, MAX_MANIFEST_BYTES, what)
+        header_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    document = _json_object(body, what)
+    media_type = document.get("mediaType") or header_type
+    if document.get("schemaVersion") == 1 or media_type in SCHEMA1_TYPES:
+        raise UnsupportedImage(
+            f"{what} is a Docker schema1 manifest, which is deprecated and not supported; "
+            "push the image again with a current Docker or buildx"
+        )
+    if media_type not in INDEX_TYPES + IMAGE_MANIFEST_TYPES:
+        # OCI allows mediaType to be omitted: tell an index from a manifest by shape.
+        if "manifests" in document:
+            media_type = OCI_INDEX
+        elif "config" in document and "layers" in document:
+            media_type = OCI_MANIFEST
+        else:
+            raise UnsupportedImage(f"{what} has an unsupported media type {media_type[:80]!r}")
+    digest = sha256_digest(body)
+    if DIGEST_RE.fullmatch(reference):
+        verify_digest(body, reference, what)
+        digest = reference
+    return body, media_type, digest, document
+
+
+def is_attestation(entry: dict[str, Any]) -> bool:
+    platform = entry.get("platform") or {}
+    annotations = entry.get("annotations") or {}
+    return annotations.get("vnd.docker.reference.type") == "attestation-manifest" or (
+        platform.get("os") == "unknown" and platform.get("architecture") == "unknown"
+    )
+
+
+def index_platforms(document: dict[str, Any]) -> list[tuple[Platform, dict[str, Any]]]:
+    """The real image entries of an index, attestation manifests left out."""
+    entries = document.get("manifests")
+    if not isinstance(entries, list):
+        raise UpstreamInvalid("the image index has no manifests list")
+    found: list[tuple[Platform, dict[str, Any]]] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or is_attestation(entry):
+            continue
+        platform = entry.get("platform")
+        if not isinstance(platform, dict):
+            continue
+        os_name, arch = platform.get("os"), platform.get("architecture")
+        if not isinstance(os_name, str) or not isinstance(arch, str):
+            continue
+        variant = platform.get("variant")
+        found.append(
+            (
+                Platform(os_name, arch, variant if isinstance(variant, str) and variant else None),
+                entry,
+            )
+        )
+    return found
+
+
+def choose_platform(
+    document: dict[str, Any], wanted: Platform, image: str
+) -> tuple[Platform, dict[str, Any]]:
+    candidates = index_platforms(document)
+    exact = [c for c in candidates if c[0] == wanted]
+    matching = exact or [c for c in candidates if wanted.matches(c[0])]
+    if not matching:
+        available = sorted({str(p) for p, _ in candidates})
+        raise NotAcceptable(
+            f"{image} has no {wanted} image; available platforms: "
+            + (", ".join(available) if available else "none")
+        )
+    return matching[0]
+
+
+def _descriptor(entry: Any, what: str) -> tuple[str, int, str]:
+    if not isinstance(entry, dict):
+        raise UpstreamInvalid(f"{what} is not a descriptor")
+    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise UpstreamInvalid(f"{what} has an invalid digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise UpstreamInvalid(f"{what} has an invalid size")
+    if not isinstance(media_type, str):
+        raise UpstreamInvalid(f"{what} has no media type")
+    return digest, size, media_type
+
+
+def resolve_image(
+    client: RegistryClient, ref: ImageReference, platform: Platform = DEFAULT_PLATFORM
+) -> ResolvedImage:
+    """Resolve a reference to one verified image: manifest, config and layer list."""
+    image = str(ref)
+    body, media_type, digest, document = fetch_manifest(
+        client, ref.reference, f"manifest of {image}"
+    )
+    index_digest: str | None = None
+    chosen_platform = platform
+    if media_type in INDEX_TYPES:
+        index_digest = digest
+        chosen_platform, entry = choose_platform(document, platform, image)
+        entry_digest, _, _ = _descriptor(entry, f"the {chosen_platform} entry of {image}")
+        body, media_type, digest, document = fetch_manifest(
+            client, entry_digest, f"{chosen_platform} manifest of {image}"
+        )
+        if media_type not in IMAGE_MANIFEST_TYPES:
+            raise UnsupportedImage(
+                f"the {chosen_platform} entry of {image} is not an image manifest"
+            )
+
+    config_digest, config_size, config_type = _descriptor(
+        document.get("config"), f"the config descriptor of {image}"
+    )
+    if config_type not in CONFIG_TYPES:
+        raise UnsupportedImage(
+            f"{image} is not a container image (config media type {config_type[:80]!r})"
+        )
+    if config_size > MAX_CONFIG_BYTES:
+        raise TooLarge(f"the config of {image} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    raw_layers = document.get("layers")
+    if not isinstance(raw_layers, list):
+        raise UpstreamInvalid(f"the manifest of {image} has no layers list")
+    if len(raw_layers) > MAX_LAYERS:
+        raise TooLarge(f"{image} has more than {MAX_LAYERS} layers")
+    layer_fields: list[tuple[str, int, str, str]] = []
+    for position, raw in enumerate(raw_layers, start=1):
+        layer_digest, size, layer_type = _descriptor(raw, f"layer {position} of {image}")
+        if layer_type in FOREIGN_LAYER_TYPES:
+            raise UnsupportedImage(
+                f"layer {position} of {image} is a foreign (non-distributable) layer, "
+                "which registries do not serve; it cannot be packaged"
+            )
+        compression = LAYER_TYPES.get(layer_type)
+        if compression is None:
+            raise UnsupportedImage(
+                f"layer {position} of {image} has an unsupported media type {layer_type[:80]!r}"
+            )
+        layer_fields.append((layer_digest, size, layer_type, compression))
+
+    config = fetch_config(client, config_digest, config_size, f"config of {image}")
+    config_document = _json_object(config, f"the config of {image}")
+    rootfs = config_document.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(
+        isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids
+    ):
+        raise UpstreamInvalid(f"the config of {image} has no valid rootfs.diff_ids")
+    if len(diff_ids) != len(layer_fields):
+        raise UpstreamInvalid(
+            f"the config of {image} lists {len(diff_ids)} diff_ids for {len(layer_fields)} layers"
+        )
+    layers = tuple(
+        LayerDescriptor(i, d, s, t, c, diff_ids[i]) for i, (d, s, t, c) in enumerate(layer_fields)
+    )
+    return ResolvedImage(
+        reference=ref,
+        manifest_digest=digest,
+        manifest_media_type=media_type,
+        manifest=body,
+        index_digest=index_digest,
+        platform=chosen_platform,
+        config_digest=config_digest,
+        config=config,
+        layers=layers,
+    )
+
+
+def fetch_config(client: RegistryClient, digest: str, size: int, what: str) -> bytes:
+    with client.blob(digest, what=what) as response:
+        data = _read_limited(response, MAX_CONFIG_BYTES, what)
+    if len(data) != size:
+        raise UpstreamInvalid(f"{what}: got {len(data)} bytes, the manifest says {size}")
+    verify_digest(data, digest, what)
+    return data

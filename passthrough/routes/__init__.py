@@ -1,0 +1,1 @@
+"""Flask blueprints, one per concern: downloads, health, and the error mapping."""
