@@ -171,6 +171,6 @@ class TokenCache:
         with self._lock:
             self._tokens.pop(key, None)
 
-    def __len__(self) -> int:
+    def size(self) -> int:
         with self._lock:
             return len(self._tokens)

@@ -10,6 +10,7 @@ status codes mapped to meaningful errors.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -357,12 +358,17 @@ def _registry_error_code(response: requests.Response) -> str | None:
     if response.request is not None and response.request.method == "HEAD":
         return None
     length = response.headers.get("Content-Length")
-    if length is None or not length.isdigit() or int(length) > 65536:
+    if length is not None and (not length.isdigit() or int(length) > 65536):
         return None
+    body = b""
     try:
-        document = response.json()
+        for chunk in response.iter_content(8192):
+            body += chunk
+            if len(body) > 65536:
+                return None
+        document = json.loads(body)
         code = document["errors"][0]["code"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, requests.RequestException):
         return None
     if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) < 64:
         return code

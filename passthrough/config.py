@@ -96,7 +96,11 @@ def normalize_registry(value: str, *, variable: str = "REGISTRY_URL") -> Registr
     host = parts.netloc.lower()
     if not _HOST_RE.match(host):
         raise ConfigError(f"{variable} has an invalid host {parts.netloc!r}")
-    if parts.port is not None and not 0 < parts.port < 65536:
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{variable} has an invalid port") from None
+    if port == 0 or parts.netloc.endswith(":"):
         raise ConfigError(f"{variable} has an invalid port")
     if host in DOCKER_HUB_ALIASES:
         return RegistryEndpoint(DOCKER_HUB_URL, "docker.io")

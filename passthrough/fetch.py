@@ -157,12 +157,8 @@ def decompressed_chunks(source: HashingSource) -> Iterator[bytes]:
     if kind == "gzip":
         try:
             yield from _inflate_gzip(source)
-        except zlib.error:
+        except (zlib.error, _gzip_backend.error):
             raise UpstreamInvalid("the gzip stream is corrupt") from None
-        except OSError as exc:  # isal raises IsalError, an OSError subclass
-            if type(exc).__name__ == "IsalError":
-                raise UpstreamInvalid("the gzip stream is corrupt") from None
-            raise
     elif kind == "zstd":
         yield from _inflate_zstd(source)
     else:
