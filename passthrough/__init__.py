@@ -37,7 +37,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app = Flask(__name__)
     app.config.update(overrides)
-    app.extensions["passthrough"] = Services(settings)
+    app.extensions["passthrough"] = Services.create(settings)
     _configure_logging(settings.log_level)
 
     from passthrough.routes import downloads, errors, health

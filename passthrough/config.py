@@ -70,6 +70,11 @@ class Settings:
     layer_concurrency: int = 3
     # Where temp files go (None: the system default, honouring TMPDIR).
     temp_dir: str | None = None
+    # The shared layer cache: off when cache_dir is None.
+    cache_dir: str | None = None
+    cache_max_bytes: int = 20 << 30
+    # Serve the last known digest of a tag while the registry is unreachable.
+    serve_stale: bool = False
 
     @property
     def has_env_credentials(self) -> bool:
@@ -138,6 +143,37 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int) -
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    """A byte count: 1073741824, 500M, 20GiB, 1.5G (binary units)."""
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    match = _SIZE_RE.match(raw)
+    if not match:
+        raise ConfigError(f"{name} must be a size such as 20G or 500MiB, got {raw!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"{name} must be more than zero")
+    return value
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _url(env: Mapping[str, str], name: str) -> str | None:
@@ -219,6 +255,17 @@ def load_settings(
     if temp_dir is not None and not os.path.isdir(temp_dir):
         raise ConfigError(f"TEMP_DIR {temp_dir!r} is not a directory")
 
+    cache_dir = _optional(env, "CACHE_DIR")
+    if cache_dir is not None:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"CACHE_DIR {cache_dir!r} cannot be created: {exc.strerror}"
+            ) from None
+        if not os.access(cache_dir, os.W_OK):
+            raise ConfigError(f"CACHE_DIR {cache_dir!r} is not writable")
+
     return Settings(
         registry=registry,
         registry_auth_url=auth_url,
@@ -233,4 +280,7 @@ def load_settings(
         read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 60.0, minimum=0.1),
         layer_concurrency=_integer(env, "LAYER_CONCURRENCY", 3, minimum=1),
         temp_dir=temp_dir,
+        cache_dir=cache_dir,
+        cache_max_bytes=_size(env, "CACHE_MAX_BYTES", 20 << 30),
+        serve_stale=_boolean(env, "SERVE_STALE", False),
     )

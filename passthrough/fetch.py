@@ -10,9 +10,8 @@ in the wild mislabel media types.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import os
-import tempfile
 import threading
 import types
 import zlib
@@ -28,6 +27,7 @@ from passthrough.client import RegistryClient
 from passthrough.errors import (
     InsufficientStorage,
     PassthroughError,
+    UnsupportedImage,
     UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -53,15 +53,6 @@ class Cancelled(PassthroughError):
 
     status = 499
     kind = "cancelled"
-
-
-@dataclass(frozen=True)
-class LayerFile:
-    """A verified, uncompressed layer tar on disk."""
-
-    path: Path
-    size: int
-    diff_id: str
 
 
 class HashingSource:
@@ -167,20 +158,77 @@ def decompressed_chunks(source: HashingSource) -> Iterator[bytes]:
 
 
 def blob_chunks(
-    client: RegistryClient, layer: LayerDescriptor, what: str, cancel: threading.Event
+    client: RegistryClient, layer: LayerDescriptor, what: str, cancel: threading.Event | None
 ) -> Iterator[bytes]:
     """The blob's bytes from the registry, in chunks; stops when ``cancel`` is set."""
     with client.blob(layer.digest, what=what) as response:
         raw: Any = response.raw
         try:
             for chunk in raw.stream(READ_CHUNK, decode_content=False):
-                if cancel.is_set():
+                if cancel is not None and cancel.is_set():
                     raise Cancelled("the download was cancelled")
                 yield chunk
         except urllib3.exceptions.ReadTimeoutError:
             raise UpstreamTimeout(f"{what}: the registry stopped sending") from None
         except (urllib3.exceptions.HTTPError, OSError):
             raise UpstreamUnreachable(f"{what}: the connection broke mid-blob") from None
+
+
+def file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as source:
+        while chunk := source.read(READ_CHUNK):
+            yield chunk
+
+
+def layer_what(layer: LayerDescriptor) -> str:
+    return f"layer {layer.index + 1} ({layer.digest[:19]})"
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What a verified pass over a blob proved."""
+
+    blob_size: int
+    tar_size: int
+    diff_id: str
+
+
+def fetch_and_verify(
+    chunks: Iterator[bytes],
+    layer: LayerDescriptor,
+    *,
+    blob_out: BinaryIO | None = None,
+    tar_out: BinaryIO | None = None,
+) -> Verified:
+    """One pass over a blob's bytes: hash and optionally keep them (``blob_out``),
+    decompress, hash and optionally keep the tar (``tar_out``). Raises
+    :class:`UpstreamInvalid` unless the digest, size and diff_id all match."""
+    what = layer_what(layer)
+    if not layer.digest.startswith("sha256:") or not layer.diff_id.startswith("sha256:"):
+        raise UnsupportedImage(f"{what}: only sha256 layer digests are supported")
+    source = HashingSource(chunks)
+    if blob_out is not None:
+        sink = blob_out
+
+        def tee(chunk: bytes) -> None:
+            sink.write(chunk)
+
+        source.on_chunk = tee
+    diff_hash = hashlib.sha256()
+    size = 0
+    for chunk in decompressed_chunks(source):
+        diff_hash.update(chunk)
+        if tar_out is not None:
+            tar_out.write(chunk)
+        size += len(chunk)
+    # Drain anything after the compressed stream's end, so the digest covers it all.
+    while source.read(READ_CHUNK):
+        pass
+    verify_blob(source, layer, what)
+    diff_id = "sha256:" + diff_hash.hexdigest()
+    if diff_id != layer.diff_id:
+        raise UpstreamInvalid(f"{what}: the uncompressed layer does not match the config's diff_id")
+    return Verified(source.count, size, diff_id)
 
 
 def verify_blob(source: HashingSource, layer: LayerDescriptor, what: str) -> None:
@@ -190,48 +238,20 @@ def verify_blob(source: HashingSource, layer: LayerDescriptor, what: str) -> Non
         raise UpstreamInvalid(f"{what}: content does not match its digest {layer.digest}")
 
 
-def fetch_layer(
-    client: RegistryClient,
-    layer: LayerDescriptor,
-    workdir: Path,
-    cancel: threading.Event,
-    *,
-    keep_compressed: BinaryIO | None = None,
-) -> LayerFile:
-    """Download, decompress and verify one layer into ``workdir``; nothing unverified is
-    returned, and a failed attempt leaves no file behind."""
-    what = f"layer {layer.index + 1} ({layer.digest[:19]})"
-    if not layer.digest.startswith("sha256:") or not layer.diff_id.startswith("sha256:"):
-        raise UpstreamInvalid(f"{what}: only sha256 layer digests are supported")
-    source = HashingSource(blob_chunks(client, layer, what, cancel))
-    if keep_compressed is not None:
-        sink = keep_compressed
-
-        def tee(chunk: bytes) -> None:
-            sink.write(chunk)
-
-        source.on_chunk = tee
-    diff_hash = hashlib.sha256()
+def hash_file(path: Path) -> tuple[str, int]:
+    """sha256 and size of a file, reading in large chunks (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
     size = 0
-    fd, name = tempfile.mkstemp(prefix="layer-", suffix=".tar", dir=workdir)
-    path = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in decompressed_chunks(source):
-                diff_hash.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        verify_blob(source, layer, what)
-        if "sha256:" + diff_hash.hexdigest() != layer.diff_id:
-            raise UpstreamInvalid(
-                f"{what}: the uncompressed layer does not match the config's diff_id"
-            )
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise InsufficientStorage("no space left for temporary layer files") from None
-        raise
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return LayerFile(path, size, layer.diff_id)
+    with path.open("rb") as source:
+        while chunk := source.read(READ_CHUNK * 4):
+            digest.update(chunk)
+            size += len(chunk)
+    return "sha256:" + digest.hexdigest(), size
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full() -> InsufficientStorage:
+    return InsufficientStorage("no space left on the disk for temporary or cached layer files")

@@ -1,49 +1,90 @@
 """The download pipeline, one stage per module:
 
 parse (reference) → choose registry and credentials (registry) → resolve (resolve) →
-fetch and verify (fetch) → assemble (archive) → stream (tarstream).
+fetch and verify (fetch, store, cache) → assemble (archive) → stream (tarstream).
 
 :func:`prepare_download` runs everything that can fail with an HTTP status before the
 first byte: the reference is parsed, manifest and config resolved and verified, and
-every layer checked readable. It then starts fetching layers in parallel and returns a
-:class:`Download` whose :meth:`~Download.body` streams the archive: all metadata at once,
-then each layer tar in order as soon as it is verified. A failure after the first byte
-aborts the transfer (the generator raises, the server drops the connection), so a client
-never sees a clean end to a truncated archive.
+every layer checked readable. It then starts fetching layers in a bounded pool and
+returns a :class:`Download`, whose archive is a list of segments: all metadata is sent
+at once, then each layer tar in order as soon as it is verified. A failure after the
+first byte aborts the transfer (the generator raises and the server drops the
+connection), so a client never sees a clean end to a truncated archive.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from passthrough.archive import ArchivePlan, plan_archive
 from passthrough.auth import Credentials, TokenCache
+from passthrough.cache import BlobCache
 from passthrough.client import RegistryClient, Timeouts
 from passthrough.config import RegistryEndpoint, Settings
-from passthrough.errors import InsufficientStorage
-from passthrough.fetch import LayerFile, fetch_layer
+from passthrough.errors import (
+    BadRequest,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from passthrough.reference import ImageReference, familiar_name, parse_filename, qualify
-from passthrough.registry import Route, Target, choose_target, registry_from_url
+from passthrough.registry import AuthKind, Route, Target, choose_target, registry_from_url
 from passthrough.resolve import DEFAULT_PLATFORM, Platform, ResolvedImage, resolve_image
-from passthrough.tarstream import END_OF_ARCHIVE, bytes_entry, directory_entry, file_entry
+from passthrough.store import LayerFile, LayerStore, TempStore
+from passthrough.tarstream import (
+    END_OF_ARCHIVE,
+    BytesSegment,
+    FileEntrySegment,
+    Segment,
+    bytes_entry,
+    directory_entry,
+    produce_range,
+    total_size,
+)
 
 log = logging.getLogger(__name__)
+
+LAYER_MODES = ("tar", "gzip")
 
 
 @dataclass
 class Services:
-    """What lives for the whole process: settings and the token cache."""
+    """What lives for the whole process: settings, the token cache, the blob cache."""
 
     settings: Settings
     tokens: TokenCache = field(default_factory=TokenCache)
+    cache: BlobCache | None = None
+
+    @classmethod
+    def create(cls, settings: Settings) -> Services:
+        cache = None
+        if settings.cache_dir:
+            cache = BlobCache(settings.cache_dir, settings.cache_max_bytes)
+        return cls(settings, cache=cache)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the archive is packaged. ``layers=gzip`` keeps the registry's gzip blobs as
+    the layer files (docker, podman and containerd load them; IOx is unknown)."""
+
+    layers: str = "tar"
+
+    @classmethod
+    def from_query(cls, layers: str | None) -> OutputOptions:
+        mode = (layers or "tar").lower()
+        if mode not in LAYER_MODES:
+            raise BadRequest(f"layers must be one of {', '.join(LAYER_MODES)}")
+        return cls(layers=mode)
+
+    @property
+    def tag(self) -> str:
+        return f"docker-{self.layers}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +98,7 @@ class DownloadRequest:
     client_credentials: Credentials | None = field(default=None, repr=False)
     client_address: str | None = None
     platform: Platform = DEFAULT_PLATFORM
+    options: OutputOptions = field(default_factory=OutputOptions)
 
 
 @dataclass(frozen=True)
@@ -70,6 +112,16 @@ class Selection:
     def repo_tag(self) -> str:
         name = familiar_name(self.target.registry, self.reference.repository)
         return f"{name}:{self.reference.tag}"
+
+    @property
+    def access_class(self) -> str:
+        """Who is asking, coarsely, for SERVE_STALE: only anonymous and the service's own
+        identity may be served without asking the registry."""
+        if self.target.credentials_source == "client":
+            return "client"
+        if self.target.auth is AuthKind.ANONYMOUS:
+            return "anonymous"
+        return "environment"
 
 
 def select(services: Services, request: DownloadRequest) -> Selection:
@@ -85,7 +137,8 @@ def select(services: Services, request: DownloadRequest) -> Selection:
 
 
 class Download:
-    """A prepared download: resolved image, archive plan and layers being fetched."""
+    """A prepared download: the resolved image, the archive as segments, and the layer
+    fetches that fill them."""
 
     def __init__(
         self,
@@ -93,6 +146,7 @@ class Download:
         image: ResolvedImage,
         plan: ArchivePlan,
         client: RegistryClient,
+        store: LayerStore,
         settings: Settings,
         request: DownloadRequest,
     ) -> None:
@@ -100,63 +154,114 @@ class Download:
         self.image = image
         self.plan = plan
         self.client = client
+        self.store = store
         self.request = request
         self._settings = settings
         self._cancel = threading.Event()
-        self._workdir: Path | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future[LayerFile]] = {}
+        self._opened: list[LayerFile] = []
         self.bytes_sent = 0
         self.outcome = "prepared"
-        self._logged = False
         self.started = time.monotonic()
+        self._logged = False
+        self.segments = self._build_segments()
+        self.total_size = total_size(self.segments)
 
-    def start_fetching(self) -> None:
-        """Create the temp area and start the bounded pool of layer fetches."""
-        try:
-            self._workdir = Path(
-                tempfile.mkdtemp(prefix="passthrough-", dir=self._settings.temp_dir)
-            )
-        except OSError:
-            raise InsufficientStorage("cannot create a temporary directory") from None
-        written = self.plan.written_layers
-        workers = max(1, min(self._settings.layer_concurrency, len(written)))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer")
-        for slot in written:
+    # -- assembly ------------------------------------------------------------------------
+
+    def _compressed(self, index: int) -> bool:
+        """Whether layer ``index`` is sent as the registry's blob rather than a tar."""
+        layer = self.image.layers[index]
+        return self.request.options.layers == "gzip" and layer.compression == "gzip"
+
+    def _build_segments(self) -> list[Segment]:
+        segments: list[Segment] = []
+        for entry in self.plan.metadata:
+            if entry.data is None:
+                segments.append(BytesSegment(directory_entry(entry.name)))
+            else:
+                segments.append(BytesSegment(bytes_entry(entry.name, entry.data)))
+        for slot in self.plan.written_layers:
             layer = self.image.layers[slot.index]
-            self._futures[slot.index] = self._pool.submit(
-                fetch_layer, self.client, layer, self._workdir, self._cancel
-            )
+            known = self.store.known_size(layer, compressed=self._compressed(slot.index))
+            segments.append(FileEntrySegment(slot.name, self._opener(slot.index), known_size=known))
+        segments.append(BytesSegment(END_OF_ARCHIVE))
+        return segments
+
+    def _opener(self, index: int) -> _LayerOpener:
+        return _LayerOpener(self, index)
+
+    def _layer_file(self, index: int) -> LayerFile:
+        future = self._futures.get(index)
+        if future is None:  # a layer outside the requested range, needed after all
+            future = self._submit(index)
+        layer_file = future.result()
+        self._opened.append(layer_file)
+        return layer_file
+
+    # -- fetching ------------------------------------------------------------------------
+
+    def _submit(self, index: int) -> Future[LayerFile]:
+        if self._pool is None:
+            workers = max(1, min(self._settings.layer_concurrency, len(self.plan.written_layers)))
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer")
+        layer = self.image.layers[index]
+        future = self._pool.submit(
+            self.store.layer_file,
+            self.client,
+            layer,
+            compressed=self._compressed(index),
+            cancel=self._cancel,
+        )
+        self._futures[index] = future
+        return future
+
+    def start_fetching(self, start: int = 0, end: int | None = None) -> None:
+        """Start the fetches for the layers bytes ``start``–``end`` need (all of them
+        unless every size is known and a range was asked for)."""
+        position = 0
+        for segment in self.segments:
+            size = segment.size
+            if isinstance(segment, FileEntrySegment):
+                wanted = (
+                    size is None
+                    or self.total_size is None
+                    or (position + size > start and (end is None or position <= end))
+                )
+                if wanted:
+                    self._submit(segment.layer_index)
+            position += size or 0
+
+    # -- streaming -----------------------------------------------------------------------
 
     def headers(self) -> dict[str, str]:
-        return {
+        headers = {
             "Content-Type": "application/x-tar",
             "Content-Disposition": f'attachment; filename="{self.request.filename}"',
             "Docker-Content-Digest": self.image.manifest_digest,
             "X-Image-Reference": self.plan.repo_tag,
-            "Cache-Control": "no-store",
+            # Private images must not land in shared HTTP caches; ranges still work.
+            "Cache-Control": "private, no-cache",
+            "ETag": self.etag,
         }
+        if self.total_size is not None:
+            headers["Accept-Ranges"] = "bytes"
+            headers["Content-Length"] = str(self.total_size)
+        return headers
 
-    def body(self) -> Iterator[bytes]:
-        """The archive, chunk by chunk. Raises (aborting the transfer) on any failure."""
+    @property
+    def etag(self) -> str:
+        digest = self.image.manifest_digest.split(":", 1)[1]
+        return f'"{digest}-{self.request.options.tag}"'
+
+    def body(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The archive (or bytes ``start``–``end``), chunk by chunk. Raises, aborting the
+        transfer, on any failure."""
         try:
-            for entry in self.plan.metadata:
-                chunk = (
-                    directory_entry(entry.name)
-                    if entry.data is None
-                    else bytes_entry(entry.name, entry.data)
-                )
+            for chunk in produce_range(self.segments, start, end):
                 self.bytes_sent += len(chunk)
                 yield chunk
-            for slot in self.plan.written_layers:
-                layer_file = self._futures[slot.index].result()
-                for chunk in file_entry(slot.name, layer_file.path, layer_file.size):
-                    self.bytes_sent += len(chunk)
-                    yield chunk
-                # Sent: the temp file can go now rather than at the end.
-                layer_file.path.unlink(missing_ok=True)
-            self.bytes_sent += len(END_OF_ARCHIVE)
-            yield END_OF_ARCHIVE
             self.outcome = "completed"
         except GeneratorExit:
             self.outcome = "client_gone"
@@ -174,14 +279,17 @@ class Download:
             self.close()
 
     def close(self) -> None:
-        """Stop fetches and remove every temp file; safe to call more than once."""
+        """Stop this download's fetches and release its files; safe to call twice.
+        Shared cache fetches run on to completion for the others waiting on them."""
         self._cancel.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        for future in self._futures.values():
+            future.add_done_callback(_close_result)
+        for layer_file in self._opened:
+            layer_file.close()
+        self._opened.clear()
         self.client.close()
         if not self._logged:
             self._logged = True
@@ -196,8 +304,62 @@ class Download:
             )
 
 
+class _LayerOpener:
+    """Callable handed to a segment: waits for layer ``index`` of a download."""
+
+    def __init__(self, download: Download, index: int) -> None:
+        self.download = download
+        self.index = index
+
+    def __call__(self) -> LayerFile:
+        return self.download._layer_file(self.index)
+
+
+def _close_result(future: Future[LayerFile]) -> None:
+    """Close the file of a fetch nobody will read (the download ended first)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    future.result().close()
+
+
+def _resolve(
+    services: Services, selection: Selection, client: RegistryClient, platform: Platform
+) -> ResolvedImage:
+    """Resolve upstream; with SERVE_STALE and the registry down, fall back to the last
+    digest this identity class saw for the tag."""
+    cache = services.cache
+    reference = selection.reference
+    key = None
+    if cache is not None and reference.tag and not reference.digest:
+        key = BlobCache.tag_key(selection.target.registry.url, reference.repository, reference.tag)
+    try:
+        image = resolve_image(client, reference, platform, cache)
+    except (UpstreamUnreachable, UpstreamTimeout, UpstreamUnavailable):
+        record = cache.recall_tag(key) if cache is not None and key else None
+        allowed = services.settings.serve_stale and selection.access_class != "client"
+        if not (record and allowed and record.get("access") == selection.access_class):
+            raise
+        log.warning(
+            "registry unreachable; serving the last known %s of %s",
+            record["digest"][:19],
+            reference,
+        )
+        return resolve_image(client, reference, platform, cache, offline_digest=record["digest"])
+    if cache is not None and key is not None:
+        top = image.index_digest or image.manifest_digest
+        try:
+            cache.remember_tag(key, {"digest": top, "access": selection.access_class})
+        except OSError as exc:
+            log.warning("could not remember tag %s: %s", reference, exc.strerror)
+    return image
+
+
 def prepare_download(
-    services: Services, request: DownloadRequest, *, fetch: bool = True
+    services: Services,
+    request: DownloadRequest,
+    *,
+    fetch: bool = True,
+    byte_range: tuple[int, int | None] | None = None,
 ) -> Download:
     """Everything before the first byte; raises a :class:`PassthroughError` on failure."""
     settings = services.settings
@@ -209,15 +371,22 @@ def prepare_download(
         Timeouts(settings.connect_timeout, settings.read_timeout),
         pool_size=settings.layer_concurrency + 2,
     )
+    store: LayerStore = (
+        services.cache if services.cache is not None else TempStore(settings.temp_dir)
+    )
     try:
-        image = resolve_image(client, selection.reference, request.platform)
-        # Pre-flight: every layer must be readable before we answer 200.
-        for digest in dict.fromkeys(layer.digest for layer in image.layers):
-            client.blob_exists(digest, what=f"layer {digest[:19]} of {selection.reference}")
+        image = _resolve(services, selection, client, request.platform)
         plan = plan_archive(image, selection.repo_tag)
-        download = Download(selection, image, plan, client, settings, request)
+        download = Download(selection, image, plan, client, store, settings, request)
+        # Pre-flight: every layer not already proven by a cache entry must be readable
+        # upstream before we answer 200.
+        for slot in plan.written_layers:
+            layer = image.layers[slot.index]
+            if store.known_size(layer, compressed=False) is None or not services.cache:
+                client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
         if fetch:
-            download.start_fetching()
+            start, end = byte_range or (0, None)
+            download.start_fetching(start, end)
         return download
     except BaseException:
         client.close()

@@ -10,14 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from passthrough.client import RegistryClient
+
+if TYPE_CHECKING:
+    from passthrough.cache import BlobCache
 from passthrough.errors import (
     NotAcceptable,
     TooLarge,
     UnsupportedImage,
     UpstreamInvalid,
+    UpstreamUnavailable,
 )
 from passthrough.reference import DIGEST_RE, ImageReference
 
@@ -163,10 +167,41 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return document
 
 
+def head_manifest(client: RegistryClient, reference: str, what: str) -> str | None:
+    """The digest a tag points at, by HEAD (free of Docker Hub's pull quota); None when
+    the registry does not say."""
+    response = client.request(
+        "HEAD",
+        f"/v2/{client.repository}/manifests/{reference}",
+        headers={"Accept": ACCEPT},
+        what=what,
+    )
+    response.close()
+    digest = response.headers.get("Docker-Content-Digest", "").strip()
+    return digest if DIGEST_RE.fullmatch(digest) and digest.startswith("sha256:") else None
+
+
 def fetch_manifest(
-    client: RegistryClient, reference: str, what: str
+    client: RegistryClient, reference: str, what: str, cache: BlobCache | None = None
 ) -> tuple[bytes, str, str, dict[str, Any]]:
-    """GET a manifest; returns (bytes, media type, digest, parsed document)."""
+    """A manifest by tag or digest; returns (bytes, media type, digest, parsed document).
+
+    With a cache, the registry is still asked every time, with this request's
+    credentials (a HEAD proves access and resolves the tag), but the body comes from the
+    cache when its digest is there.
+    """
+    body: bytes | None = None
+    header_type = ""
+    if cache is not None:
+        known = head_manifest(client, reference, what)
+        if known is not None and (not DIGEST_RE.fullmatch(reference) or known == reference):
+            body = cache.get_document("manifests", known)
+    if body is None:
+        body, header_type = _get_manifest(client, reference, what)
+    return parse_manifest(body, header_type, reference, what, cache)
+
+
+def _get_manifest(client: RegistryClient, reference: str, what: str) -> tuple[bytes, str]:
     response = client.request(
         "GET",
         f"/v2/{client.repository}/manifests/{reference}",
@@ -177,6 +212,12 @@ def fetch_manifest(
     with response:
         body = _read_limited(response, MAX_MANIFEST_BYTES, what)
         header_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    return body, header_type
+
+
+def parse_manifest(
+    body: bytes, header_type: str, reference: str, what: str, cache: BlobCache | None = None
+) -> tuple[bytes, str, str, dict[str, Any]]:
     document = _json_object(body, what)
     media_type = document.get("mediaType") or header_type
     if document.get("schemaVersion") == 1 or media_type in SCHEMA1_TYPES:
@@ -196,6 +237,8 @@ def fetch_manifest(
     if DIGEST_RE.fullmatch(reference):
         verify_digest(body, reference, what)
         digest = reference
+    if cache is not None:
+        cache.put_document("manifests", digest, body)
     return body, media_type, digest, document
 
 
@@ -260,13 +303,68 @@ def _descriptor(entry: Any, what: str) -> tuple[str, int, str]:
     return digest, size, media_type
 
 
+class Documents:
+    """Where manifests and configs come from: the registry (through the cache when there
+    is one), or, with ``offline_digest``, the cache alone (SERVE_STALE while the registry
+    is down)."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        cache: BlobCache | None = None,
+        offline_digest: str | None = None,
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.offline_digest = offline_digest
+
+    def _cached(self, kind: str, digest: str, what: str) -> bytes:
+        data = self.cache.get_document(kind, digest) if self.cache else None
+        if data is None:
+            raise UpstreamUnavailable(f"{what}: the registry is unreachable and it is not cached")
+        return data
+
+    def top_manifest(self, reference: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
+        if self.offline_digest is not None:
+            body = self._cached("manifests", self.offline_digest, what)
+            return parse_manifest(body, "", self.offline_digest, what)
+        return fetch_manifest(self.client, reference, what, self.cache)
+
+    def manifest_by_digest(self, digest: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
+        """An index entry: access to the repository was just proven upstream, so it may
+        come from the cache without asking again."""
+        cached = self.cache.get_document("manifests", digest) if self.cache else None
+        if cached is None and self.offline_digest is not None:
+            cached = self._cached("manifests", digest, what)
+        if cached is not None:
+            return parse_manifest(cached, "", digest, what)
+        return parse_manifest(*_get_manifest(self.client, digest, what), digest, what, self.cache)
+
+    def config(self, digest: str, size: int, what: str) -> bytes:
+        cached = self.cache.get_document("blobs", digest) if self.cache else None
+        if cached is None and self.offline_digest is not None:
+            cached = self._cached("blobs", digest, what)
+        if cached is not None:
+            return cached
+        config = fetch_config(self.client, digest, size, what)
+        if self.cache is not None:
+            self.cache.put_document("blobs", digest, config)
+        return config
+
+
 def resolve_image(
-    client: RegistryClient, ref: ImageReference, platform: Platform = DEFAULT_PLATFORM
+    client: RegistryClient,
+    ref: ImageReference,
+    platform: Platform = DEFAULT_PLATFORM,
+    cache: BlobCache | None = None,
+    *,
+    offline_digest: str | None = None,
 ) -> ResolvedImage:
     """Resolve a reference to one verified image: manifest, config and layer list."""
     image = str(ref)
-    body, media_type, digest, document = fetch_manifest(
-        client, ref.reference, f"manifest of {image}"
+    documents = Documents(client, cache, offline_digest)
+    body, media_type, digest, document = documents.top_manifest(
+        ref.reference, f"manifest of {image}"
     )
     index_digest: str | None = None
     chosen_platform = platform
@@ -274,8 +372,8 @@ def resolve_image(
         index_digest = digest
         chosen_platform, entry = choose_platform(document, platform, image)
         entry_digest, _, _ = _descriptor(entry, f"the {chosen_platform} entry of {image}")
-        body, media_type, digest, document = fetch_manifest(
-            client, entry_digest, f"{chosen_platform} manifest of {image}"
+        body, media_type, digest, document = documents.manifest_by_digest(
+            entry_digest, f"{chosen_platform} manifest of {image}"
         )
         if media_type not in IMAGE_MANIFEST_TYPES:
             raise UnsupportedImage(
@@ -311,7 +409,7 @@ def resolve_image(
             )
         layer_fields.append((layer_digest, size, layer_type, compression))
 
-    config = fetch_config(client, config_digest, config_size, f"config of {image}")
+    config = documents.config(config_digest, config_size, f"config of {image}")
     config_document = _json_object(config, f"the config of {image}")
     rootfs = config_document.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None

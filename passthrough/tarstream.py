@@ -7,8 +7,9 @@ gives the same bytes, and the archive's size is known once every entry's size is
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -57,3 +58,101 @@ def file_entry(name: str, path: Path, size: int) -> Iterator[bytes]:
     if sent != size:
         raise OSError(f"{name}: the file changed size while being sent")
     yield padding(size)
+
+
+# -- segments: the archive as a list of pieces with known or pending sizes ----------------
+
+
+class Segment:
+    """A contiguous piece of the archive. ``size`` is None while unknown (a layer still
+    being fetched, cold); :meth:`produce` yields its bytes from ``offset`` on."""
+
+    size: int | None
+
+    def produce(self, offset: int = 0) -> Iterator[bytes]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class BytesSegment(Segment):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def produce(self, offset: int = 0) -> Iterator[bytes]:
+        if offset < len(self.data):
+            yield self.data[offset:]
+
+
+class FileSource(Protocol):
+    size: int
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+
+class FileEntrySegment(Segment):
+    """A file entry (header, content, padding) whose content comes from ``opener`` —
+    typically waiting for a layer fetch. ``known_size`` makes the entry's size (and so
+    the archive's) known up front; the file must then have exactly that size."""
+
+    def __init__(
+        self, name: str, opener: Callable[[], FileSource], known_size: int | None = None
+    ) -> None:
+        self.name = name
+        self.opener = opener
+        self.known_size = known_size
+        self.size = entry_size(name, known_size) if known_size is not None else None
+        #: Which layer of the image this entry carries (set by the pipeline).
+        self.layer_index = -1
+
+    def produce(self, offset: int = 0) -> Iterator[bytes]:
+        source = self.opener()
+        if self.known_size is not None and source.size != self.known_size:
+            raise OSError(f"{self.name}: expected {self.known_size} bytes, have {source.size}")
+        head = header(self.name, source.size)
+        if offset < len(head):
+            yield head[offset:]
+            offset = len(head)
+        position = offset - len(head)
+        while position < source.size:
+            chunk = source.read_at(position, min(FILE_CHUNK, source.size - position))
+            if not chunk:
+                raise OSError(f"{self.name}: the file ended early")
+            position += len(chunk)
+            yield chunk
+        pad = padding(source.size)
+        skip = max(0, offset - len(head) - source.size)
+        if skip < len(pad):
+            yield pad[skip:]
+
+
+def total_size(segments: list[Segment]) -> int | None:
+    total = 0
+    for segment in segments:
+        if segment.size is None:
+            return None
+        total += segment.size
+    return total
+
+
+def produce_range(
+    segments: list[Segment], start: int = 0, end: int | None = None
+) -> Iterator[bytes]:
+    """Bytes ``start`` to ``end`` (inclusive; None: to the end) of the concatenation.
+    Segments wholly outside the range are never produced (no layer is waited for)."""
+    position = 0
+    for segment in segments:
+        size = segment.size
+        if size is not None and position + size <= start:
+            position += size
+            continue
+        inner = max(0, start - position)
+        for chunk in segment.produce(inner):
+            chunk_start = position + inner
+            inner += len(chunk)
+            if end is not None and chunk_start + len(chunk) > end + 1:
+                yield chunk[: end + 1 - chunk_start]
+                return
+            yield chunk
+        position += inner if size is None else size
+        if end is not None and position > end:
+            return

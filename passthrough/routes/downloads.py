@@ -13,8 +13,9 @@ from flask import Blueprint, Response, current_app, request
 
 from passthrough.auth import parse_basic_authorization
 from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
-from passthrough.pipeline import DownloadRequest, Services, prepare_download
+from passthrough.pipeline import DownloadRequest, OutputOptions, Services, prepare_download
 from passthrough.registry import Route
+from passthrough.routes.errors import error_response
 
 bp = Blueprint("downloads", __name__)
 
@@ -22,6 +23,35 @@ bp = Blueprint("downloads", __name__)
 def services() -> Services:
     found: Services = current_app.extensions["passthrough"]
     return found
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as (start, end inclusive); None to send everything.
+    Several ranges are answered with the whole archive, which RFC 9110 allows."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise RangeNotSatisfiable()
+        return max(0, total - length), total - 1
+    start = int(first)
+    end = int(last) if last.isdigit() else total - 1
+    if start >= total:
+        raise RangeNotSatisfiable()
+    if end < start:
+        return None
+    return start, min(end, total - 1)
+
+
+class RangeNotSatisfiable(Exception):
+    """The Range starts past the end of the archive (416)."""
 
 
 def _download(
@@ -35,22 +65,48 @@ def _download(
         host=host,
         client_credentials=parse_basic_authorization(request.headers.get("Authorization")),
         client_address=request.remote_addr,
+        options=OutputOptions.from_query(request.args.get("layers")),
     )
     try:
-        download = prepare_download(svc, download_request, fetch=request.method != "HEAD")
+        download = prepare_download(svc, download_request, fetch=False)
     except UpstreamUnauthorized as exc:
         # Let a client that can answer a challenge (IOS-XE asks for credentials only
         # after one) retry with its own credentials.
         if route is Route.REGISTRY_AUTH or svc.settings.client_auth != "off":
             exc.headers.setdefault("WWW-Authenticate", ClientAuthRequired.CHALLENGE)
         raise
+    headers = download.headers()
+    status = 200
+    start, end = 0, None
+    total = download.total_size
+    if total is not None and _if_range_matches(download.etag):
+        try:
+            byte_range = parse_range(request.headers.get("Range"), total)
+        except RangeNotSatisfiable:
+            download.close()
+            return error_response(
+                416,
+                "the range starts past the end of the archive",
+                {"Content-Range": f"bytes */{total}"},
+            )
+        if byte_range is not None:
+            start, end = byte_range
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+            headers["Content-Length"] = str(end - start + 1)
     if request.method == "HEAD":
         download.close()
-        return Response(status=200, headers=download.headers())
-    response = Response(download.body(), status=200, headers=download.headers())
+        return Response(status=status, headers=headers)
+    download.start_fetching(start, end)
+    response = Response(download.body(start, end), status=status, headers=headers)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
     response.direct_passthrough = True
     return response
+
+
+def _if_range_matches(etag: str) -> bool:
+    condition = request.headers.get("If-Range")
+    return condition is None or condition.strip() == etag
 
 
 @bp.route("/docker/<filename>", methods=["GET", "HEAD"])

@@ -74,6 +74,12 @@ class FakeImage:
             body=self.manifest,
             content_type="application/vnd.docker.distribution.manifest.v2+json",
         )
+        rsps.add(
+            responses.HEAD,
+            f"{base}/manifests/{self.tag}",
+            headers={"Docker-Content-Digest": digest(self.manifest)},
+            content_type="application/vnd.docker.distribution.manifest.v2+json",
+        )
         rsps.add(responses.GET, f"{base}/blobs/{digest(self.config)}", body=self.config)
         for index, blob in enumerate(self.blobs):
             body = blob[:-8] + b"XXXXXXXX" if index == corrupt_layer else blob
@@ -144,8 +150,7 @@ def test_head_answers_headers_without_fetching_layers(app):
     response = app.test_client().head("/docker/library_nginx_latest.tar")
     assert response.status_code == 200 and response.data == b""
     assert not any(
-        c.request.method == "GET"
-        and digest(image.blobs[0]) in str(c.request.url)
+        c.request.method == "GET" and digest(image.blobs[0]) in str(c.request.url)
         for c in responses.calls
     )
 

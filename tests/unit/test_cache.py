@@ -1,0 +1,165 @@
+"""The content-addressed cache and the warm path: hits, Content-Length, ETag, Range,
+HEAD, corruption, eviction and ?layers=gzip (registry simulated with responses)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+
+import pytest
+import responses
+
+from passthrough import create_app
+from passthrough.cache import BlobCache
+from tests.unit.test_app import REG, FakeImage, digest, tar_of
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def app(tmp_path, cache_dir):
+    return create_app(
+        {
+            "REGISTRY_URL": REG,
+            "ENV_FILE": "/nonexistent",
+            "TEMP_DIR": str(tmp_path),
+            "CACHE_DIR": str(cache_dir),
+            "CACHE_MAX_BYTES": "64M",
+        }
+    )
+
+
+def blob_gets(image: FakeImage) -> int:
+    wanted = {digest(b) for b in image.blobs}
+    return sum(
+        1
+        for c in responses.calls
+        if c.request.method == "GET" and any(d in str(c.request.url) for d in wanted)
+    )
+
+
+def big_image() -> FakeImage:
+    return FakeImage(
+        "team/api",
+        "v1",
+        [tar_of("a.bin", bytes(range(256)) * 4000), tar_of("b.bin", b"b" * 300_000)],
+    )
+
+
+@responses.activate
+def test_warm_download_uses_the_cache_and_knows_its_size(app):
+    image = big_image()
+    image.register(responses)
+    client = app.test_client()
+    cold = client.get("/docker/team__api_v1.tar")
+    assert cold.status_code == 200
+    assert "Content-Length" not in cold.headers  # cold: layer sizes unknown yet
+    assert len(cold.data) > 600_000
+    assert blob_gets(image) == 2
+    warm = client.get("/docker/team__api_v1.tar")
+    assert warm.data == cold.data
+    assert blob_gets(image) == 2, "a warm download must not fetch blobs again"
+    assert warm.headers["Content-Length"] == str(len(cold.data))
+    assert warm.headers["Accept-Ranges"] == "bytes"
+    assert warm.headers["ETag"] == f'"{digest(image.manifest)[7:]}-docker-tar"'
+    # Tags still resolve upstream every time, by HEAD, with the request's credentials.
+    assert any(
+        c.request.method == "HEAD" and "/manifests/v1" in str(c.request.url)
+        for c in responses.calls
+    )
+
+
+@responses.activate
+def test_range_resumes_to_the_same_bytes_and_head_matches(app):
+    image = big_image()
+    image.register(responses)
+    client = app.test_client()
+    full = client.get("/docker/team__api_v1.tar").data
+    for header, expected in [
+        ("bytes=1000-", full[1000:]),
+        ("bytes=0-99", full[:100]),
+        ("bytes=-512", full[-512:]),
+        (f"bytes={len(full) - 3000}-{len(full) + 50}", full[-3000:]),
+        ("bytes=5000-400000", full[5000:400001]),
+    ]:
+        part = client.get("/docker/team__api_v1.tar", headers={"Range": header})
+        assert part.status_code == 206, header
+        assert part.data == expected, header
+        assert part.headers["Content-Length"] == str(len(expected))
+        assert part.headers["Content-Range"].endswith(f"/{len(full)}")
+    head = client.head("/docker/team__api_v1.tar")
+    assert head.status_code == 200 and head.data == b""
+    assert head.headers["Content-Length"] == str(len(full))
+    stale = client.get(
+        "/docker/team__api_v1.tar", headers={"Range": "bytes=10-", "If-Range": '"x"'}
+    )
+    assert stale.status_code == 200 and stale.data == full
+    beyond = client.get("/docker/team__api_v1.tar", headers={"Range": f"bytes={len(full)}-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["Content-Range"] == f"bytes */{len(full)}"
+
+
+@responses.activate
+def test_corrupted_cache_entry_is_detected_and_refetched(app, cache_dir):
+    image = big_image()
+    image.register(responses)
+    client = app.test_client()
+    full = client.get("/docker/team__api_v1.tar").data
+    layer_file = next((cache_dir / "layers" / "sha256").iterdir())
+    data = bytearray(layer_file.read_bytes())
+    data[700] ^= 0xFF
+    layer_file.write_bytes(bytes(data))
+    # The compressed blobs are corrupt too, so the layer must come from upstream again.
+    for blob_file in (cache_dir / "blobs" / "sha256").iterdir():
+        blob_file.write_bytes(b"garbage")
+    gets_before = blob_gets(image)
+    again = client.get("/docker/team__api_v1.tar")
+    assert again.status_code == 200 and again.data == full
+    assert app.extensions["passthrough"].cache.stats.corrupt >= 1
+    assert blob_gets(image) == gets_before + 1
+
+
+@responses.activate
+def test_gzip_layers_keep_the_registry_blobs_with_exact_length_cold(app):
+    image = big_image()
+    image.register(responses)
+    response = app.test_client().get("/docker/team__api_v1.tar?layers=gzip")
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(response.data))
+    with tarfile.open(fileobj=io.BytesIO(response.data)) as archive:
+        layer_members = [m for m in archive.getmembers() if m.name.endswith("/layer.tar")]
+        blobs = [archive.extractfile(m).read() for m in layer_members]  # type: ignore[union-attr]
+    assert blobs == image.blobs
+    assert [gzip.decompress(b) for b in blobs] == image.tars
+    assert app.test_client().get("/docker/team__api_v1.tar?layers=zip").status_code == 400
+
+
+def test_eviction_is_least_recently_used(tmp_path):
+    cache = BlobCache(tmp_path / "c", max_bytes=3000)
+    names = []
+    for index in range(4):
+        data = bytes([index]) * 1000
+        cache.put_document("blobs", digest(data), data)
+        names.append(digest(data))
+    # Entry 0 was used last; entry 1 is the least recently used.
+    for age, name in zip((10, 40, 30, 20), names, strict=True):
+        path = next((tmp_path / "c" / "blobs" / "sha256").glob(name[7:] + "-*"))
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    assert cache.evict_if_needed() == 2
+    assert cache.total_bytes() == 2000
+    assert cache.get_document("blobs", names[0]) is not None
+    assert cache.get_document("blobs", names[3]) is not None
+    assert cache.get_document("blobs", names[1]) is None
+    assert cache.get_document("blobs", names[2]) is None
+
+
+def test_nothing_unverified_is_ever_committed(tmp_path):
+    cache = BlobCache(tmp_path / "c", max_bytes=1 << 20)
+    cache.put_document("blobs", "sha256:" + "0" * 64, b"not matching")
+    assert cache.get_document("blobs", "sha256:" + "0" * 64) is None
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
