@@ -1,7 +1,7 @@
-"""Stage 5, assemble: the entries of a Docker 1.10–24 ``docker save`` archive, the
-layout Cisco documents for IOx (IOS XE 17.6 fails on OCI-packaged archives).
+"""Stage 5, assemble: the entries of the archive, in two layouts.
 
-::
+``docker`` (default) is the Docker 1.10–24 ``docker save`` layout, the one Cisco
+documents for IOx (IOS XE 17.6 fails on OCI-packaged archives)::
 
     <layer-id>/VERSION      "1.0"
     <layer-id>/json         legacy v1 metadata
@@ -10,22 +10,38 @@ layout Cisco documents for IOx (IOS XE 17.6 fails on OCI-packaged archives).
     manifest.json           [{"Config", "RepoTags", "Layers"}], Layers in diff_id order
     repositories            {"name": {"tag": "<top layer id>"}}
 
-Everything but the layer tars is known once the manifest and config are, so it is
-built here up front and streamed first. No symlinks: a repeated layer is referenced
-twice in manifest.json rather than linked. Layer ids are derived from the chain of
-diff_ids, so the same image always gives the same bytes.
+``oci`` is the Docker 25+ layout, an OCI image layout that docker load, podman, skopeo
+(oci-archive:) and containerd all read::
+
+    oci-layout              {"imageLayoutVersion": "1.0.0"}
+    index.json              one manifest, with the image name annotations
+    blobs/sha256/<hex>      layers (named by diff_id), config, OCI manifest
+    manifest.json, repositories   as above, pointing into blobs/
+
+Everything but the layers is known once the manifest and config are, and is sent
+first. In the OCI layout the manifest and index.json need the layers' final sizes; they
+are "late" entries, built when the sizes are known (at once when cached). No symlinks:
+a repeated layer is referenced twice. Layer ids derive from the chain of diff_ids, so
+the same image always gives the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from passthrough.resolve import ResolvedImage
 
 EPOCH = "1970-01-01T00:00:00Z"
+FORMATS = ("docker", "oci")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 def canonical_json(document: Any) -> bytes:
@@ -40,12 +56,26 @@ class MetadataEntry:
 
 @dataclass(frozen=True)
 class LayerSlot:
-    """Where layer ``index`` goes in the archive; only the first occurrence of a repeated
-    layer gets a slot with ``first=True`` and a file of its own."""
+    """Where layer ``index`` goes in the archive; a repeated layer's later occurrences
+    (``first=False``) reuse the first one's file."""
 
     index: int
-    name: str  # <layer-id>/layer.tar
+    name: str
     first: bool
+    #: Sent as the registry's compressed blob rather than an uncompressed tar.
+    compressed: bool = False
+
+
+@dataclass(frozen=True)
+class WrittenLayer:
+    """What the late entries need to know of a layer once it is fetched."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+LateBuilder = Callable[[list[WrittenLayer]], tuple[MetadataEntry, ...]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,8 @@ class ArchivePlan:
     metadata: tuple[MetadataEntry, ...]
     layers: tuple[LayerSlot, ...]
     repo_tag: str
+    #: Entries built from the written layers' sizes (OCI manifest, index.json).
+    late: LateBuilder | None = None
 
     @property
     def written_layers(self) -> tuple[LayerSlot, ...]:
@@ -91,11 +123,31 @@ def _v1_json(config: dict[str, Any], layer_id: str, parent: str | None, is_top: 
     return canonical_json(document)
 
 
-def plan_archive(image: ResolvedImage, repo_tag: str) -> ArchivePlan:
-    """Every metadata entry and the name of every layer tar."""
+def _split_repo_tag(repo_tag: str) -> tuple[str, str]:
+    name, _, tag = repo_tag.rpartition(":")
+    return name, tag
+
+
+def plan_archive(
+    image: ResolvedImage,
+    repo_tag: str,
+    *,
+    output_format: str = "docker",
+    compressed: Callable[[int], bool] = lambda index: False,
+    full_name: str | None = None,
+) -> ArchivePlan:
+    """Every entry of the archive; ``compressed(index)`` tells which layers are sent as
+    the registry's blobs (``?layers=gzip``)."""
+    if output_format == "oci":
+        return _plan_oci(image, repo_tag, compressed, full_name or repo_tag)
+    return _plan_docker(image, repo_tag, compressed)
+
+
+def _plan_docker(
+    image: ResolvedImage, repo_tag: str, compressed: Callable[[int], bool]
+) -> ArchivePlan:
     config = image.config_document
-    diff_ids = [layer.diff_id for layer in image.layers]
-    ids = layer_ids(diff_ids, image.config_digest)
+    ids = layer_ids([layer.diff_id for layer in image.layers], image.config_digest)
 
     metadata: list[MetadataEntry] = []
     slots: list[LayerSlot] = []
@@ -111,23 +163,103 @@ def plan_archive(image: ResolvedImage, repo_tag: str) -> ArchivePlan:
             metadata.append(
                 MetadataEntry(f"{layer_id}/json", _v1_json(config, layer_id, parent, is_top))
             )
-            slots.append(LayerSlot(layer.index, f"{layer_id}/layer.tar", first=True))
+            slots.append(
+                LayerSlot(layer.index, f"{layer_id}/layer.tar", True, compressed(layer.index))
+            )
             parent = layer_id
         else:
-            slots.append(LayerSlot(layer.index, f"{existing}/layer.tar", first=False))
+            slots.append(
+                LayerSlot(layer.index, f"{existing}/layer.tar", False, compressed(layer.index))
+            )
 
     config_name = image.config_digest.split(":", 1)[1] + ".json"
     metadata.append(MetadataEntry(config_name, image.config))
+    manifest = [{"Config": config_name, "RepoTags": [repo_tag], "Layers": [s.name for s in slots]}]
+    metadata.append(MetadataEntry("manifest.json", json.dumps(manifest).encode()))
+    name, tag = _split_repo_tag(repo_tag)
+    top = slots[-1].name.split("/")[0] if slots else ""
+    repositories = {name: {tag: top}} if top else {}
+    metadata.append(MetadataEntry("repositories", json.dumps(repositories).encode()))
+    return ArchivePlan(tuple(metadata), tuple(slots), repo_tag)
+
+
+def _plan_oci(
+    image: ResolvedImage, repo_tag: str, compressed: Callable[[int], bool], full_name: str
+) -> ArchivePlan:
+    slots: list[LayerSlot] = []
+    seen: set[str] = set()
+    for layer in image.layers:
+        is_compressed = compressed(layer.index)
+        digest = layer.digest if is_compressed else layer.diff_id
+        name = "blobs/sha256/" + digest.split(":", 1)[1]
+        slots.append(LayerSlot(layer.index, name, name not in seen, is_compressed))
+        seen.add(name)
+
+    config_hex = image.config_digest.split(":", 1)[1]
+    metadata = [
+        MetadataEntry("blobs/", None),
+        MetadataEntry("blobs/sha256/", None),
+        MetadataEntry("oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"})),
+    ]
+    if "blobs/sha256/" + config_hex not in seen:
+        metadata.append(MetadataEntry("blobs/sha256/" + config_hex, image.config))
     manifest = [
         {
-            "Config": config_name,
+            "Config": "blobs/sha256/" + config_hex,
             "RepoTags": [repo_tag],
             "Layers": [slot.name for slot in slots],
         }
     ]
     metadata.append(MetadataEntry("manifest.json", json.dumps(manifest).encode()))
-    name, _, tag = repo_tag.rpartition(":")
-    top = slots[-1].name.split("/")[0] if slots else ""
-    repositories = {name: {tag: top}} if top else {}
-    metadata.append(MetadataEntry("repositories", json.dumps(repositories).encode()))
-    return ArchivePlan(tuple(metadata), tuple(slots), repo_tag)
+    name, tag = _split_repo_tag(repo_tag)
+    top = slots[-1].name.rsplit("/", 1)[1] if slots else ""
+    metadata.append(
+        MetadataEntry("repositories", json.dumps({name: {tag: top}} if top else {}).encode())
+    )
+    written = [slot for slot in slots]
+
+    def late(layers: list[WrittenLayer]) -> tuple[MetadataEntry, ...]:
+        by_index = dict(zip((s.index for s in slots if s.first), layers, strict=True))
+        first_of = {s.name: s.index for s in slots if s.first}
+        descriptors = []
+        for slot in written:
+            info = by_index[first_of[slot.name]]
+            descriptors.append(
+                {"mediaType": info.media_type, "digest": info.digest, "size": info.size}
+            )
+        oci_manifest = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": OCI_CONFIG,
+                    "digest": image.config_digest,
+                    "size": len(image.config),
+                },
+                "layers": descriptors,
+            }
+        )
+        manifest_digest = "sha256:" + hashlib.sha256(oci_manifest).hexdigest()
+        index = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": manifest_digest,
+                        "size": len(oci_manifest),
+                        "annotations": {
+                            "io.containerd.image.name": full_name,
+                            "org.opencontainers.image.ref.name": tag,
+                        },
+                    }
+                ],
+            }
+        )
+        return (
+            MetadataEntry("blobs/sha256/" + manifest_digest.split(":", 1)[1], oci_manifest),
+            MetadataEntry("index.json", index),
+        )
+
+    return ArchivePlan(tuple(metadata), tuple(slots), repo_tag, late)

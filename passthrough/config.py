@@ -75,6 +75,8 @@ class Settings:
     cache_max_bytes: int = 20 << 30
     # Serve the last known digest of a tag while the registry is unreachable.
     serve_stale: bool = False
+    # The platform picked from a multi-platform image when the request names none.
+    default_platform: str = "linux/amd64"
 
     @property
     def has_env_credentials(self) -> bool:
@@ -174,6 +176,16 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _platform(env: Mapping[str, str], name: str) -> str:
+    from passthrough.platforms import Platform
+
+    raw = _optional(env, name) or "linux/amd64"
+    try:
+        return str(Platform.parse(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _url(env: Mapping[str, str], name: str) -> str | None:
@@ -283,4 +295,5 @@ def load_settings(
         cache_dir=cache_dir,
         cache_max_bytes=_size(env, "CACHE_MAX_BYTES", 20 << 30),
         serve_stale=_boolean(env, "SERVE_STALE", False),
+        default_platform=_platform(env, "DEFAULT_PLATFORM"),
     )

@@ -21,7 +21,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from passthrough.archive import ArchivePlan, plan_archive
+from passthrough.archive import (
+    FORMATS,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    ArchivePlan,
+    WrittenLayer,
+    plan_archive,
+)
 from passthrough.auth import Credentials, TokenCache
 from passthrough.cache import BlobCache
 from passthrough.client import RegistryClient, Timeouts
@@ -32,13 +39,23 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from passthrough.reference import ImageReference, familiar_name, parse_filename, qualify
+from passthrough.platforms import DEFAULT_PLATFORM, Platform
+from passthrough.reference import (
+    ImageReference,
+    archive_filename,
+    familiar_name,
+    parse_filename,
+    parse_reference_path,
+    qualify,
+    synthetic_tag,
+)
 from passthrough.registry import AuthKind, Route, Target, choose_target, registry_from_url
-from passthrough.resolve import DEFAULT_PLATFORM, Platform, ResolvedImage, resolve_image
+from passthrough.resolve import ResolvedImage, resolve_image
 from passthrough.store import LayerFile, LayerStore, TempStore
 from passthrough.tarstream import (
     END_OF_ARCHIVE,
     BytesSegment,
+    DeferredSegment,
     FileEntrySegment,
     Segment,
     bytes_entry,
@@ -70,21 +87,39 @@ class Services:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """How the archive is packaged. ``layers=gzip`` keeps the registry's gzip blobs as
-    the layer files (docker, podman and containerd load them; IOx is unknown)."""
+    """How the archive is packaged.
+
+    - ``format=docker`` (default): the Docker 1.10–24 layout IOx documents;
+      ``format=oci``: the Docker 25+ OCI layout.
+    - ``layers=gzip`` keeps the registry's gzip blobs as the layer files (docker, podman
+      and containerd load them; IOx is unknown); ``layers=tar`` (default) decompresses.
+    """
 
     layers: str = "tar"
+    format: str = "docker"
 
     @classmethod
-    def from_query(cls, layers: str | None) -> OutputOptions:
+    def from_query(
+        cls, layers: str | None = None, output_format: str | None = None
+    ) -> OutputOptions:
         mode = (layers or "tar").lower()
         if mode not in LAYER_MODES:
             raise BadRequest(f"layers must be one of {', '.join(LAYER_MODES)}")
-        return cls(layers=mode)
+        chosen = (output_format or "docker").lower()
+        if chosen not in FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
+        return cls(layers=mode, format=chosen)
 
     @property
     def tag(self) -> str:
-        return f"docker-{self.layers}"
+        return f"{self.format}-{self.layers}"
+
+
+def parse_platform(text: str | None, default: str) -> Platform:
+    try:
+        return Platform.parse(text or default)
+    except ValueError as exc:
+        raise BadRequest(f"invalid platform: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -92,13 +127,16 @@ class DownloadRequest:
     """What the client asked for, straight from the URL and headers."""
 
     route: Route
-    filename: str
+    #: ``nginx_latest.tar`` on the /docker/ routes; None on the /ref/ routes.
+    filename: str | None
     scheme: str | None = None
     host: str | None = None
     client_credentials: Credentials | None = field(default=None, repr=False)
     client_address: str | None = None
     platform: Platform = DEFAULT_PLATFORM
     options: OutputOptions = field(default_factory=OutputOptions)
+    #: ``team/api:v1_beta.tar`` or ``team/api@sha256:….tar`` on the /ref/ routes.
+    reference_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,8 +148,16 @@ class Selection:
 
     @property
     def repo_tag(self) -> str:
+        """RepoTags: familiar name and the tag (a synthetic one for a digest download)."""
         name = familiar_name(self.target.registry, self.reference.repository)
-        return f"{name}:{self.reference.tag}"
+        return f"{name}:{synthetic_tag(self.reference)}"
+
+    @property
+    def full_name(self) -> str:
+        """The fully qualified name containerd records (io.containerd.image.name)."""
+        return f"{self.target.registry.name}/{self.reference.repository}:" + synthetic_tag(
+            self.reference
+        )
 
     @property
     def access_class(self) -> str:
@@ -127,7 +173,10 @@ class Selection:
 def select(services: Services, request: DownloadRequest) -> Selection:
     """Parse the filename and choose registry and credentials; no upstream call yet."""
     settings = services.settings
-    reference = parse_filename(request.filename)
+    if request.reference_path is not None:
+        reference = parse_reference_path(request.reference_path)
+    else:
+        reference = parse_filename(request.filename or "")
     registry: RegistryEndpoint | None = None
     if request.route is not Route.ENVIRONMENT:
         registry = registry_from_url(request.scheme or "", request.host or "")
@@ -170,10 +219,9 @@ class Download:
 
     # -- assembly ------------------------------------------------------------------------
 
-    def _compressed(self, index: int) -> bool:
-        """Whether layer ``index`` is sent as the registry's blob rather than a tar."""
-        layer = self.image.layers[index]
-        return self.request.options.layers == "gzip" and layer.compression == "gzip"
+    @property
+    def filename(self) -> str:
+        return self.request.filename or archive_filename(self.selection.reference)
 
     def _build_segments(self) -> list[Segment]:
         segments: list[Segment] = []
@@ -184,10 +232,47 @@ class Download:
                 segments.append(BytesSegment(bytes_entry(entry.name, entry.data)))
         for slot in self.plan.written_layers:
             layer = self.image.layers[slot.index]
-            known = self.store.known_size(layer, compressed=self._compressed(slot.index))
-            segments.append(FileEntrySegment(slot.name, self._opener(slot.index), known_size=known))
+            known = self.store.known_size(layer, compressed=slot.compressed)
+            segment = FileEntrySegment(slot.name, self._opener(slot.index), known_size=known)
+            segment.layer_index = slot.index
+            segments.append(segment)
+        if self.plan.late is not None:
+            segments.append(self._late_segment())
         segments.append(BytesSegment(END_OF_ARCHIVE))
         return segments
+
+    def _written(self, size_of: dict[int, int]) -> list[WrittenLayer]:
+        written = []
+        for slot in self.plan.written_layers:
+            layer = self.image.layers[slot.index]
+            if slot.compressed:
+                written.append(WrittenLayer(layer.digest, size_of[slot.index], OCI_LAYER_GZIP))
+            else:
+                written.append(WrittenLayer(layer.diff_id, size_of[slot.index], OCI_LAYER_TAR))
+        return written
+
+    def _late_bytes(self, size_of: dict[int, int]) -> bytes:
+        assert self.plan.late is not None
+        entries = self.plan.late(self._written(size_of))
+        return b"".join(bytes_entry(e.name, e.data or b"") for e in entries)
+
+    def _late_segment(self) -> Segment:
+        """The OCI manifest and index.json need every layer's final size: built now when
+        the sizes are known (cached), else after the last layer was sent."""
+        known: dict[int, int] = {}
+        for slot in self.plan.written_layers:
+            size = self.store.known_size(self.image.layers[slot.index], compressed=slot.compressed)
+            if size is None:
+                break
+            known[slot.index] = size
+        else:
+            return BytesSegment(self._late_bytes(known))
+
+        def build() -> bytes:
+            sizes = {s.index: self._layer_file(s.index).size for s in self.plan.written_layers}
+            return self._late_bytes(sizes)
+
+        return DeferredSegment(build)
 
     def _opener(self, index: int) -> _LayerOpener:
         return _LayerOpener(self, index)
@@ -197,7 +282,8 @@ class Download:
         if future is None:  # a layer outside the requested range, needed after all
             future = self._submit(index)
         layer_file = future.result()
-        self._opened.append(layer_file)
+        if layer_file not in self._opened:
+            self._opened.append(layer_file)
         return layer_file
 
     # -- fetching ------------------------------------------------------------------------
@@ -211,7 +297,7 @@ class Download:
             self.store.layer_file,
             self.client,
             layer,
-            compressed=self._compressed(index),
+            compressed=compressed_layer(self.image, self.request.options, index),
             cancel=self._cancel,
         )
         self._futures[index] = future
@@ -238,7 +324,7 @@ class Download:
     def headers(self) -> dict[str, str]:
         headers = {
             "Content-Type": "application/x-tar",
-            "Content-Disposition": f'attachment; filename="{self.request.filename}"',
+            "Content-Disposition": f'attachment; filename="{self.filename}"',
             "Docker-Content-Digest": self.image.manifest_digest,
             "X-Image-Reference": self.plan.repo_tag,
             # Private images must not land in shared HTTP caches; ranges still work.
@@ -322,6 +408,12 @@ def _close_result(future: Future[LayerFile]) -> None:
     future.result().close()
 
 
+def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -> bool:
+    """Whether layer ``index`` is sent as the registry's blob rather than a tar: only
+    gzip blobs, only with ``layers=gzip`` (zstd and plain layers are sent as tars)."""
+    return options.layers == "gzip" and image.layers[index].compression == "gzip"
+
+
 def _resolve(
     services: Services, selection: Selection, client: RegistryClient, platform: Platform
 ) -> ResolvedImage:
@@ -376,7 +468,14 @@ def prepare_download(
     )
     try:
         image = _resolve(services, selection, client, request.platform)
-        plan = plan_archive(image, selection.repo_tag)
+        options = request.options
+        plan = plan_archive(
+            image,
+            selection.repo_tag,
+            output_format=options.format,
+            compressed=lambda index: compressed_layer(image, options, index),
+            full_name=selection.full_name,
+        )
         download = Download(selection, image, plan, client, store, settings, request)
         # Pre-flight: every layer not already proven by a cache entry must be readable
         # upstream before we answer 200.

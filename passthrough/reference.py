@@ -141,3 +141,44 @@ def familiar_name(registry: RegistryEndpoint, repository: str) -> str:
     if registry.is_docker_hub:
         return repository.removeprefix("library/")
     return f"{registry.name}/{repository}"
+
+
+def parse_reference_path(text: str) -> ImageReference:
+    """``team/api:v1_beta.tar`` or ``team/api@sha256:….tar`` (``/ref/`` routes), where a
+    tag may hold underscores and a digest pins the content. ``repo:tag@digest`` keeps the
+    tag for the archive's name and pins the digest."""
+    if len(text) > MAX_FILENAME_LENGTH:
+        raise BadRequest(f"the reference is longer than {MAX_FILENAME_LENGTH} characters")
+    if not text.endswith(".tar"):
+        raise BadRequest(
+            f"the reference {quote_input(text)} must end in .tar, as in team/api:v1.tar"
+        )
+    body = text[: -len(".tar")]
+    name, at, digest = body.partition("@")
+    tag: str | None = None
+    if ":" in name:
+        name, _, tag = name.rpartition(":")
+        validate_tag(tag)
+    if at:
+        validate_digest(digest)
+    elif tag is None:
+        raise BadRequest(
+            f"the reference {quote_input(text)} needs a tag or a digest: "
+            "<repository>:<tag>.tar or <repository>@sha256:<hex>.tar"
+        )
+    return ImageReference(validate_repository(name), tag=tag, digest=digest if at else None)
+
+
+def synthetic_tag(ref: ImageReference) -> str:
+    """The tag written to RepoTags: the real one, or for a digest-only download
+    ``sha256-<hex>`` (docker load rejects RepoTags that hold a digest)."""
+    if ref.tag:
+        return ref.tag
+    assert ref.digest is not None
+    return ref.digest.replace(":", "-")
+
+
+def archive_filename(ref: ImageReference) -> str:
+    """A safe download filename for any reference: the /docker/ form when it round-trips."""
+    tag = ref.tag or (ref.digest or "").replace(":", "-")[:19]
+    return ref.repository.replace("/", "__") + "_" + tag + ".tar"

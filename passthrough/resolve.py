@@ -23,6 +23,7 @@ from passthrough.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from passthrough.platforms import DEFAULT_PLATFORM, Platform
 from passthrough.reference import DIGEST_RE, ImageReference
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -57,43 +58,6 @@ FOREIGN_LAYER_TYPES = (
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_CONFIG_BYTES = 4 << 20
 MAX_LAYERS = 1000
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().lower().split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"platform must be os/arch[/variant], got {text!r}")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-    def normalized_variant(self) -> str | None:
-        """containerd's defaults: arm64 without a variant is v8; arm without one is v7."""
-        if self.variant:
-            return self.variant
-        if self.architecture == "arm64":
-            return "v8"
-        if self.architecture == "arm":
-            return "v7"
-        return None
-
-    def matches(self, other: Platform) -> bool:
-        return (
-            self.os == other.os
-            and self.architecture == other.architecture
-            and self.normalized_variant() == other.normalized_variant()
-        )
-
-
-DEFAULT_PLATFORM = Platform("linux", "amd64")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,20 @@ class BytesSegment(Segment):
             yield self.data[offset:]
 
 
+class DeferredSegment(Segment):
+    """Bytes that can only be built once earlier segments were produced (the OCI
+    manifest needs every layer's size); size unknown until then."""
+
+    def __init__(self, build: Callable[[], bytes]) -> None:
+        self.build = build
+        self.size = None
+
+    def produce(self, offset: int = 0) -> Iterator[bytes]:
+        data = self.build()
+        if offset < len(data):
+            yield data[offset:]
+
+
 class FileSource(Protocol):
     size: int
 

@@ -13,7 +13,13 @@ from flask import Blueprint, Response, current_app, request
 
 from passthrough.auth import parse_basic_authorization
 from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
-from passthrough.pipeline import DownloadRequest, OutputOptions, Services, prepare_download
+from passthrough.pipeline import (
+    DownloadRequest,
+    OutputOptions,
+    Services,
+    parse_platform,
+    prepare_download,
+)
 from passthrough.registry import Route
 from passthrough.routes.errors import error_response
 
@@ -54,26 +60,41 @@ class RangeNotSatisfiable(Exception):
     """The Range starts past the end of the archive (416)."""
 
 
-def _download(
-    route: Route, filename: str, scheme: str | None = None, host: str | None = None
-) -> Response:
-    svc = services()
-    download_request = DownloadRequest(
+def download_request(
+    route: Route,
+    *,
+    filename: str | None = None,
+    reference_path: str | None = None,
+    scheme: str | None = None,
+    host: str | None = None,
+) -> DownloadRequest:
+    """The pipeline's view of this HTTP request (path, query, Authorization)."""
+    settings = services().settings
+    return DownloadRequest(
         route=route,
         filename=filename,
+        reference_path=reference_path,
         scheme=scheme,
         host=host,
         client_credentials=parse_basic_authorization(request.headers.get("Authorization")),
         client_address=request.remote_addr,
-        options=OutputOptions.from_query(request.args.get("layers")),
+        platform=parse_platform(request.args.get("platform"), settings.default_platform),
+        options=OutputOptions.from_query(request.args.get("layers"), request.args.get("format")),
     )
+
+
+def offer_client_challenge(route: Route, exc: UpstreamUnauthorized) -> None:
+    """Let a client that can answer a challenge (IOS-XE asks for credentials only after
+    one) retry with its own credentials."""
+    if route is Route.REGISTRY_AUTH or services().settings.client_auth != "off":
+        exc.headers.setdefault("WWW-Authenticate", ClientAuthRequired.CHALLENGE)
+
+
+def _download(download_request: DownloadRequest) -> Response:
     try:
-        download = prepare_download(svc, download_request, fetch=False)
+        download = prepare_download(services(), download_request, fetch=False)
     except UpstreamUnauthorized as exc:
-        # Let a client that can answer a challenge (IOS-XE asks for credentials only
-        # after one) retry with its own credentials.
-        if route is Route.REGISTRY_AUTH or svc.settings.client_auth != "off":
-            exc.headers.setdefault("WWW-Authenticate", ClientAuthRequired.CHALLENGE)
+        offer_client_challenge(download_request.route, exc)
         raise
     headers = download.headers()
     status = 200
@@ -109,16 +130,44 @@ def _if_range_matches(etag: str) -> bool:
     return condition is None or condition.strip() == etag
 
 
-@bp.route("/docker/<filename>", methods=["GET", "HEAD"])
+METHODS = ["GET", "HEAD"]
+
+
+@bp.route("/docker/<filename>", methods=METHODS)
 def docker_download(filename: str) -> Response:
-    return _download(Route.ENVIRONMENT, filename)
+    return _download(download_request(Route.ENVIRONMENT, filename=filename))
 
 
-@bp.route("/registry/<scheme>/<host>/docker/<filename>", methods=["GET", "HEAD"])
+@bp.route("/registry/<scheme>/<host>/docker/<filename>", methods=METHODS)
 def registry_download(scheme: str, host: str, filename: str) -> Response:
-    return _download(Route.REGISTRY, filename, scheme, host)
+    return _download(download_request(Route.REGISTRY, filename=filename, scheme=scheme, host=host))
 
 
-@bp.route("/registry-auth/<scheme>/<host>/docker/<filename>", methods=["GET", "HEAD"])
+@bp.route("/registry-auth/<scheme>/<host>/docker/<filename>", methods=METHODS)
 def registry_auth_download(scheme: str, host: str, filename: str) -> Response:
-    return _download(Route.REGISTRY_AUTH, filename, scheme, host)
+    return _download(
+        download_request(Route.REGISTRY_AUTH, filename=filename, scheme=scheme, host=host)
+    )
+
+
+# Full references: tags with underscores, pinned digests (`:` and `@` may arrive
+# percent-encoded; the WSGI server decodes them before routing).
+
+
+@bp.route("/ref/<path:reference>", methods=METHODS)
+def ref_download(reference: str) -> Response:
+    return _download(download_request(Route.ENVIRONMENT, reference_path=reference))
+
+
+@bp.route("/registry/<scheme>/<host>/ref/<path:reference>", methods=METHODS)
+def registry_ref_download(scheme: str, host: str, reference: str) -> Response:
+    return _download(
+        download_request(Route.REGISTRY, reference_path=reference, scheme=scheme, host=host)
+    )
+
+
+@bp.route("/registry-auth/<scheme>/<host>/ref/<path:reference>", methods=METHODS)
+def registry_auth_ref_download(scheme: str, host: str, reference: str) -> Response:
+    return _download(
+        download_request(Route.REGISTRY_AUTH, reference_path=reference, scheme=scheme, host=host)
+    )
