@@ -34,6 +34,12 @@ control_socket_disable = True
 # The heartbeat file is touched often: keep it in memory when /dev/shm exists.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 
+# Bounded request size: a request line (the URL) over 4 KiB, or a header over 8 KiB,
+# gets a 400 from gunicorn before it reaches the app.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
@@ -51,3 +57,13 @@ def on_starting(server: object) -> None:
         load_settings()
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
+
+
+def post_worker_init(worker: object) -> None:
+    """Cap concurrent downloads below this worker's thread count, so a pool of slow
+    router downloads can never take the thread /health and /metrics need."""
+    app = getattr(worker, "wsgi", None)
+    cfg = getattr(worker, "cfg", None)
+    services = getattr(app, "extensions", {}).get("passthrough")
+    if services is not None and cfg is not None:
+        services.slots.fit_to_threads(cfg.threads, services.settings.max_concurrent_downloads)

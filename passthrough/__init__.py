@@ -45,4 +45,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(errors.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(downloads.bp)
+    from passthrough.routes import describe, ui
+
+    app.register_blueprint(describe.bp)
+    app.register_blueprint(ui.bp)
     return app

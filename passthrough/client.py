@@ -10,16 +10,19 @@ status codes mapped to meaningful errors.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import random
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from passthrough.auth import (
     DEFAULT_EXPIRES_IN,
@@ -39,6 +42,7 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
+from passthrough.netguard import GuardedAdapter, HostPolicy
 from passthrough.registry import AuthKind, Target
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,61 @@ class Timeouts:
         return (self.connect, self.read)
 
 
+#: Statuses worth another try: the registry or something in front of it is overloaded.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 10.0
+
+
+@dataclass
+class RetryPolicy:
+    """Retries with exponential backoff and full jitter; Retry-After honoured up to a cap;
+    nothing waits past the download's deadline."""
+
+    attempts: int = 4
+    retry_after_max: float = 30.0
+    deadline: float = field(default_factory=lambda: time.monotonic() + 3600.0)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_max)
+        ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2.0**attempt))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+
+    def wait(self, attempt: int, retry_after: float | None = None) -> bool:
+        """Sleep before retry number ``attempt + 1``; False when no retry is left."""
+        if attempt >= self.attempts:
+            return False
+        pause = self.delay(attempt, retry_after)
+        if pause >= self.remaining():
+            return False
+        time.sleep(pause)
+        return True
+
+    def check_deadline(self, what: str) -> None:
+        if self.remaining() <= 0:
+            raise UpstreamTimeout(f"{what}: the download took longer than DOWNLOAD_DEADLINE")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
 class RegistryClient:
     """One request's conversation with one registry, for one repository.
 
@@ -77,15 +136,20 @@ class RegistryClient:
         tokens: TokenCache,
         timeouts: Timeouts,
         pool_size: int = 8,
+        policy: HostPolicy | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.target = target
         self.repository = repository
         self.tokens = tokens
         self.timeouts = timeouts
+        self.retry = retry or RetryPolicy()
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.headers["User-Agent"] = USER_AGENT
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        adapter = GuardedAdapter(
+            policy or HostPolicy(), pool_connections=2, pool_maxsize=pool_size, max_retries=0
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._authorization: str | None = None
@@ -105,6 +169,44 @@ class RegistryClient:
         return self.target.registry.url
 
     def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        stream: bool,
+        what: str,
+        authorization: str | None,
+    ) -> requests.Response:
+        """One request, retried on connection errors, timeouts, 5xx and 429."""
+        attempt = 0
+        while True:
+            self.retry.check_deadline(what)
+            try:
+                response = self._send_once(
+                    method, url, headers, stream=stream, what=what, authorization=authorization
+                )
+            except (UpstreamUnreachable, UpstreamTimeout):
+                if self.retry.wait(attempt):
+                    attempt += 1
+                    log.info("%s: retrying after a network error (attempt %d)", what, attempt + 1)
+                    continue
+                raise
+            if response.status_code in RETRY_STATUSES:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if self.retry.wait(attempt, retry_after):
+                    response.close()
+                    attempt += 1
+                    log.info(
+                        "%s: registry answered %d; retrying (attempt %d)",
+                        what,
+                        response.status_code,
+                        attempt + 1,
+                    )
+                    continue
+            return response
+
+    def _send_once(
         self,
         method: str,
         url: str,
@@ -260,16 +362,10 @@ class RegistryClient:
             headers["Authorization"] = target.credentials.basic_header()
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         token_what = f"{what}: token service {urlsplit(realm).netloc}"
-        try:
-            response = self.session.get(
-                url, headers=headers, timeout=self.timeouts.as_tuple(), allow_redirects=False
-            )
-        except requests.Timeout:
-            raise UpstreamTimeout(f"{token_what} did not answer in time") from None
-        except requests.ConnectionError:
-            raise UpstreamUnreachable(f"{token_what}: cannot connect") from None
-        except requests.RequestException as exc:
-            raise UpstreamError(f"{token_what}: request failed ({type(exc).__name__})") from None
+        # The realm's own Authorization (Basic) is passed in headers, never the registry's.
+        response = self._send(
+            "GET", url, headers, stream=False, what=token_what, authorization=None
+        )
         with response:
             if response.status_code in (401, 403):
                 if target.credentials is None:

@@ -77,6 +77,21 @@ class Settings:
     serve_stale: bool = False
     # The platform picked from a multi-platform image when the request names none.
     default_platform: str = "linux/amd64"
+    # Upstream faults: retries with backoff and jitter, a cap on honoured Retry-After,
+    # and a deadline for a whole download's upstream work.
+    upstream_retries: int = 4
+    retry_after_max: float = 30.0
+    download_deadline: float = 3600.0
+    # Limits.
+    max_image_bytes: int = 20 << 30
+    max_layers: int = 500
+    #: Concurrent downloads per worker; 0 means "gunicorn threads minus 2".
+    max_concurrent_downloads: int = 0
+    #: Seconds a client may leave sent data unacknowledged before it is dropped.
+    client_idle_timeout: float = 120.0
+    # Outbound policy (passthrough.netguard).
+    registry_allowlist: tuple[str, ...] = ()
+    allow_link_local: bool = False
 
     @property
     def has_env_credentials(self) -> bool:
@@ -176,6 +191,16 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _allowlist(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    from passthrough.netguard import parse_allowlist
+
+    patterns = parse_allowlist(env.get(name))
+    for pattern in patterns:
+        if not re.fullmatch(r"[a-z0-9.*?\[\]:-]+", pattern):
+            raise ConfigError(f"{name} has an invalid host pattern {pattern!r}")
+    return patterns
 
 
 def _platform(env: Mapping[str, str], name: str) -> str:
@@ -296,4 +321,13 @@ def load_settings(
         cache_max_bytes=_size(env, "CACHE_MAX_BYTES", 20 << 30),
         serve_stale=_boolean(env, "SERVE_STALE", False),
         default_platform=_platform(env, "DEFAULT_PLATFORM"),
+        upstream_retries=_integer(env, "UPSTREAM_RETRIES", 4, minimum=0),
+        retry_after_max=_number(env, "UPSTREAM_RETRY_AFTER_MAX", 30.0, minimum=0),
+        download_deadline=_number(env, "DOWNLOAD_DEADLINE", 3600.0, minimum=1),
+        max_image_bytes=_size(env, "MAX_IMAGE_BYTES", 20 << 30),
+        max_layers=_integer(env, "MAX_LAYERS", 500, minimum=1),
+        max_concurrent_downloads=_integer(env, "MAX_CONCURRENT_DOWNLOADS", 0, minimum=0),
+        client_idle_timeout=_number(env, "CLIENT_IDLE_TIMEOUT", 120.0, minimum=1),
+        registry_allowlist=_allowlist(env, "REGISTRY_ALLOWLIST"),
+        allow_link_local=_boolean(env, "REGISTRY_ALLOW_LINK_LOCAL", False),
     )

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from passthrough.archive import (
     FORMATS,
@@ -31,14 +32,17 @@ from passthrough.archive import (
 )
 from passthrough.auth import Credentials, TokenCache
 from passthrough.cache import BlobCache
-from passthrough.client import RegistryClient, Timeouts
+from passthrough.client import RegistryClient, RetryPolicy, Timeouts
 from passthrough.config import RegistryEndpoint, Settings
 from passthrough.errors import (
     BadRequest,
+    TooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
+from passthrough.limits import RESERVED_THREADS, DownloadSlots, check_free_space
+from passthrough.netguard import HostPolicy, trusted_hosts
 from passthrough.platforms import DEFAULT_PLATFORM, Platform
 from passthrough.reference import (
     ImageReference,
@@ -76,13 +80,21 @@ class Services:
     settings: Settings
     tokens: TokenCache = field(default_factory=TokenCache)
     cache: BlobCache | None = None
+    policy: HostPolicy = field(default_factory=HostPolicy)
+    slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(16 - RESERVED_THREADS))
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
         cache = None
         if settings.cache_dir:
             cache = BlobCache(settings.cache_dir, settings.cache_max_bytes)
-        return cls(settings, cache=cache)
+        policy = HostPolicy(
+            allowlist=settings.registry_allowlist,
+            trusted=trusted_hosts([settings.registry.url, settings.registry_auth_url]),
+            allow_link_local=settings.allow_link_local,
+        )
+        slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
+        return cls(settings, cache=cache, policy=policy, slots=slots)
 
 
 @dataclass(frozen=True)
@@ -180,9 +192,17 @@ def select(services: Services, request: DownloadRequest) -> Selection:
     registry: RegistryEndpoint | None = None
     if request.route is not Route.ENVIRONMENT:
         registry = registry_from_url(request.scheme or "", request.host or "")
+    if registry is not None:
+        # Before anything else: a client may not make us connect where policy forbids.
+        services.policy.check_host(*_host_port(registry.url))
     target = choose_target(settings, request.route, request.client_credentials, registry)
     reference = qualify(reference, target.registry, settings.default_namespace)
     return Selection(reference, target)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class Download:
@@ -214,6 +234,7 @@ class Download:
         self.outcome = "prepared"
         self.started = time.monotonic()
         self._logged = False
+        self._on_close: list[Callable[[], None]] = []
         self.segments = self._build_segments()
         self.total_size = total_size(self.segments)
 
@@ -364,10 +385,15 @@ class Download:
         finally:
             self.close()
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
     def close(self) -> None:
         """Stop this download's fetches and release its files; safe to call twice.
         Shared cache fetches run on to completion for the others waiting on them."""
         self._cancel.set()
+        while self._on_close:
+            self._on_close.pop()()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -406,6 +432,18 @@ def _close_result(future: Future[LayerFile]) -> None:
     if future.cancelled() or future.exception() is not None:
         return
     future.result().close()
+
+
+def check_image_limits(image: ResolvedImage, settings: Settings) -> None:
+    if len(image.layers) > settings.max_layers:
+        raise TooLarge(
+            f"the image has {len(image.layers)} layers; MAX_LAYERS is {settings.max_layers}"
+        )
+    if image.total_compressed_size > settings.max_image_bytes:
+        raise TooLarge(
+            f"the image is {image.total_compressed_size >> 20} MiB compressed; "
+            f"MAX_IMAGE_BYTES is {settings.max_image_bytes >> 20} MiB"
+        )
 
 
 def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -> bool:
@@ -462,12 +500,19 @@ def prepare_download(
         services.tokens,
         Timeouts(settings.connect_timeout, settings.read_timeout),
         pool_size=settings.layer_concurrency + 2,
+        policy=services.policy,
+        retry=RetryPolicy(
+            attempts=settings.upstream_retries,
+            retry_after_max=settings.retry_after_max,
+            deadline=time.monotonic() + settings.download_deadline,
+        ),
     )
     store: LayerStore = (
         services.cache if services.cache is not None else TempStore(settings.temp_dir)
     )
     try:
         image = _resolve(services, selection, client, request.platform)
+        check_image_limits(image, settings)
         options = request.options
         plan = plan_archive(
             image,
@@ -478,11 +523,14 @@ def prepare_download(
         )
         download = Download(selection, image, plan, client, store, settings, request)
         # Pre-flight: every layer not already proven by a cache entry must be readable
-        # upstream before we answer 200.
+        # upstream before we answer 200, and the disk must obviously have room for it.
+        needed = 0
         for slot in plan.written_layers:
             layer = image.layers[slot.index]
-            if store.known_size(layer, compressed=False) is None or not services.cache:
+            if store.known_size(layer, compressed=slot.compressed) is None:
+                needed += layer.size
                 client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
+        check_free_space(settings.cache_dir or settings.temp_dir, needed)
         if fetch:
             start, end = byte_range or (0, None)
             download.start_fetching(start, end)

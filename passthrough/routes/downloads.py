@@ -9,6 +9,9 @@ the pipeline. Headers are final before streaming begins; the body is a generator
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 from flask import Blueprint, Response, current_app, request
 
 from passthrough.auth import parse_basic_authorization
@@ -90,12 +93,36 @@ def offer_client_challenge(route: Route, exc: UpstreamUnauthorized) -> None:
         exc.headers.setdefault("WWW-Authenticate", ClientAuthRequired.CHALLENGE)
 
 
+def drop_idle_clients(timeout: float) -> None:
+    """Have the kernel drop this connection when sent data stays unacknowledged for
+    ``timeout`` seconds (a client that stopped reading): TCP_USER_TIMEOUT on the client
+    socket. The send then fails, the generator is closed and its temp files go."""
+    sock = request.environ.get("gunicorn.socket")
+    if isinstance(sock, socket.socket) and hasattr(socket, "TCP_USER_TIMEOUT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+
+
 def _download(download_request: DownloadRequest) -> Response:
+    svc = services()
+    # Each download holds a thread for its whole life: over the cap, 503 at once.
+    counted = request.method == "GET"
+    if counted:
+        svc.slots.acquire()
     try:
-        download = prepare_download(services(), download_request, fetch=False)
+        download = prepare_download(svc, download_request, fetch=False)
     except UpstreamUnauthorized as exc:
+        if counted:
+            svc.slots.release()
         offer_client_challenge(download_request.route, exc)
         raise
+    except BaseException:
+        if counted:
+            svc.slots.release()
+        raise
+    if counted:
+        download.on_close(svc.slots.release)
+    drop_idle_clients(svc.settings.client_idle_timeout)
     headers = download.headers()
     status = 200
     start, end = 0, None

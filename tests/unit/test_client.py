@@ -12,7 +12,7 @@ import requests
 import responses
 
 from passthrough.auth import Credentials, TokenCache
-from passthrough.client import RegistryClient, Timeouts
+from passthrough.client import RegistryClient, RetryPolicy, Timeouts, parse_retry_after
 from passthrough.config import load_settings
 from passthrough.errors import (
     NotAcceptable,
@@ -45,14 +45,21 @@ def digest(data: bytes) -> str:
 
 
 def make_client(
-    creds: Credentials | None = None, tokens: TokenCache | None = None, repository: str = "team/api"
+    creds: Credentials | None = None,
+    tokens: TokenCache | None = None,
+    repository: str = "team/api",
+    retry: RetryPolicy | None = None,
 ) -> RegistryClient:
     settings = load_settings({"REGISTRY_URL": "http://unused:1", "ENV_FILE": "/nonexistent"})
     target = choose_target(
         settings, Route.REGISTRY, creds, registry_from_url("https", "reg.example.com")
     )
     return RegistryClient(
-        target, repository, tokens if tokens is not None else TokenCache(), Timeouts(1, 1)
+        target,
+        repository,
+        tokens if tokens is not None else TokenCache(),
+        Timeouts(1, 1),
+        retry=retry or RetryPolicy(attempts=0),
     )
 
 
@@ -443,3 +450,74 @@ def test_not_json_manifest():
     )
     with pytest.raises(UpstreamInvalid):
         resolve_image(make_client(), ImageReference("team/api", tag="v1"))
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("passthrough.client.time.sleep", slept.append)
+    return slept
+
+
+@responses.activate
+def test_5xx_and_connection_errors_are_retried_with_backoff(sleeps):
+    url = f"{REG}/v2/team/api/manifests/v1"
+    responses.add(responses.GET, url, status=503)
+    responses.add(responses.GET, url, body=requests.ConnectionError())
+    responses.add(responses.GET, url, status=502)
+    responses.add(responses.GET, url, body=b"{}")
+    response = make_client(retry=RetryPolicy(attempts=4)).request(
+        "GET", "/v2/team/api/manifests/v1", what="m"
+    )
+    assert response.status_code == 200
+    assert len(sleeps) == 3
+    # Exponential with jitter: each pause lies in [ceiling/2, ceiling].
+    for attempt, pause in enumerate(sleeps):
+        ceiling = min(10.0, 0.5 * 2**attempt)
+        assert ceiling / 2 <= pause <= ceiling
+
+
+@responses.activate
+def test_429_retry_after_is_honoured_and_capped(sleeps):
+    url = f"{REG}/v2/team/api/manifests/v1"
+    responses.add(responses.GET, url, status=429, headers={"Retry-After": "3"})
+    responses.add(responses.GET, url, status=429, headers={"Retry-After": "9999"})
+    responses.add(responses.GET, url, body=b"{}")
+    make_client(retry=RetryPolicy(attempts=4, retry_after_max=20)).request(
+        "GET", "/v2/team/api/manifests/v1", what="m"
+    )
+    assert sleeps == [3.0, 20.0]
+
+
+@responses.activate
+def test_retries_exhausted_give_the_mapped_error(sleeps):
+    url = f"{REG}/v2/team/api/manifests/v1"
+    responses.add(responses.GET, url, status=429, headers={"Retry-After": "1"})
+    with pytest.raises(UpstreamRateLimited) as raised:
+        make_client(retry=RetryPolicy(attempts=2)).request(
+            "GET", "/v2/team/api/manifests/v1", what="m"
+        )
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert len(sleeps) == 2
+
+
+@responses.activate
+def test_no_retry_waits_past_the_deadline(sleeps):
+    import time as _time
+
+    url = f"{REG}/v2/team/api/manifests/v1"
+    responses.add(responses.GET, url, status=503, headers={"Retry-After": "30"})
+    policy = RetryPolicy(attempts=5, deadline=_time.monotonic() + 5)
+    with pytest.raises(UpstreamUnavailable):
+        make_client(retry=policy).request("GET", "/v2/team/api/manifests/v1", what="m")
+    assert sleeps == []
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None

@@ -1,0 +1,72 @@
+# syntax=docker/dockerfile:1
+#
+# passthrough: any registry image as one `docker save` tar over a plain HTTP GET.
+#
+#   docker build -t passthrough .
+#   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/passthrough:TAG --push .
+#
+# Two stages: the first builds a virtualenv with the package and its dependencies,
+# the second copies that venv into a clean slim Python of the same version. Nothing
+# here is specific to one CPU architecture: every dependency ships manylinux wheels
+# for x86_64 and aarch64, so no compiler is needed in either stage.
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --no-cache-dir --upgrade pip
+
+WORKDIR /src
+COPY pyproject.toml setup.cfg ./
+COPY passthrough ./passthrough
+# The cache mount lets a rebuild after a code change reuse the downloaded wheels
+# without leaving a pip cache in any layer.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install . \
+    && passthrough --help >/dev/null
+
+
+FROM python:${PYTHON_VERSION}-slim AS runtime
+
+LABEL org.opencontainers.image.title="passthrough" \
+      org.opencontainers.image.description="Container registry images as docker-save tar archives over one HTTP GET" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# The account (uid/gid 10001) exists so tools that look the user up work. The cache
+# directory exists, owned by it, so a fresh named volume mounted there inherits that
+# owner. Temp files go to /var/tmp (TEMP_DIR): world-writable in the base image, and
+# compose and the Helm chart mount a volume there.
+RUN groupadd --gid 10001 passthrough \
+    && useradd --uid 10001 --gid 10001 \
+       --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin passthrough \
+    && mkdir -p /var/cache/passthrough \
+    && chown 10001:10001 /var/cache/passthrough
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TEMP_DIR=/var/tmp \
+    PORT=8080
+
+WORKDIR /app
+COPY gunicorn.conf.py ./
+
+# Numeric, not a name: Kubernetes runAsNonRoot can only verify a numeric USER.
+USER 10001:10001
+
+EXPOSE 8080
+
+# `passthrough healthcheck` probes http://127.0.0.1:$PORT/health with the stdlib:
+# the image has no curl. Keep PORT in step with BIND when you move the port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["passthrough", "healthcheck"]
+
+# Exec form: gunicorn is PID 1 and gets SIGTERM itself, so in-flight downloads get
+# GRACEFUL_TIMEOUT (120 s) to finish. Stop timeouts must be longer than that.
+CMD ["gunicorn", "-c", "gunicorn.conf.py"]

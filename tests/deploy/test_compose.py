@@ -1,0 +1,189 @@
+"""compose.yaml and .env.example: loaded with PyYAML and checked against what the image
+and gunicorn.conf.py promise."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy import (
+    ALIASES,
+    ENV_VARS,
+    REPO,
+    SECRET_VARS,
+    env_vars_read_by_app,
+    graceful_timeout_default,
+    is_dockerignored,
+)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s|ms|us)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+IMAGE_UID = 10001  # the Dockerfile's USER
+_ASSIGNMENT = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def compose_seconds(value: str | int) -> float:
+    """A compose duration ("135s", "2m15s") in seconds."""
+    if isinstance(value, int):
+        return float(value)
+    assert re.fullmatch(r"(?:\d+(?:\.\d+)?(?:h|m|s|ms|us))+", value), f"bad duration {value!r}"
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(value))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((REPO / "compose.yaml").read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def service(compose: dict[str, Any]) -> dict[str, Any]:
+    svc = compose["services"]["passthrough"]
+    assert isinstance(svc, dict)
+    return svc
+
+
+def env_example() -> list[tuple[str, str, list[str]]]:
+    """(name, value, comment lines just above) for each assignment, commented or not."""
+    entries: list[tuple[str, str, list[str]]] = []
+    comments: list[str] = []
+    for raw in (REPO / ".env.example").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        match = _ASSIGNMENT.match(line)
+        if match:
+            entries.append((match[1], match[2], comments))
+            comments = []
+        elif line.startswith("#"):
+            comments.append(line.lstrip("# "))
+        else:
+            comments = []
+    return entries
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> "tmpfs" or the volume source, for every writable mount. A tmpfs
+    counts only when the image's non-root user can write to it (mode=1777 or its uid)."""
+    result: dict[str, str] = {}
+    for entry in service.get("tmpfs", []):
+        path, _, options = entry.partition(":")
+        if {"mode=1777", "mode=01777", f"uid={IMAGE_UID}"} & set(options.split(",")):
+            result[path] = "tmpfs"
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            if not entry.get("read_only"):
+                result[entry["target"]] = str(entry.get("source", entry["type"]))
+        else:
+            source, target, *mode = entry.split(":")
+            if mode != ["ro"]:
+                result[target] = source
+    return result
+
+
+def test_duration_parser() -> None:
+    assert compose_seconds("135s") == 135
+    assert compose_seconds("2m15s") == 135
+    assert compose_seconds("1h") == 3600
+    with pytest.raises(AssertionError):
+        compose_seconds("135")
+
+
+def test_service_builds_and_names_the_image(service: dict[str, Any]) -> None:
+    build = service["build"]
+    context = build if isinstance(build, str) else build["context"]
+    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+    assert (REPO / context / dockerfile).is_file()
+    assert service["image"], "an image name so `docker compose push` and tags work"
+
+
+def test_publishes_container_port_8080(service: dict[str, Any]) -> None:
+    targets = set()
+    for port in service["ports"]:
+        if isinstance(port, dict):
+            targets.add(str(port["target"]))
+        else:
+            targets.add(str(port).split("/")[0].rsplit(":", 1)[-1])
+    assert "8080" in targets
+
+
+def test_env_file_is_optional(service: dict[str, Any]) -> None:
+    env_files = service["env_file"]
+    assert {"path": ".env", "required": False} in env_files
+    assert (REPO / ".env.example").is_file()
+
+
+def test_healthcheck_runs_passthrough_healthcheck(service: dict[str, Any]) -> None:
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "passthrough", "healthcheck"]
+    assert compose_seconds(service["healthcheck"]["timeout"]) < compose_seconds(
+        service["healthcheck"]["interval"]
+    )
+
+
+def test_read_only_root_with_writable_temp_and_cache(
+    compose: dict[str, Any], service: dict[str, Any]
+) -> None:
+    assert service["read_only"] is True
+    writable = mounts(service)
+    env = service["environment"]
+    assert writable.get("/tmp") == "tmpfs"
+    for name in ("TEMP_DIR", "CACHE_DIR"):
+        assert env[name] in writable, f"{name}={env[name]} is not a tmpfs or volume"
+    named = {src for src in writable.values() if src != "tmpfs" and not src.startswith((".", "/"))}
+    assert named <= set(compose.get("volumes") or {}), "named volumes are declared"
+
+
+def test_stop_grace_period_outlasts_gunicorn_graceful_timeout(service: dict[str, Any]) -> None:
+    assert compose_seconds(service["stop_grace_period"]) > graceful_timeout_default()
+
+
+def test_container_drops_privileges(service: dict[str, Any]) -> None:
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert not service.get("privileged")
+    assert "user" not in service or service["user"] != "root"
+
+
+def test_only_passthrough_starts_by_default(compose: dict[str, Any]) -> None:
+    others = {name: svc for name, svc in compose["services"].items() if name != "passthrough"}
+    for name, svc in others.items():
+        assert svc.get("profiles"), f"service {name} runs only behind a profile"
+    images = [str(svc.get("image", "")) for svc in others.values()]
+    assert all(image == "registry:2" for image in images if image.startswith("registry:"))
+
+
+def test_env_example_documents_every_variable() -> None:
+    entries = env_example()
+    names = [name for name, _, _ in entries]
+    assert len(names) == len(set(names)), "each variable once"
+    missing = set(ENV_VARS) - set(names)
+    assert not missing, f".env.example lacks {sorted(missing)}"
+    undocumented = [name for name, _, comments in entries if not comments]
+    assert not undocumented, f"no comment above {undocumented}"
+
+
+def test_env_example_covers_what_the_code_reads() -> None:
+    names = {name for name, _, _ in env_example()}
+    read = env_vars_read_by_app()
+    assert {"REGISTRY_URL", "GRACEFUL_TIMEOUT"} <= read, "the scan finds the code's variables"
+    documented = names | {alias for alias, target in ALIASES.items() if target in names}
+    missing = read - documented
+    assert not missing, f"the code reads {sorted(missing)}: document them in .env.example"
+    example = (REPO / ".env.example").read_text(encoding="utf-8")
+    for alias in ALIASES:
+        assert alias in example, f"the alias {alias} is mentioned"
+
+
+def test_env_example_holds_no_credentials() -> None:
+    for name, value, _ in env_example():
+        if name in SECRET_VARS:
+            assert value == "", f"{name} has an example value; leave it empty"
+
+
+def test_env_file_stays_out_of_image_and_git() -> None:
+    assert is_dockerignored(".env")
+    gitignore = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert ".env" in gitignore

@@ -1,0 +1,826 @@
+"""The Helm chart, rendered offline with the Helm SDK (helm-python-sdk, no helm binary):
+strict lint, Kubernetes 1.30 schema validation of every object, and the promises of
+values.yaml checked on the rendered objects."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import re
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy import ENV_VARS, REPO, SECRET_VARS, env_vars_read_by_app
+
+CHART = REPO / "helm" / "passthrough"
+RELEASE = "demo"
+NAMESPACE = "tools"
+KUBERNETES = "1.30"
+SENTINEL = "s3cr3t-Sentinel-value"
+
+Obj = dict[str, Any]
+
+# Every option on: each optional object, each setting, each extra hook.
+ALL_ON: Obj = {
+    "replicaCount": 2,
+    "imagePullSecrets": [{"name": "regcred"}],
+    "serviceAccount": {"annotations": {"example.com/role": "puller"}},
+    "podAnnotations": {"example.com/team": "netops"},
+    "podLabels": {"team": "netops"},
+    "service": {
+        "type": "LoadBalancer",
+        "nodePort": 30080,
+        "annotations": {"example.com/lb": "internal"},
+        "loadBalancerSourceRanges": ["10.20.0.0/16"],
+        "externalTrafficPolicy": "Local",
+    },
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
+        "hosts": [
+            {"host": "passthrough.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+        ],
+        "tls": [{"secretName": "passthrough-tls", "hosts": ["passthrough.example.com"]}],
+    },
+    "terminationGracePeriodSeconds": 300,
+    "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+    "registry": {
+        "url": "https://registry.example.com:5000",
+        "authUrl": "https://auth.example.com/token",
+        "service": "registry.example.com",
+        "name": "registry.example.com:5000",
+        "clientAuth": "required",
+        "defaultNamespace": "team",
+        "allowlist": ["registry.example.com:5000", "ghcr.io", "*.docker.io"],
+        "allowLinkLocal": False,
+        "credentials": {"username": "puller", "password": SENTINEL, "bearerToken": SENTINEL + "t"},
+    },
+    "config": {
+        "logLevel": "DEBUG",
+        "logFormat": "text",
+        "upstreamConnectTimeout": 5,
+        "upstreamReadTimeout": 120.5,
+        "layerConcurrency": 4,
+        "upstreamRetries": 2,
+        "upstreamRetryAfterMax": 10,
+        "downloadDeadline": 1800,
+        "maxLayers": 300,
+        "maxImageBytes": 8589934592,
+        "maxConcurrentDownloads": 24,
+        "clientIdleTimeout": 300,
+        "defaultPlatform": "linux/arm64",
+        "serveStale": True,
+        "cacheMaxBytes": 10737418240,
+    },
+    "gunicorn": {"workers": 3, "threads": 32, "gracefulTimeout": 240},
+    "otel": {
+        "endpoint": "http://otel-collector.observability:4317",
+        "protocol": "grpc",
+        "serviceName": "passthrough-lab",
+    },
+    "extraEnv": [{"name": "TZ", "value": "Europe/Berlin"}],
+    "extraEnvFrom": [{"configMapRef": {"name": "site-settings"}}],
+    "storage": {"temp": {"sizeLimit": "8Gi", "medium": "Memory"}},
+    "persistence": {
+        "enabled": True,
+        "accessModes": ["ReadWriteMany"],
+        "storageClass": "nfs",
+        "size": "50Gi",
+        "annotations": {"helm.sh/resource-policy": "keep"},
+    },
+    "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 75},
+    "podDisruptionBudget": {"enabled": True},
+    "serviceMonitor": {
+        "enabled": True,
+        "labels": {"release": "kube-prometheus-stack"},
+        "relabelings": [{"action": "replace", "targetLabel": "site", "replacement": "lab"}],
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "ingressFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+        "egress": {
+            "extra": [
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "observability"}
+                            }
+                        }
+                    ],
+                    "ports": [{"port": 4317, "protocol": "TCP"}],
+                }
+            ]
+        },
+    },
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "tools", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "passthrough"}},
+                    },
+                }
+            ]
+        }
+    },
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "passthrough"}},
+        }
+    ],
+    "priorityClassName": "tools-high",
+    "extraVolumes": [{"name": "ca", "configMap": {"name": "site-ca"}}],
+    "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/site", "readOnly": True}],
+}
+
+OPTIONAL_KINDS = {
+    "Secret": "v1",
+    "PersistentVolumeClaim": "v1",
+    "Ingress": "networking.k8s.io/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
+    "PodDisruptionBudget": "policy/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+
+# How each environment variable is set from values: (values path, value, expected env).
+SETTINGS: dict[str, tuple[str, Any, str]] = {
+    "REGISTRY_URL": ("registry.url", "http://registry.lab:5000", "http://registry.lab:5000"),
+    "REGISTRY_AUTH_URL": ("registry.authUrl", "https://auth.lab/token", "https://auth.lab/token"),
+    "REGISTRY_SERVICE": ("registry.service", "registry.lab", "registry.lab"),
+    "REGISTRY_NAME": ("registry.name", "registry.lab:5000", "registry.lab:5000"),
+    "REGISTRY_USERNAME": ("registry.credentials.username", "puller", "secret"),
+    "REGISTRY_PASSWORD": ("registry.credentials.password", SENTINEL, "secret"),
+    "REGISTRY_BEARER_TOKEN": ("registry.credentials.bearerToken", SENTINEL, "secret"),
+    "REGISTRY_CLIENT_AUTH": ("registry.clientAuth", "off", "off"),
+    "REGISTRY_DEFAULT_NAMESPACE": ("registry.defaultNamespace", "org/team", "org/team"),
+    "REGISTRY_ALLOWLIST": ("registry.allowlist", ["a.lab", "b.lab:5000"], "a.lab,b.lab:5000"),
+    "REGISTRY_ALLOW_LINK_LOCAL": ("registry.allowLinkLocal", True, "true"),
+    "LOG_LEVEL": ("config.logLevel", "WARNING", "WARNING"),
+    "LOG_FORMAT": ("config.logFormat", "text", "text"),
+    "UPSTREAM_CONNECT_TIMEOUT": ("config.upstreamConnectTimeout", 2.5, "2.5"),
+    "UPSTREAM_READ_TIMEOUT": ("config.upstreamReadTimeout", 90, "90"),
+    "LAYER_CONCURRENCY": ("config.layerConcurrency", 6, "6"),
+    "UPSTREAM_RETRIES": ("config.upstreamRetries", 0, "0"),
+    "UPSTREAM_RETRY_AFTER_MAX": ("config.upstreamRetryAfterMax", 12.5, "12.5"),
+    "DOWNLOAD_DEADLINE": ("config.downloadDeadline", 7200, "7200"),
+    "TEMP_DIR": ("config.tempDir", "/scratch", "/scratch"),
+    "CACHE_DIR": ("config.cacheDir", "/layers", "/layers"),
+    "CACHE_MAX_BYTES": ("config.cacheMaxBytes", 21474836480, "21474836480"),
+    "MAX_IMAGE_BYTES": ("config.maxImageBytes", "4G", "4G"),
+    "MAX_LAYERS": ("config.maxLayers", 200, "200"),
+    "MAX_CONCURRENT_DOWNLOADS": ("config.maxConcurrentDownloads", 12, "12"),
+    "CLIENT_IDLE_TIMEOUT": ("config.clientIdleTimeout", 600, "600"),
+    "DEFAULT_PLATFORM": ("config.defaultPlatform", "linux/arm64", "linux/arm64"),
+    "SERVE_STALE": ("config.serveStale", True, "true"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("otel.endpoint", "http://otel:4317", "http://otel:4317"),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("otel.protocol", "http/protobuf", "http/protobuf"),
+    "OTEL_SERVICE_NAME": ("otel.serviceName", "pt-lab", "pt-lab"),
+    "WEB_CONCURRENCY": ("gunicorn.workers", 4, "4"),
+    "GUNICORN_THREADS": ("gunicorn.threads", 8, "8"),
+    "GRACEFUL_TIMEOUT": ("gunicorn.gracefulTimeout", 300, "300"),
+    "BIND": ("containerPort", 9000, "0.0.0.0:9000"),
+    "PORT": ("containerPort", 9000, "9000"),
+}
+
+
+def nested(path: str, value: Any) -> Obj:
+    """{"a": {"b": value}} for "a.b"."""
+    result: Any = value
+    for key in reversed(path.split(".")):
+        result = {key: result}
+    assert isinstance(result, dict)
+    return result
+
+
+def render_text(values: Obj | None = None) -> dict[str, str]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+
+
+def render(values: Obj | None = None) -> list[Obj]:
+    """The rendered Kubernetes objects (NOTES.txt left out)."""
+    objects: list[Obj] = []
+    for path, text in sorted(render_text(values).items()):
+        if path.endswith(".txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def notes(values: Obj | None = None) -> str:
+    return next(t for p, t in render_text(values).items() if p.endswith("NOTES.txt"))
+
+
+def one(objects: list[Obj], kind: str) -> Obj:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def deployment_pod(objects: list[Obj]) -> Obj:
+    spec = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def container(objects: list[Obj]) -> Obj:
+    containers = deployment_pod(objects)["containers"]
+    assert len(containers) == 1
+    result = containers[0]
+    assert isinstance(result, dict)
+    return result
+
+
+def effective_env(objects: list[Obj]) -> dict[str, Any]:
+    """What the container sees: ConfigMap envFrom, then `env` (which wins). A value is a
+    string, or ("secret", name, key) for a secretKeyRef."""
+    ctr = container(objects)
+    configmaps = {
+        o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"
+    }
+    env: dict[str, Any] = {}
+    for source in ctr.get("envFrom", []):
+        if "configMapRef" in source and source["configMapRef"]["name"] in configmaps:
+            env.update(configmaps[source["configMapRef"]["name"]])
+    for item in ctr.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = ("secret", ref["name"], ref["key"])
+    return env
+
+
+def annotation(objects: list[Obj], name: str) -> str | None:
+    annotations = one(objects, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    value = annotations.get(name)
+    return None if value is None else str(value)
+
+
+RELABEL_ACTIONS = {
+    "replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep",
+    "lowercase", "uppercase", "keepequal", "dropequal",
+}  # fmt: skip
+
+
+def check_service_monitor(monitor: Obj, objects: list[Obj]) -> None:
+    """Structural validation of a ServiceMonitor (a CRD: kubernetes-validate has no schema)."""
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["kind"] == "ServiceMonitor"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    meta = monitor["metadata"]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]) and len(meta["name"]) <= 63
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta["labels"].items())
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels"}
+    service = one(objects, "Service")
+    labels = service["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items(), "selects the Service"
+    assert spec["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    duration = re.compile(r"(\d+(ms|s|m|h))+")
+    endpoint_keys = {
+        "port",
+        "path",
+        "scheme",
+        "interval",
+        "scrapeTimeout",
+        "relabelings",
+        "metricRelabelings",
+    }
+    relabel_keys = {
+        "action",
+        "sourceLabels",
+        "separator",
+        "targetLabel",
+        "regex",
+        "modulus",
+        "replacement",
+    }
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= endpoint_keys
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+        assert endpoint.get("scheme", "http") in ("http", "https")
+        for key in ("interval", "scrapeTimeout"):
+            assert duration.fullmatch(endpoint[key]), f"{key} {endpoint[key]!r}"
+        for relabel in endpoint.get("relabelings", []) + endpoint.get("metricRelabelings", []):
+            assert set(relabel) <= relabel_keys
+            assert relabel.get("action", "replace").lower() in RELABEL_ACTIONS
+
+
+@pytest.fixture(scope="module")
+def defaults() -> list[Obj]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def all_on() -> list[Obj]:
+    return render(ALL_ON)
+
+
+# --- the chart as a whole ------------------------------------------------------------
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "passthrough"
+    assert chart["type"] == "application"
+    assert isinstance(chart["appVersion"], str) and chart["appVersion"]
+    for name in ("values.yaml", "templates/_helpers.tpl", "templates/NOTES.txt"):
+        assert (CHART / name).is_file()
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_strict_lint_reports_nothing(values: Obj | None) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["total_charts_linted"] == 1
+    assert report["messages"] == [] and report["errors"] == []
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_every_object_validates_against_kubernetes_1_30(values: Obj | None) -> None:
+    objects = render(values)
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":
+            check_service_monitor(obj, objects)
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_validation_can_fail() -> None:
+    bad = copy.deepcopy(one(render(), "Deployment"))
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUser"] = "10001"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES, strict=True)
+
+
+def test_defaults_render_only_the_core_objects(defaults: list[Obj]) -> None:
+    kinds = sorted(o["kind"] for o in defaults)
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "Service", "ServiceAccount"]
+    test_pod = one(defaults, "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+def test_every_option_renders_its_object(all_on: list[Obj]) -> None:
+    for kind, api_version in OPTIONAL_KINDS.items():
+        assert one(all_on, kind)["apiVersion"] == api_version
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"ingress": {"enabled": True}},
+        {"autoscaling": {"enabled": True}},
+        {"podDisruptionBudget": {"enabled": True}},
+        {"serviceMonitor": {"enabled": True}},
+        {"networkPolicy": {"enabled": True}},
+        {"persistence": {"enabled": True}},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
+    objects = render(option)
+    assert len(objects) == 6
+    for obj in objects:
+        if obj["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+# --- the Deployment ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_probes_hit_health_on_the_served_port(values: Obj | None) -> None:
+    objects = render(values)
+    ctr = container(objects)
+    port_names = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = ctr[probe]["httpGet"]
+        assert get["path"] == "/health"
+        assert get["port"] in port_names
+        assert str(port_names[get["port"]]) == effective_env(objects)["PORT"]
+    assert one(objects, "Service")["spec"]["ports"][0]["targetPort"] in port_names
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_pod_and_container_are_hardened(values: Obj | None) -> None:
+    objects = render(values)
+    pods = [deployment_pod(objects), one(objects, "Pod")["spec"]]
+    for pod in pods:
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        for key in ("runAsUser", "runAsGroup", "fsGroup"):
+            assert isinstance(sc[key], int) and sc[key] > 0
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for ctr in pod["containers"]:
+            csc = ctr["securityContext"]
+            assert csc["runAsNonRoot"] is True
+            assert isinstance(csc["runAsUser"], int) and csc["runAsUser"] > 0
+            assert csc["readOnlyRootFilesystem"] is True
+            assert csc["allowPrivilegeEscalation"] is False
+            assert csc["capabilities"] == {"drop": ["ALL"]}
+            assert csc["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_writable_paths_are_size_limited_volumes(values: Obj | None) -> None:
+    objects = render(values)
+    pod = deployment_pod(objects)
+    env = effective_env(objects)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in container(objects)["volumeMounts"]}
+    for path in ("/tmp", env["TEMP_DIR"]):
+        assert mounted[path]["emptyDir"]["sizeLimit"], f"{path}: emptyDir with a sizeLimit"
+    cache = mounted[env["CACHE_DIR"]]
+    assert cache.get("persistentVolumeClaim") or cache["emptyDir"]["sizeLimit"]
+    assert not any("hostPath" in v for v in volumes.values())
+
+
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6}
+_QUANTITY |= {"G": 10**9, "T": 10**12, "": 1}
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes quantity such as 10Gi or 500M, in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(value))
+    assert match, f"not a quantity: {value!r}"
+    return int(float(match[1]) * _QUANTITY[match[2] or ""])
+
+
+def app_size_bytes(value: str) -> int:
+    """A size as passthrough reads it (CACHE_MAX_BYTES): bytes, or K/M/G/T binary units."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])i?B?|B)?", value, re.I)
+    assert match, f"not a size: {value!r}"
+    return int(float(match[1]) * (1 << (10 * " KMGT".index((match[2] or " ").upper()))))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, {"persistence": {"enabled": True}}, ALL_ON],
+    ids=["emptyDir", "persistence", "all-on"],
+)
+def test_cache_bound_fits_its_volume(values: Obj | None) -> None:
+    objects = render(values)
+    env = effective_env(objects)
+    volumes = {v["name"]: v for v in deployment_pod(objects)["volumes"]}
+    mount = next(
+        m for m in container(objects)["volumeMounts"] if m["mountPath"] == env["CACHE_DIR"]
+    )
+    volume = volumes[mount["name"]]
+    if "emptyDir" in volume:
+        size = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+    else:
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        pvc = next(o for o in objects if o["metadata"]["name"] == claim)
+        size = quantity_bytes(pvc["spec"]["resources"]["requests"]["storage"])
+    assert app_size_bytes(env["CACHE_MAX_BYTES"]) < size, "a full cache must fit its volume"
+
+
+def test_size_parsers() -> None:
+    assert quantity_bytes("10Gi") == 10 << 30 and quantity_bytes("500M") == 500 * 10**6
+    assert app_size_bytes("8G") == app_size_bytes("8GiB") == 8 << 30
+    assert app_size_bytes("1073741824") == 1 << 30
+
+
+def test_temp_volume_follows_temp_dir() -> None:
+    objects = render({"config": {"tempDir": "/scratch", "cacheDir": ""}})
+    mounts = {m["mountPath"] for m in container(objects)["volumeMounts"]}
+    assert mounts == {"/tmp", "/scratch"}
+    assert "CACHE_DIR" not in effective_env(objects)
+
+
+@pytest.mark.parametrize("graceful", [30, 120, 600])
+@pytest.mark.parametrize("pre_stop", [0, 5])
+def test_grace_period_outlasts_graceful_timeout(graceful: int, pre_stop: int) -> None:
+    objects = render({"gunicorn": {"gracefulTimeout": graceful}, "preStopSleepSeconds": pre_stop})
+    rendered = int(effective_env(objects)["GRACEFUL_TIMEOUT"])
+    assert rendered == graceful
+    grace = deployment_pod(objects)["terminationGracePeriodSeconds"]
+    assert grace > rendered + pre_stop
+    hook = container(objects).get("lifecycle", {}).get("preStop")
+    assert (hook["exec"]["command"] == ["sleep", str(pre_stop)]) if pre_stop else hook is None
+
+
+def test_default_graceful_timeout_matches_gunicorn_conf(defaults: list[Obj]) -> None:
+    from tests.deploy import graceful_timeout_default
+
+    assert int(effective_env(defaults)["GRACEFUL_TIMEOUT"]) == graceful_timeout_default()
+
+
+def test_grace_period_below_graceful_timeout_fails() -> None:
+    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+        render({"terminationGracePeriodSeconds": 60})
+    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+        render({"terminationGracePeriodSeconds": 125})  # 5 s preStop + 120 s
+    assert (
+        deployment_pod(render({"terminationGracePeriodSeconds": 126}))[
+            "terminationGracePeriodSeconds"
+        ]
+        == 126
+    )
+
+
+def test_checksum_rolls_pods_when_settings_change(defaults: list[Obj]) -> None:
+    base = annotation(defaults, "checksum/config")
+    assert base and re.fullmatch(r"[0-9a-f]{64}", base)
+    assert annotation(render(), "checksum/config") == base, "stable for the same values"
+    assert annotation(render({"config": {"logLevel": "DEBUG"}}), "checksum/config") != base
+    assert annotation(render({"registry": {"url": "ghcr.io"}}), "checksum/config") != base
+    creds = {"registry": {"credentials": {"username": "u", "password": "p1"}}}
+    first = annotation(render(creds), "checksum/secret")
+    creds["registry"]["credentials"]["password"] = "p2"
+    second = annotation(render(creds), "checksum/secret")
+    assert first and second and first != second
+
+
+def test_image_tag_defaults_to_app_version(defaults: list[Obj]) -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert container(defaults)["image"] == f"passthrough:{app_version}"
+    custom = render({"image": {"repository": "registry.lab/passthrough", "tag": "1.2.3"}})
+    assert container(custom)["image"] == "registry.lab/passthrough:1.2.3"
+
+
+def test_extra_env_is_added(all_on: list[Obj]) -> None:
+    assert effective_env(all_on)["TZ"] == "Europe/Berlin"
+    assert {"configMapRef": {"name": "site-settings"}} in container(all_on)["envFrom"]
+
+
+# --- settings and secrets ------------------------------------------------------------
+
+
+def test_settings_table_covers_every_variable() -> None:
+    assert set(SETTINGS) == set(ENV_VARS)
+    registry_vars = {v for v in env_vars_read_by_app() if v.startswith("REGISTRY_")}
+    assert registry_vars - {"REGISTRY_TOKEN"} <= set(SETTINGS)  # REGISTRY_TOKEN: an alias
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_setting_is_reachable_from_values(name: str) -> None:
+    path, value, expected = SETTINGS[name]
+    values = nested(path, value)
+    if name == "REGISTRY_USERNAME":
+        values = nested("registry.credentials", {"username": value, "password": "p"})
+    elif name == "REGISTRY_PASSWORD":
+        values = nested("registry.credentials", {"username": "u", "password": value})
+    objects = render(values)
+    env = effective_env(objects)
+    assert name in env, f"{path} does not set {name}"
+    if expected == "secret":
+        kind, secret_name, key = env[name]
+        secret = one(objects, "Secret")
+        assert kind == "secret" and secret_name == secret["metadata"]["name"]
+        assert base64.b64decode(secret["data"][key]).decode() == value
+    else:
+        assert env[name] == expected
+
+
+def test_credentials_only_through_secret_key_refs(all_on: list[Obj]) -> None:
+    secret = one(all_on, "Secret")
+    env = effective_env(all_on)
+    for name in SECRET_VARS:
+        kind, secret_name, key = env[name]
+        assert (kind, secret_name) == ("secret", secret["metadata"]["name"])
+        assert key in secret["data"]
+    assert not set(SECRET_VARS) & set(one(all_on, "ConfigMap")["data"])
+    # The literal credential appears nowhere but (encoded) in the Secret.
+    texts = render_text(ALL_ON)
+    leaks = [path for path, text in texts.items() if SENTINEL in text]
+    assert leaks == []
+    for obj in all_on:
+        if obj["kind"] != "Secret":
+            assert SENTINEL not in yaml.safe_dump(obj)
+    for item in container(all_on).get("env", []):
+        if item["name"] in SECRET_VARS:
+            assert "value" not in item and "secretKeyRef" in item["valueFrom"]
+
+
+def test_existing_secret_is_referenced_not_created() -> None:
+    objects = render(
+        {"registry": {"credentials": {"existingSecret": "pull-creds", "bearerTokenKey": "token"}}}
+    )
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    env = effective_env(objects)
+    assert env["REGISTRY_USERNAME"] == ("secret", "pull-creds", "username")
+    assert env["REGISTRY_PASSWORD"] == ("secret", "pull-creds", "password")
+    assert env["REGISTRY_BEARER_TOKEN"] == ("secret", "pull-creds", "token")
+    assert annotation(objects, "checksum/secret") is None
+    only_token = render(
+        {
+            "registry": {
+                "credentials": {
+                    "existingSecret": "tok",
+                    "usernameKey": "",
+                    "passwordKey": "",
+                    "bearerTokenKey": "t",
+                }
+            }
+        }
+    )
+    assert {k for k, v in effective_env(only_token).items() if isinstance(v, tuple)} == {
+        "REGISTRY_BEARER_TOKEN"
+    }
+
+
+def test_no_credentials_no_secret(defaults: list[Obj]) -> None:
+    assert not [o for o in defaults if o["kind"] == "Secret"]
+    assert not set(SECRET_VARS) & set(effective_env(defaults))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"registry": {"credentials": {"existingSecret": "x", "password": "p"}}}, "not both"),
+        ({"registry": {"credentials": {"username": "u"}}}, "together"),
+        ({"registry": {"clientAuth": "sometimes"}}, "clientAuth"),
+        ({"config": {"logFormat": "xml"}}, "logFormat"),
+        ({"config": {"tempDir": "/tmp"}}, "tempDir"),
+        ({"persistence": {"enabled": True}, "config": {"cacheDir": ""}}, "cacheDir"),
+    ],
+)
+def test_bad_values_fail_the_render(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+# --- optional objects ----------------------------------------------------------------
+
+
+def test_persistence_mounts_a_claim_at_cache_dir() -> None:
+    objects = render({"persistence": {"enabled": True, "size": "30Gi"}})
+    pvc = one(objects, "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "30Gi"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    volumes = {v["name"]: v for v in deployment_pod(objects)["volumes"]}
+    cache_dir = effective_env(objects)["CACHE_DIR"]
+    mount = next(m for m in container(objects)["volumeMounts"] if m["mountPath"] == cache_dir)
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == pvc["metadata"]["name"]
+    existing = render({"persistence": {"enabled": True, "existingClaim": "layers"}})
+    assert not [o for o in existing if o["kind"] == "PersistentVolumeClaim"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in deployment_pod(existing)["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["layers"]
+
+
+def test_values_warn_that_read_write_once_cannot_be_shared() -> None:
+    text = (CHART / "values.yaml").read_text(encoding="utf-8")
+    block = text[text.index("persistence:") :]
+    comments = " ".join(line for line in block.splitlines()[:25] if line.strip().startswith("#"))
+    assert "ReadWriteOnce" in comments and "ReadWriteMany" in comments
+    assert "one node" in comments.lower() or "across nodes" in comments.lower()
+    warning = notes({"persistence": {"enabled": True}, "replicaCount": 2})
+    assert "ReadWriteOnce" in warning
+    assert "ReadWriteOnce" not in notes({"persistence": {"enabled": True}})
+
+
+def test_autoscaling_owns_the_replica_count(all_on: list[Obj]) -> None:
+    assert "replicas" not in one(all_on, "Deployment")["spec"]
+    hpa = one(all_on, "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == (
+        "Deployment",
+        one(all_on, "Deployment")["metadata"]["name"],
+    )
+    resources = {m["resource"]["name"] for m in hpa["spec"]["metrics"]}
+    assert resources == {"cpu", "memory"}
+
+
+def test_disruption_budget_selects_the_pods(all_on: list[Obj]) -> None:
+    pdb = one(all_on, "PodDisruptionBudget")
+    pod_labels = one(all_on, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_service_monitor_scrapes_metrics(all_on: list[Obj]) -> None:
+    monitor = one(all_on, "ServiceMonitor")
+    check_service_monitor(monitor, all_on)
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    broken = copy.deepcopy(monitor)
+    broken["spec"]["endpoints"][0]["port"] = "metrics"
+    with pytest.raises(AssertionError):
+        check_service_monitor(broken, all_on)
+
+
+def test_network_policy_defaults() -> None:
+    objects = render({"networkPolicy": {"enabled": True}})
+    policy = one(objects, "NetworkPolicy")["spec"]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    # Ingress: the container port only, from any source by default (devices are outside).
+    [ingress] = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert "from" not in ingress
+    # Egress: DNS, then registries on 443/80 anywhere but link-local (cloud metadata).
+    rules = {(p["protocol"], p["port"]): rule for rule in policy["egress"] for p in rule["ports"]}
+    assert {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 80)} <= set(rules)
+    blocks = [peer["ipBlock"] for peer in rules[("TCP", 443)]["to"]]
+    assert {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]} in blocks
+    assert {"cidr": "::/0"} in blocks
+
+
+def test_network_policy_restricts_sources_when_asked(all_on: list[Obj]) -> None:
+    policy = one(all_on, "NetworkPolicy")["spec"]
+    assert policy["ingress"][0]["from"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    assert any(p["port"] == 4317 for rule in policy["egress"] for p in rule["ports"])
+
+
+def test_ingress_routes_to_the_service(all_on: list[Obj]) -> None:
+    ingress = one(all_on, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = one(all_on, "Service")
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert ingress["spec"]["tls"][0]["secretName"] == "passthrough-tls"
+
+
+# --- NOTES.txt and values.yaml -------------------------------------------------------
+
+
+def test_notes_show_download_url_and_cisco_commands() -> None:
+    text = notes()
+    assert "port-forward svc/demo-passthrough 8080:8080" in text
+    assert "http://127.0.0.1:8080/docker/nginx_latest.tar" in text
+    assert "copy http://<host>:8080/docker/nginx_latest.tar flash:" in text
+    assert "app-hosting install appid nginx package flash:nginx_latest.tar" in text
+    with_ingress = notes({"ingress": ALL_ON["ingress"]})
+    assert "copy https://passthrough.example.com/docker/nginx_latest.tar flash:" in with_ingress
+    load_balancer = notes({"service": {"type": "LoadBalancer"}})
+    assert "copy http://$SERVICE_IP:8080/docker/nginx_latest.tar flash:" in load_balancer
+
+
+# Keys whose value is a Kubernetes object passed through as a whole: the comment above
+# the key documents it, its inner keys are Kubernetes' own.
+VERBATIM = {
+    "podSecurityContext",
+    "securityContext",
+    "resources",
+    "livenessProbe",
+    "readinessProbe",
+    "ingress.hosts",
+    "networkPolicy.egress.registries",
+    "persistence.accessModes",
+}
+
+
+def test_values_are_documented_key_by_key() -> None:
+    lines = (CHART / "values.yaml").read_text(encoding="utf-8").splitlines()
+    content = [
+        (n, raw) for n, raw in enumerate(lines) if raw.strip() and not raw.strip().startswith("#")
+    ]
+    undocumented: list[str] = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of the open mappings
+    list_indent: int | None = None
+    for position, (number, raw) in enumerate(content):
+        line, indent = raw.strip(), len(raw) - len(raw.lstrip())
+        if list_indent is not None and indent > list_indent:
+            continue  # inside a list item: example data, not settings
+        list_indent = indent if line.startswith("- ") else None
+        match = re.match(r"([A-Za-z][\w-]*):(.*)$", line)
+        if not match:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([key for _, key in stack] + [match[1]])
+        stack.append((indent, match[1]))
+        following = content[position + 1][1] if position + 1 < len(content) else ""
+        is_group = not match[2].strip() and (
+            len(following) - len(following.lstrip()) > indent
+            and not following.strip().startswith("- ")
+        )
+        parents = {".".join(path.split(".")[:n]) for n in range(1, path.count(".") + 1)}
+        if parents & VERBATIM or (is_group and path not in VERBATIM):
+            continue
+        if not lines[number - 1].strip().startswith("#"):
+            undocumented.append(path)
+    assert undocumented == []
+
+
+def test_values_document_every_registry_variable() -> None:
+    text = (CHART / "values.yaml").read_text(encoding="utf-8")
+    for name in ENV_VARS:
+        if name.startswith("REGISTRY_"):
+            assert name in text, f"values.yaml does not name {name}"
