@@ -75,8 +75,11 @@ def check_image(image: Image) -> None:
     assert image.digest == sha(image.manifest)
     assert m["schemaVersion"] == 2
     assert m["mediaType"] == image.media_type
-    assert m["config"] == {"mediaType": image.config_media_type, "size": len(image.config),
-                           "digest": sha(image.config)}
+    assert m["config"] == {
+        "mediaType": image.config_media_type,
+        "size": len(image.config),
+        "digest": sha(image.config),
+    }
     assert len(m["layers"]) == len(image.layers)
     for desc, layer in zip(m["layers"], image.layers, strict=True):
         blob = layer.read()
@@ -111,8 +114,16 @@ def test_tar_layer_has_go_framing_and_fixed_metadata() -> None:
     assert len(tar) == 512 * len(ENTRIES) + 512 * 2 + 1024
     assert tar_layer(ENTRIES) == tar
     infos = {m.name: m for m in members(tar)}
-    assert list(infos) == ["etc", "etc/hello", "bin/tool", "etc/link", "bin/tool2",
-                           "var/.wh.old", ".wh.top", "opt/app/.wh..wh..opq"]
+    assert list(infos) == [
+        "etc",
+        "etc/hello",
+        "bin/tool",
+        "etc/link",
+        "bin/tool2",
+        "var/.wh.old",
+        ".wh.top",
+        "opt/app/.wh..wh..opq",
+    ]
     for info in infos.values():
         assert (info.mtime, info.uid, info.gid, info.uname, info.gname) == (MTIME, 0, 0, "", "")
     assert infos["etc"].isdir()
@@ -146,12 +157,15 @@ def test_compression_round_trip_and_determinism(compression: str) -> None:
         assert a[:4] == b"\x28\xb5\x2f\xfd"
 
 
-@pytest.mark.parametrize(("kind", "compression", "media_type"), [
-    ("docker", "gzip", DOCKER_LAYER_GZIP),
-    ("oci", "gzip", OCI_LAYER_GZIP),
-    ("oci", "zstd", OCI_LAYER_ZSTD),
-    ("oci", "none", OCI_LAYER),
-])
+@pytest.mark.parametrize(
+    ("kind", "compression", "media_type"),
+    [
+        ("docker", "gzip", DOCKER_LAYER_GZIP),
+        ("oci", "gzip", OCI_LAYER_GZIP),
+        ("oci", "zstd", OCI_LAYER_ZSTD),
+        ("oci", "none", OCI_LAYER),
+    ],
+)
 def test_layer_media_types(kind: str, compression: str, media_type: str) -> None:
     layer = make_layer(tar_layer(ENTRIES), compression, kind=kind)  # type: ignore[arg-type]
     assert layer.media_type == media_type
@@ -165,18 +179,34 @@ def test_layer_media_types(kind: str, compression: str, media_type: str) -> None
 def test_docker_manifests_refuse_oci_only_compressions(compression: str) -> None:
     with pytest.raises(ValueError, match="only in OCI"):
         make_layer(EMPTY_TAR, compression, kind="docker")  # type: ignore[arg-type]
-    layer = make_layer(EMPTY_TAR, compression, kind="docker",  # type: ignore[arg-type]
-                       media_type="application/x-custom")
+    layer = make_layer(
+        EMPTY_TAR,
+        compression,
+        kind="docker",  # type: ignore[arg-type]
+        media_type="application/x-custom",
+    )
     assert layer.media_type == "application/x-custom"
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_big_layer_streams_to_a_file(tmp_path: Path, compression: str) -> None:
     size = 300_000
-    layer = big_layer(tmp_path / "a", size, compression=compression,  # type: ignore[arg-type]
-                      kind="oci", seed=3, chunk_size=65536)
-    again = big_layer(tmp_path / "b", size, compression=compression,  # type: ignore[arg-type]
-                      kind="oci", seed=3, chunk_size=65536)
+    layer = big_layer(
+        tmp_path / "a",
+        size,
+        compression=compression,  # type: ignore[arg-type]
+        kind="oci",
+        seed=3,
+        chunk_size=65536,
+    )
+    again = big_layer(
+        tmp_path / "b",
+        size,
+        compression=compression,  # type: ignore[arg-type]
+        kind="oci",
+        seed=3,
+        chunk_size=65536,
+    )
     assert layer.data is None and layer.path == tmp_path / "a"
     blob = layer.read()
     assert (layer.digest, layer.size) == (sha(blob), len(blob))
@@ -186,24 +216,34 @@ def test_big_layer_streams_to_a_file(tmp_path: Path, compression: str) -> None:
     infos = members(tar)
     assert [(m.name, m.size) for m in infos] == [("big", 0), ("big/blob.bin", size)]
     assert b"".join(layer.chunks(1000)) == blob
-    other = big_layer(tmp_path / "c", size, compression=compression,  # type: ignore[arg-type]
-                      kind="oci", seed=4)
+    other = big_layer(
+        tmp_path / "c",
+        size,
+        compression=compression,  # type: ignore[arg-type]
+        kind="oci",
+        seed=4,
+    )
     assert other.diff_id != layer.diff_id
 
 
 # --- images ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "compression"), [
-    ("docker", "gzip"), ("oci", "gzip"), ("oci", "zstd"), ("oci", "none")])
+@pytest.mark.parametrize(
+    ("kind", "compression"), [("docker", "gzip"), ("oci", "gzip"), ("oci", "zstd"), ("oci", "none")]
+)
 def test_runnable_image_descriptors(kind: str, compression: str) -> None:
-    image = runnable_image("hello world", kind=kind,  # type: ignore[arg-type]
-                           compression=compression,  # type: ignore[arg-type]
-                           extras=ALL_EXTRAS)
+    image = runnable_image(
+        "hello world",
+        kind=kind,  # type: ignore[arg-type]
+        compression=compression,  # type: ignore[arg-type]
+        extras=ALL_EXTRAS,
+    )
     check_image(image)
     assert image.media_type == (DOCKER_MANIFEST if kind == "docker" else OCI_MANIFEST)
-    assert image.config_media_type == (DOCKER_CONFIG_MEDIA_TYPE if kind == "docker"
-                                       else OCI_CONFIG_MEDIA_TYPE)
+    assert image.config_media_type == (
+        DOCKER_CONFIG_MEDIA_TYPE if kind == "docker" else OCI_CONFIG_MEDIA_TYPE
+    )
     config = image.config_json
     assert (config["architecture"], config["os"]) == ("amd64", "linux")
     assert config["config"]["Cmd"][:2] == ["/bin/sh", "-c"]
@@ -253,14 +293,26 @@ def test_unknown_extra_is_refused() -> None:
 
 def test_build_image_config_fields_and_annotations() -> None:
     layer = make_layer(tar_layer([File("a", b"a")]), "gzip", kind="oci")
-    image = build_image([layer], kind="oci", architecture="arm", variant="v7",
-                        entrypoint=["/x"], cmd=["y"], working_dir="/w", env=["A=1"],
-                        annotations={"org.opencontainers.image.title": "t"})
+    image = build_image(
+        [layer],
+        kind="oci",
+        architecture="arm",
+        variant="v7",
+        entrypoint=["/x"],
+        cmd=["y"],
+        working_dir="/w",
+        env=["A=1"],
+        annotations={"org.opencontainers.image.title": "t"},
+    )
     check_image(image)
     config = image.config_json
     assert config["variant"] == "v7"
-    assert config["config"] == {"Env": ["A=1"], "Entrypoint": ["/x"], "Cmd": ["y"],
-                                "WorkingDir": "/w"}
+    assert config["config"] == {
+        "Env": ["A=1"],
+        "Entrypoint": ["/x"],
+        "Cmd": ["y"],
+        "WorkingDir": "/w",
+    }
     assert image.manifest_json["annotations"] == {"org.opencontainers.image.title": "t"}
     assert image.platform == {"architecture": "arm", "os": "linux", "variant": "v7"}
     with pytest.raises(ValueError, match="annotations"):
@@ -280,15 +332,20 @@ def test_oci_index_lists_platforms_then_attestations() -> None:
     assert len(entries) == 4
     amd64, arm64 = index.images
     assert arm64.platform["architecture"] == "arm64"
-    assert entries[0] == {"mediaType": OCI_MANIFEST, "digest": amd64.digest,
-                          "size": len(amd64.manifest),
-                          "platform": {"architecture": "amd64", "os": "linux"}}
+    assert entries[0] == {
+        "mediaType": OCI_MANIFEST,
+        "digest": amd64.digest,
+        "size": len(amd64.manifest),
+        "platform": {"architecture": "amd64", "os": "linux"},
+    }
     assert entries[1]["platform"] == {"architecture": "arm64", "os": "linux", "variant": "v8"}
     assert index.image_for("linux", "arm64").marker == "m linux/arm64/v8"
     for entry, image, att in zip(entries[2:], index.images, index.attestations, strict=True):
         assert entry["platform"] == {"architecture": "unknown", "os": "unknown"}
-        assert entry["annotations"] == {"vnd.docker.reference.digest": image.digest,
-                                        "vnd.docker.reference.type": "attestation-manifest"}
+        assert entry["annotations"] == {
+            "vnd.docker.reference.digest": image.digest,
+            "vnd.docker.reference.type": "attestation-manifest",
+        }
         assert entry["digest"] == att.digest and entry["size"] == len(att.manifest)
         check_image(att)
         (layer,) = att.layers
