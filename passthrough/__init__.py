@@ -35,7 +35,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         env.update({k: str(v) for k, v in overrides.items() if k.isupper() and isinstance(v, str)})
         settings = load_settings(env)
 
-    app = Flask(__name__)
+    # No implicit /static route: the UI blueprint serves its own files.
+    app = Flask(__name__, static_folder=None)
     app.config.update(overrides)
     app.extensions["passthrough"] = Services.create(settings)
     _configure_logging(settings.log_level)

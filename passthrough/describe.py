@@ -45,14 +45,13 @@ layer blobs are readable, so a download may still fail where describe succeeded.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from passthrough.client import RegistryClient, RetryPolicy, Timeouts
+from passthrough.client import RegistryClient
 from passthrough.errors import NotAcceptable, UnsupportedImage, UpstreamInvalid
-from passthrough.pipeline import DownloadRequest, Selection, Services, select
+from passthrough.pipeline import DownloadRequest, Selection, Services, open_client, select
 from passthrough.platforms import Platform
 from passthrough.reference import DIGEST_RE, ImageReference
 from passthrough.registry import Route
@@ -105,24 +104,6 @@ def download_path(
     return path
 
 
-def _open_client(services: Services, selection: Selection) -> RegistryClient:
-    """A client built as the download pipeline builds one (policy, retries, deadline)."""
-    settings = services.settings
-    return RegistryClient(
-        selection.target,
-        selection.reference.repository,
-        services.tokens,
-        Timeouts(settings.connect_timeout, settings.read_timeout),
-        pool_size=2,
-        policy=services.policy,
-        retry=RetryPolicy(
-            attempts=settings.upstream_retries,
-            retry_after_max=settings.retry_after_max,
-            deadline=time.monotonic() + settings.download_deadline,
-        ),
-    )
-
-
 def describe(
     services: Services,
     request: DownloadRequest,
@@ -134,7 +115,7 @@ def describe(
     :class:`PlatformNotFound` (with the partial description) or any
     :class:`~passthrough.errors.PassthroughError` a download would raise first."""
     selection = select(services, request)
-    client = _open_client(services, selection)
+    client = open_client(services, selection, pool_size=2)
     try:
         return _describe(services, selection, client, request, url, query or {})
     finally:

@@ -63,7 +63,8 @@ class HostPolicy:
             for candidate in candidates:
                 if fnmatch.fnmatchcase(candidate, pattern):
                     return
-        raise Forbidden(f"the host {quote_input(host)} is not in REGISTRY_ALLOWLIST")
+        shown = host if port is None else f"{host}:{port}"
+        raise Forbidden(f"the host {quote_input(shown)} is not in REGISTRY_ALLOWLIST")
 
     def check_address(self, host: str, address: str) -> None:
         """Raise :class:`Forbidden` when the connected address is link-local/metadata."""
@@ -84,7 +85,22 @@ class _GuardMixin:
     host: str
     port: int
 
+    def _check_before_connect(self) -> None:
+        """Host allowlist, then every address the name resolves to (so a refused target
+        is a quick 403, not a connect timeout towards a metadata endpoint)."""
+        self.policy.check_host(self.host, self.port)
+        if self.policy.allow_link_local:
+            return
+        try:
+            infos = socket.getaddrinfo(self.host.strip("[]"), self.port, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # the connect below reports the resolution failure itself
+        for info in infos:
+            self.policy.check_address(self.host, str(info[4][0]))
+
     def _guarded(self, sock: socket.socket) -> socket.socket:
+        """After connecting: the peer actually reached (defeats DNS rebinding between the
+        check above and the connect)."""
         try:
             peer = sock.getpeername()[0]
             self.policy.check_address(self.host, peer)
@@ -96,13 +112,13 @@ class _GuardMixin:
 
 class GuardedHTTPConnection(_GuardMixin, HTTPConnection):
     def _new_conn(self) -> socket.socket:
-        self.policy.check_host(self.host, self.port)
+        self._check_before_connect()
         return self._guarded(super()._new_conn())
 
 
 class GuardedHTTPSConnection(_GuardMixin, HTTPSConnection):
     def _new_conn(self) -> socket.socket:
-        self.policy.check_host(self.host, self.port)
+        self._check_before_connect()
         return self._guarded(super()._new_conn())
 
 

@@ -484,6 +484,25 @@ def _resolve(
     return image
 
 
+def open_client(services: Services, selection: Selection, *, pool_size: int) -> RegistryClient:
+    """A client for this request's registry, repository and credentials, with the
+    service's timeouts, retries, deadline and outbound policy."""
+    settings = services.settings
+    return RegistryClient(
+        selection.target,
+        selection.reference.repository,
+        services.tokens,
+        Timeouts(settings.connect_timeout, settings.read_timeout),
+        pool_size=pool_size,
+        policy=services.policy,
+        retry=RetryPolicy(
+            attempts=settings.upstream_retries,
+            retry_after_max=settings.retry_after_max,
+            deadline=time.monotonic() + settings.download_deadline,
+        ),
+    )
+
+
 def prepare_download(
     services: Services,
     request: DownloadRequest,
@@ -494,19 +513,7 @@ def prepare_download(
     """Everything before the first byte; raises a :class:`PassthroughError` on failure."""
     settings = services.settings
     selection = select(services, request)
-    client = RegistryClient(
-        selection.target,
-        selection.reference.repository,
-        services.tokens,
-        Timeouts(settings.connect_timeout, settings.read_timeout),
-        pool_size=settings.layer_concurrency + 2,
-        policy=services.policy,
-        retry=RetryPolicy(
-            attempts=settings.upstream_retries,
-            retry_after_max=settings.retry_after_max,
-            deadline=time.monotonic() + settings.download_deadline,
-        ),
-    )
+    client = open_client(services, selection, pool_size=settings.layer_concurrency + 2)
     store: LayerStore = (
         services.cache if services.cache is not None else TempStore(settings.temp_dir)
     )

@@ -455,6 +455,10 @@
       build();
     });
     form.addEventListener("input", build);
+    $("image").addEventListener("paste", () => setTimeout(() => {
+      splitPastedReference();
+      build();
+    }, 0));
     form.addEventListener("change", (event) => {
       if (event.target.id === "image") splitPastedReference();
       if (event.target.id === "registry") syncRegistryFields();

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings of the service (and of gunicorn.conf.py) that must come from the test, never
 # from whoever runs the suite.
-SCRUBBED_PREFIXES = ("REGISTRY_", "OTEL_", "CACHE_", "LOG_", "UPSTREAM_")
+SCRUBBED_PREFIXES = ("REGISTRY_", "OTEL_", "CACHE_", "LOG_", "UPSTREAM_", "MAX_", "PROMETHEUS_")
 SCRUBBED_NAMES = frozenset(
     {
         "ENV_FILE",
@@ -32,6 +32,10 @@ SCRUBBED_NAMES = frozenset(
         "GUNICORN_THREADS",
         "GRACEFUL_TIMEOUT",
         "GUNICORN_CMD_ARGS",
+        "CLIENT_IDLE_TIMEOUT",
+        "DEFAULT_PLATFORM",
+        "DOWNLOAD_DEADLINE",
+        "SERVE_STALE",
         # The registries are on loopback: a proxy from the environment would break them.
         "HTTP_PROXY",
         "HTTPS_PROXY",
