@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from passthrough import metrics, telemetry
 from passthrough.archive import (
     FORMATS,
     OCI_LAYER_GZIP,
@@ -36,6 +37,7 @@ from passthrough.client import RegistryClient, RetryPolicy, Timeouts
 from passthrough.config import RegistryEndpoint, Settings
 from passthrough.errors import (
     BadRequest,
+    NotAcceptable,
     TooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -146,6 +148,9 @@ class DownloadRequest:
     client_credentials: Credentials | None = field(default=None, repr=False)
     client_address: str | None = None
     platform: Platform = DEFAULT_PLATFORM
+    #: The client named the platform (?platform=): a single-platform image of another
+    #: platform is then refused rather than delivered.
+    platform_explicit: bool = False
     options: OutputOptions = field(default_factory=OutputOptions)
     #: ``team/api:v1_beta.tar`` or ``team/api@sha256:….tar`` on the /ref/ routes.
     reference_path: str | None = None
@@ -185,18 +190,27 @@ class Selection:
 def select(services: Services, request: DownloadRequest) -> Selection:
     """Parse the filename and choose registry and credentials; no upstream call yet."""
     settings = services.settings
-    if request.reference_path is not None:
-        reference = parse_reference_path(request.reference_path)
-    else:
-        reference = parse_filename(request.filename or "")
-    registry: RegistryEndpoint | None = None
-    if request.route is not Route.ENVIRONMENT:
-        registry = registry_from_url(request.scheme or "", request.host or "")
-    if registry is not None:
-        # Before anything else: a client may not make us connect where policy forbids.
-        services.policy.check_host(*_host_port(registry.url))
-    target = choose_target(settings, request.route, request.client_credentials, registry)
-    reference = qualify(reference, target.registry, settings.default_namespace)
+    with telemetry.span("parse_image_request"):
+        if request.reference_path is not None:
+            reference = parse_reference_path(request.reference_path)
+        else:
+            reference = parse_filename(request.filename or "")
+    with telemetry.span("extract_registry_client_credentials"):
+        telemetry.annotate_credentials(settings, request.client_credentials)
+        registry: RegistryEndpoint | None = None
+        if request.route is not Route.ENVIRONMENT:
+            registry = registry_from_url(request.scheme or "", request.host or "")
+        if registry is not None:
+            # Before anything else: a client may not make us connect where policy forbids.
+            services.policy.check_host(*_host_port(registry.url))
+        target = choose_target(settings, request.route, request.client_credentials, registry)
+        telemetry.annotate_credentials(settings, request.client_credentials, target)
+    telemetry.annotate_credentials(settings, request.client_credentials, target)
+    # REGISTRY_DEFAULT_NAMESPACE belongs to the environment's registry: another registry
+    # named in the URL keeps its own defaults (library/ on Docker Hub).
+    namespace = settings.default_namespace if target.source == "environment" else None
+    reference = qualify(reference, target.registry, namespace)
+    telemetry.annotate_reference(reference, target)
     return Selection(reference, target)
 
 
@@ -235,6 +249,11 @@ class Download:
         self.started = time.monotonic()
         self._logged = False
         self._on_close: list[Callable[[], None]] = []
+        #: error.type of a failure after the first byte.
+        self.error_type: str | None = None
+        self.trace = telemetry.DownloadTrace.capture(
+            request.route.value, request.reference_path is not None
+        )
         self.segments = self._build_segments()
         self.total_size = total_size(self.segments)
 
@@ -254,7 +273,9 @@ class Download:
         for slot in self.plan.written_layers:
             layer = self.image.layers[slot.index]
             known = self.store.known_size(layer, compressed=slot.compressed)
-            segment = FileEntrySegment(slot.name, self._opener(slot.index), known_size=known)
+            segment = self.trace.layer_segment(
+                layer, slot.compressed, slot.name, self._opener(slot.index), known
+            )
             segment.layer_index = slot.index
             segments.append(segment)
         if self.plan.late is not None:
@@ -315,6 +336,7 @@ class Download:
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer")
         layer = self.image.layers[index]
         future = self._pool.submit(
+            self.trace.fetch_layer,
             self.store.layer_file,
             self.client,
             layer,
@@ -365,6 +387,8 @@ class Download:
     def body(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """The archive (or bytes ``start``–``end``), chunk by chunk. Raises, aborting the
         transfer, on any failure."""
+        self.trace.stream_started(start, end)
+        metrics.download_started()
         try:
             for chunk in produce_range(self.segments, start, end):
                 self.bytes_sent += len(chunk)
@@ -375,6 +399,7 @@ class Download:
             raise
         except Exception as exc:
             self.outcome = "aborted"
+            self.error_type = telemetry.error_type(exc)
             log.warning(
                 "download of %s aborted after %d bytes: %s",
                 self.plan.repo_tag,
@@ -384,6 +409,9 @@ class Download:
             raise
         finally:
             self.close()
+            seconds = time.monotonic() - self.started
+            metrics.download_finished(self.trace.route, self.outcome, self.bytes_sent, seconds)
+            self.trace.stream_finished(self.outcome, self.bytes_sent, self.error_type)
 
     def on_close(self, callback: Callable[[], None]) -> None:
         self._on_close.append(callback)
@@ -405,14 +433,24 @@ class Download:
         self.client.close()
         if not self._logged:
             self._logged = True
+            seconds = time.monotonic() - self.started
             log.info(
                 "download image=%s digest=%s bytes=%d seconds=%.2f outcome=%s client=%s",
                 self.plan.repo_tag,
                 self.image.manifest_digest,
                 self.bytes_sent,
-                time.monotonic() - self.started,
+                seconds,
                 self.outcome,
                 self.request.client_address or "-",
+                extra={
+                    "image": self.plan.repo_tag,
+                    "digest": self.image.manifest_digest,
+                    "bytes": self.bytes_sent,
+                    "seconds": round(seconds, 3),
+                    "outcome": self.outcome,
+                    "client": self.request.client_address,
+                    **self.trace.log_fields(),
+                },
             )
 
 
@@ -432,6 +470,23 @@ def _close_result(future: Future[LayerFile]) -> None:
     if future.cancelled() or future.exception() is not None:
         return
     future.result().close()
+
+
+def check_single_platform(image: ResolvedImage, wanted: Platform) -> None:
+    """An image without an index has the one platform its config names; when a client
+    asked for another one explicitly, refuse (an arm64 router cannot run amd64)."""
+    if image.index_digest is not None:
+        return
+    config = image.config_document
+    os_name, arch = config.get("os"), config.get("architecture")
+    if not isinstance(os_name, str) or not isinstance(arch, str):
+        return
+    variant = config.get("variant") if isinstance(config.get("variant"), str) else None
+    actual = Platform(os_name, arch, variant or None)
+    if not wanted.matches(actual):
+        raise NotAcceptable(
+            f"{image.reference} has no {wanted} image; available platforms: {actual}"
+        )
 
 
 def check_image_limits(image: ResolvedImage, settings: Settings) -> None:
@@ -518,7 +573,12 @@ def prepare_download(
         services.cache if services.cache is not None else TempStore(settings.temp_dir)
     )
     try:
-        image = _resolve(services, selection, client, request.platform)
+        with telemetry.span("resolve_manifest") as span:
+            image = _resolve(services, selection, client, request.platform)
+            telemetry.annotate_image(image, span)
+        telemetry.annotate_image(image)
+        if request.platform_explicit:
+            check_single_platform(image, request.platform)
         check_image_limits(image, settings)
         options = request.options
         plan = plan_archive(

@@ -12,7 +12,6 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from passthrough.client import RegistryClient
@@ -90,7 +89,3 @@ class TempStore:
             handle.close()
             raise
         return LayerFile(handle, size)
-
-
-def open_for_reading(path: Path) -> BinaryIO:
-    return path.open("rb")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Protocol
 
 BLOCK = 512
@@ -43,21 +42,6 @@ def bytes_entry(name: str, data: bytes) -> bytes:
 
 def directory_entry(name: str) -> bytes:
     return header(name, 0, directory=True)
-
-
-def file_entry(name: str, path: Path, size: int) -> Iterator[bytes]:
-    """Stream a file already on disk; its size must not have changed since it was verified."""
-    yield header(name, size)
-    sent = 0
-    with path.open("rb") as source:
-        while chunk := source.read(FILE_CHUNK):
-            sent += len(chunk)
-            if sent > size:
-                break
-            yield chunk
-    if sent != size:
-        raise OSError(f"{name}: the file changed size while being sent")
-    yield padding(size)
 
 
 # -- segments: the archive as a list of pieces with known or pending sizes ----------------

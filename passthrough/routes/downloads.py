@@ -14,6 +14,7 @@ import socket
 
 from flask import Blueprint, Response, current_app, request
 
+from passthrough import metrics, telemetry
 from passthrough.auth import parse_basic_authorization
 from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
 from passthrough.pipeline import (
@@ -82,6 +83,7 @@ def download_request(
         client_credentials=parse_basic_authorization(request.headers.get("Authorization")),
         client_address=request.remote_addr,
         platform=parse_platform(request.args.get("platform"), settings.default_platform),
+        platform_explicit="platform" in request.args,
         options=OutputOptions.from_query(request.args.get("layers"), request.args.get("format")),
     )
 
@@ -115,10 +117,12 @@ def _download(download_request: DownloadRequest) -> Response:
         if counted:
             svc.slots.release()
         offer_client_challenge(download_request.route, exc)
+        telemetry.record_error(exc)
         raise
-    except BaseException:
+    except BaseException as exc:
         if counted:
             svc.slots.release()
+        telemetry.record_error(exc)
         raise
     if counted:
         download.on_close(svc.slots.release)
@@ -144,7 +148,10 @@ def _download(download_request: DownloadRequest) -> Response:
             headers["Content-Length"] = str(end - start + 1)
     if request.method == "HEAD":
         download.close()
-        return Response(status=status, headers=headers)
+        head = Response(status=status, headers=headers)
+        # Unknown size (cold): say nothing rather than let Werkzeug announce 0 bytes.
+        head.automatically_set_content_length = False
+        return head
     download.start_fetching(start, end)
     response = Response(download.body(start, end), status=status, headers=headers)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
@@ -198,3 +205,18 @@ def registry_auth_ref_download(scheme: str, host: str, reference: str) -> Respon
     return _download(
         download_request(Route.REGISTRY_AUTH, reference_path=reference, scheme=scheme, host=host)
     )
+
+
+@bp.after_request
+def observe_download(response: Response) -> Response:
+    """A download answered with an error before its first byte counts as failed (by
+    route and status); whether the client was offered the Basic challenge goes on the
+    request's span. Streamed downloads are counted when their body ends (pipeline)."""
+    rule = request.url_rule
+    if request.method != "GET" or rule is None:
+        return response
+    challenged = response.status_code == 401 and "WWW-Authenticate" in response.headers
+    telemetry.set_attributes({"registry.client_auth.challenge_sent": challenged})
+    if response.status_code >= 400:
+        metrics.download_failed(telemetry.route_template(rule.rule), response.status_code)
+    return response

@@ -15,6 +15,7 @@ import responses
 
 from passthrough import create_app
 from passthrough.archive import layer_ids
+from passthrough.config import load_settings
 from passthrough.errors import UpstreamInvalid
 
 REG = "http://reg.test:5000"
@@ -224,3 +225,38 @@ def test_layer_ids_are_chained_and_deterministic():
     assert len(set(ids)) == 3
     assert ids == layer_ids([a, b, a], "sha256:" + "c" * 64)
     assert layer_ids([a], "sha256:" + "c" * 64) != layer_ids([a], "sha256:" + "d" * 64)
+
+
+@responses.activate
+def test_explicit_platform_refuses_a_single_platform_image_of_another(app):
+    image = FakeImage("team/api", "v1", [tar_of("a", b"a")])
+    image.register(responses)
+    client = app.test_client()
+    refused = client.get("/docker/team__api_v1.tar?platform=linux/arm64")
+    assert refused.status_code == 404
+    assert "available platforms: linux/amd64" in refused.get_data(as_text=True)
+    assert client.get("/docker/team__api_v1.tar?platform=linux/amd64").status_code == 200
+
+
+def test_default_namespace_belongs_to_the_environment_registry():
+    from passthrough.pipeline import DownloadRequest, Services, select
+    from passthrough.registry import Route
+
+    settings = load_settings(
+        {"REGISTRY_URL": REG, "REGISTRY_DEFAULT_NAMESPACE": "team", "ENV_FILE": "/nonexistent"}
+    )
+    services = Services.create(settings)
+    own = select(services, DownloadRequest(Route.ENVIRONMENT, "nginx_latest.tar"))
+    assert own.reference.repository == "team/nginx"
+    same_host = select(
+        services, DownloadRequest(Route.REGISTRY, "nginx_latest.tar", "http", "reg.test:5000")
+    )
+    assert same_host.reference.repository == "team/nginx"
+    hub = select(
+        services, DownloadRequest(Route.REGISTRY, "nginx_latest.tar", "https", "docker.io")
+    )
+    assert hub.reference.repository == "library/nginx"
+    other = select(
+        services, DownloadRequest(Route.REGISTRY, "nginx_latest.tar", "https", "ghcr.example")
+    )
+    assert other.reference.repository == "nginx"

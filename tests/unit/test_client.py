@@ -25,13 +25,13 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
+from passthrough.platforms import Platform
 from passthrough.reference import ImageReference
 from passthrough.registry import Route, choose_target, registry_from_url
 from passthrough.resolve import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
-    Platform,
     resolve_image,
 )
 

@@ -181,8 +181,8 @@ def test_docker_manifests_refuse_oci_only_compressions(compression: str) -> None
         make_layer(EMPTY_TAR, compression, kind="docker")  # type: ignore[arg-type]
     layer = make_layer(
         EMPTY_TAR,
-        compression,
-        kind="docker",  # type: ignore[arg-type]
+        compression,  # type: ignore[arg-type]
+        kind="docker",
         media_type="application/x-custom",
     )
     assert layer.media_type == "application/x-custom"
