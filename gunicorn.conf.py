@@ -46,17 +46,69 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # The default access log format records the request line and headers we choose;
 # never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(L)ss "%(a)s"'
+# The error and access logs in LOG_FORMAT (text, or json: one object per line), with
+# anything shaped like an Authorization value redacted (passthrough.logs).
+logger_class = "passthrough.logs.GunicornLogger"
+
+# The Prometheus directory this master created (removed when it exits), if any.
+_metrics_dir_created: list[str] = []
 
 
 def on_starting(server: object) -> None:
     """Validate the configuration once in the master, so a bad value stops start-up
-    with one message naming the variable instead of every worker failing to boot."""
+    with one message naming the variable instead of every worker failing to boot.
+
+    Then settle PROMETHEUS_MULTIPROC_DIR, where every worker writes its metric samples
+    and /metrics reads them all: the operator's directory wiped of a previous run's
+    files, or a fresh one, before any worker starts."""
+    from passthrough import metrics
     from passthrough.config import ConfigError, load_settings
 
     try:
         load_settings()
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
+    try:
+        directory, created = metrics.prepare_multiprocess_dir()
+    except OSError as exc:
+        raise SystemExit(
+            f"passthrough: cannot prepare PROMETHEUS_MULTIPROC_DIR: {exc.strerror}"
+        ) from None
+    if created:
+        _metrics_dir_created.append(directory)
+
+
+def post_fork(server: object, worker: object) -> None:
+    """Tracing is per worker, set up after the fork (an export thread and a gRPC
+    channel do not survive one); nothing at all unless OTEL_EXPORTER_OTLP_ENDPOINT."""
+    from passthrough import telemetry
+
+    if telemetry.tracing_enabled():
+        telemetry.setup_tracing()
+
+
+def worker_exit(server: object, worker: object) -> None:
+    """Export the spans still waiting in the batch before the worker is gone."""
+    from passthrough import telemetry
+
+    telemetry.shutdown_tracing()
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker is gone (in the master): its live gauges stop counting."""
+    from passthrough import metrics
+
+    pid = getattr(worker, "pid", None)
+    if isinstance(pid, int):
+        metrics.mark_process_dead(pid)
+
+
+def on_exit(server: object) -> None:
+    """Remove the Prometheus directory this master created."""
+    from passthrough import metrics
+
+    for directory in _metrics_dir_created:
+        metrics.remove_multiprocess_dir(directory)
 
 
 def post_worker_init(worker: object) -> None:
@@ -67,3 +119,7 @@ def post_worker_init(worker: object) -> None:
     services = getattr(app, "extensions", {}).get("passthrough")
     if services is not None and cfg is not None:
         services.slots.fit_to_threads(cfg.threads, services.settings.max_concurrent_downloads)
+    if app is not None:  # an app preloaded in the master was made before post_fork's setup
+        from passthrough import telemetry
+
+        telemetry.instrument_app(app)

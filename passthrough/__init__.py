@@ -3,26 +3,17 @@ HTTP GET, built straight from the registry's V2 API with no Docker daemon."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
 
+from passthrough import logs, telemetry
 from passthrough.config import Settings, load_settings
 from passthrough.pipeline import Services
 
 __all__ = ["create_app"]
-
-
-def _configure_logging(level: str) -> None:
-    root = logging.getLogger("passthrough")
-    root.setLevel(level)
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -30,6 +21,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     environment-style overrides (``{"REGISTRY_URL": ...}``) and Flask settings."""
     overrides = dict(config or {})
     settings = overrides.pop("SETTINGS", None)
+    env: dict[str, str] | None = None
     if not isinstance(settings, Settings):
         env = dict(os.environ)
         env.update({k: str(v) for k, v in overrides.items() if k.isupper() and isinstance(v, str)})
@@ -39,7 +31,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config.update(overrides)
     app.extensions["passthrough"] = Services.create(settings)
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
+    # Under gunicorn each worker sets tracing up after the fork (gunicorn.conf.py).
+    if not telemetry.is_active() and not telemetry.under_gunicorn():
+        if telemetry.tracing_enabled(env):
+            telemetry.setup_tracing(environ=env)
+    telemetry.instrument_app(app)
 
     from passthrough.routes import downloads, errors, health
 
@@ -50,4 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(describe.bp)
     app.register_blueprint(ui.bp)
+    from passthrough.routes import metrics
+
+    app.register_blueprint(metrics.bp)
     return app

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from passthrough import metrics
 from passthrough.client import RegistryClient
 from passthrough.fetch import (
     blob_chunks,
@@ -61,7 +62,7 @@ STALE_PART_SECONDS = 24 * 3600
 
 @dataclass
 class CacheStats:
-    """Counters for metrics; read by the observability layer."""
+    """Counters of this process, mirrored into Prometheus (:mod:`passthrough.metrics`)."""
 
     hits: int = 0
     misses: int = 0
@@ -108,6 +109,7 @@ class BlobCache:
         with self._stats_lock:
             for name, delta in changes.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
+        metrics.cache_counts(changes)
 
     # -- temp files and locks ------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class BlobCache:
         found = self._open_verified(kind, digest)
         if found is None:  # evicted at once by a tiny CACHE_MAX_BYTES: still serve it
             raise disk_full()
+        found.cache_hit = False  # fetched upstream just now
         return found
 
     def _fill(self, client: RegistryClient, layer: LayerDescriptor) -> None:

@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
+from passthrough import metrics, telemetry
 from passthrough.auth import (
     DEFAULT_EXPIRES_IN,
     Challenge,
@@ -219,23 +220,30 @@ class RegistryClient:
         send_headers = dict(headers)
         if authorization and origin(url) == origin(self.base):
             send_headers["Authorization"] = authorization
+        call = telemetry.classify(method, url, self.base, self.target.registry.name)
         try:
-            return self.session.request(
-                method,
-                url,
-                headers=send_headers,
-                stream=stream,
-                allow_redirects=False,
-                timeout=self.timeouts.as_tuple(),
-            )
+            with telemetry.upstream_call(call):
+                response = self.session.request(
+                    method,
+                    url,
+                    headers=send_headers,
+                    stream=stream,
+                    allow_redirects=False,
+                    timeout=self.timeouts.as_tuple(),
+                )
         except requests.Timeout:
+            metrics.upstream_response(call.operation, method, "timeout")
             raise UpstreamTimeout(
                 f"{what}: {urlsplit(url).netloc} did not answer in time"
             ) from None
         except requests.ConnectionError:
+            metrics.upstream_response(call.operation, method, "connection_error")
             raise UpstreamUnreachable(f"{what}: cannot connect to {urlsplit(url).netloc}") from None
         except requests.RequestException as exc:
+            metrics.upstream_response(call.operation, method, "error")
             raise UpstreamError(f"{what}: request failed ({type(exc).__name__})") from None
+        metrics.upstream_response(call.operation, method, str(response.status_code))
+        return response
 
     def request(
         self,
@@ -305,6 +313,8 @@ class RegistryClient:
         remaining = response.headers.get("ratelimit-remaining")
         if remaining:
             self.last_ratelimit_remaining = remaining.split(";")[0].strip()
+            if self.target.registry.is_docker_hub:
+                metrics.ratelimit_remaining(self.last_ratelimit_remaining)
 
     # -- authentication ----------------------------------------------------------------
 
@@ -363,9 +373,10 @@ class RegistryClient:
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         token_what = f"{what}: token service {urlsplit(realm).netloc}"
         # The realm's own Authorization (Basic) is passed in headers, never the registry's.
-        response = self._send(
-            "GET", url, headers, stream=False, what=token_what, authorization=None
-        )
+        with telemetry.token_request():
+            response = self._send(
+                "GET", url, headers, stream=False, what=token_what, authorization=None
+            )
         with response:
             if response.status_code in (401, 403):
                 if target.credentials is None:

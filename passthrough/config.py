@@ -22,6 +22,8 @@ DOCKER_HUB_SERVICE = "registry.docker.io"
 
 CLIENT_AUTH_MODES = ("optional", "required", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 _HOST_RE = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::\d{1,5})?$"
@@ -63,6 +65,8 @@ class Settings:
     client_auth: str = "optional"
     default_namespace: str | None = None
     log_level: str = "INFO"
+    #: text, or json (one object per line).
+    log_format: str = "text"
     # Timeouts for upstream requests, in seconds.
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -287,6 +291,16 @@ def load_settings(
     log_level = (_optional(env, "LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_format = (_optional(env, "LOG_FORMAT") or "text").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+
+    otlp_protocol = _optional(env, "OTEL_EXPORTER_OTLP_PROTOCOL")
+    if otlp_protocol is not None and otlp_protocol.lower() not in OTLP_PROTOCOLS:
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL must be one of {', '.join(OTLP_PROTOCOLS)}, "
+            f"got {otlp_protocol!r}"
+        )
 
     temp_dir = _optional(env, "TEMP_DIR")
     if temp_dir is not None and not os.path.isdir(temp_dir):
@@ -313,6 +327,7 @@ def load_settings(
         client_auth=client_auth,
         default_namespace=namespace,
         log_level=log_level,
+        log_format=log_format,
         connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1),
         read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 60.0, minimum=0.1),
         layer_concurrency=_integer(env, "LAYER_CONCURRENCY", 3, minimum=1),

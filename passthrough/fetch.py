@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, cast
 import urllib3
 import zstandard
 
+from passthrough import telemetry
 from passthrough.client import RegistryClient
 from passthrough.errors import (
     InsufficientStorage,
@@ -269,6 +270,7 @@ def fetch_and_verify(
     diff_id = "sha256:" + diff_hash.hexdigest()
     if diff_id != layer.diff_id:
         raise UpstreamInvalid(f"{what}: the uncompressed layer does not match the config's diff_id")
+    telemetry.set_attributes({"oci.layer.decompressed_size": size})
     return Verified(source.count, size, diff_id)
 
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from passthrough import telemetry
 from passthrough.client import RegistryClient
 
 if TYPE_CHECKING:
@@ -305,15 +306,18 @@ class Documents:
         return parse_manifest(*_get_manifest(self.client, digest, what), digest, what, self.cache)
 
     def config(self, digest: str, size: int, what: str) -> bytes:
-        cached = self.cache.get_document("blobs", digest) if self.cache else None
-        if cached is None and self.offline_digest is not None:
-            cached = self._cached("blobs", digest, what)
-        if cached is not None:
-            return cached
-        config = fetch_config(self.client, digest, size, what)
-        if self.cache is not None:
-            self.cache.put_document("blobs", digest, config)
-        return config
+        attributes = {"oci.image.config.digest": digest, "oci.image.config.size": size}
+        with telemetry.span("fetch_config_blob", attributes) as span:
+            cached = self.cache.get_document("blobs", digest) if self.cache else None
+            if cached is None and self.offline_digest is not None:
+                cached = self._cached("blobs", digest, what)
+            telemetry.set_attributes({"passthrough.cache.hit": cached is not None}, span)
+            if cached is not None:
+                return cached
+            config = fetch_config(self.client, digest, size, what)
+            if self.cache is not None:
+                self.cache.put_document("blobs", digest, config)
+            return config
 
 
 def resolve_image(
