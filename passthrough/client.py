@@ -14,6 +14,7 @@ import email.utils
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -82,6 +83,9 @@ class RetryPolicy:
     attempts: int = 4
     retry_after_max: float = 30.0
     deadline: float = field(default_factory=lambda: time.monotonic() + 3600.0)
+    #: Set when nobody wants the result any more (the client left a download whose
+    #: fetches are its own): no further retries, no waiting.
+    abandoned: threading.Event | None = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -94,13 +98,15 @@ class RetryPolicy:
 
     def wait(self, attempt: int, retry_after: float | None = None) -> bool:
         """Sleep before retry number ``attempt + 1``; False when no retry is left."""
-        if attempt >= self.attempts:
+        if attempt >= self.attempts or (self.abandoned is not None and self.abandoned.is_set()):
             return False
         pause = self.delay(attempt, retry_after)
         if pause >= self.remaining():
             return False
-        time.sleep(pause)
-        return True
+        if self.abandoned is None:
+            time.sleep(pause)
+            return True
+        return not self.abandoned.wait(pause)
 
     def check_deadline(self, what: str) -> None:
         if self.remaining() <= 0:

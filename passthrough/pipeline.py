@@ -241,6 +241,10 @@ class Download:
         self.request = request
         self._settings = settings
         self._cancel = threading.Event()
+        if isinstance(store, TempStore):
+            # This download's fetches are its own: when it ends, their retries end too.
+            # Shared cache fetches keep theirs for whoever else is waiting.
+            client.retry.abandoned = self._cancel
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future[LayerFile]] = {}
         self._opened: list[LayerFile] = []

@@ -154,6 +154,8 @@ def _download(download_request: DownloadRequest) -> Response:
         return head
     download.start_fetching(start, end)
     response = Response(download.body(start, end), status=status, headers=headers)
+    # A response closed before its body started never runs the generator's cleanup.
+    response.call_on_close(download.close)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
     response.direct_passthrough = True
     return response
