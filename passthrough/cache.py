@@ -86,6 +86,7 @@ class BlobCache:
         self.max_bytes = max_bytes
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
+        self._verified: dict[tuple[int, int, int, int], str] = {}
         for part in ("blobs/sha256", "layers/sha256", "manifests/sha256", "tags", "tmp", "locks"):
             (self.root / part).mkdir(parents=True, exist_ok=True)
         self._remove_stale_parts()
@@ -133,6 +134,12 @@ class BlobCache:
                 continue
 
     @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive lock across threads and processes, for one digest (hex)."""
+        with self._lock(_hex(name) if ":" in name else name):
+            yield
+
+    @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
         path = self.root / "locks" / f"{name}.lock"
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -144,8 +151,13 @@ class BlobCache:
             os.close(fd)
 
     def _commit(self, part: Path, kind: str, digest: str, size: int) -> Path:
+        """Rename a part verified while it was written into place; it is remembered as
+        verified, so its first reader does not hash it again."""
         final = self.root / kind / "sha256" / f"{_hex(digest)}-{size}"
+        os.utime(part, ns=(time.time_ns(), seal_ns(digest)))
+        stat = os.stat(part)
         os.replace(part, final)
+        self._remember_verified(_identity(stat), digest)
         self._count(bytes_written=size)
         return final
 
@@ -161,18 +173,41 @@ class BlobCache:
         except FileNotFoundError:
             return None  # evicted between the lookup and the open
         try:
-            actual, size = _hash_handle(handle)
-            if actual != digest or size != self._size_of(path):
-                log.warning("cache entry %s/%s is corrupt; fetching it again", kind, digest[:19])
-                self._count(corrupt=1)
-                path.unlink(missing_ok=True)
-                handle.close()
-                return None
-            os.utime(path)  # least-recently-used order follows mtime
+            stat = os.fstat(handle.fileno())
+            key = _identity(stat)
+            size = stat.st_size
+            sealed = stat.st_mtime_ns == seal_ns(digest) and size == self._size_of(path)
+            if not sealed and self._verified_as(key) != digest:
+                actual, size = _hash_handle(handle)
+                if actual != digest or size != self._size_of(path):
+                    log.warning(
+                        "cache entry %s/%s is corrupt; fetching it again", kind, digest[:19]
+                    )
+                    self._count(corrupt=1)
+                    path.unlink(missing_ok=True)
+                    handle.close()
+                    return None
+                self._remember_verified(key, digest)
+            # Least-recently-used order follows atime; mtime stays the seal, so it
+            # keeps telling whether the content changed since it was verified.
+            os.utime(path, ns=(time.time_ns(), seal_ns(digest)))
         except BaseException:
             handle.close()
             raise
         return LayerFile(handle, size, cache_hit=True)
+
+    def _verified_as(self, key: tuple[int, int, int, int]) -> str | None:
+        with self._stats_lock:
+            return self._verified.get(key)
+
+    def _remember_verified(self, key: tuple[int, int, int, int], digest: str) -> None:
+        """Entries this process has hashed (or written while hashing) need no second
+        pass while they stay the same file with the same size and mtime: any write to
+        the content changes the mtime, and then the entry is hashed again."""
+        with self._stats_lock:
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+            self._verified[key] = digest
 
     def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
         if compressed:
@@ -312,7 +347,7 @@ class BlobCache:
                         stat = entry.stat()
                     except FileNotFoundError:
                         continue
-                    found.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+                    found.append((stat.st_atime, stat.st_size, Path(entry.path)))
         return found
 
     def total_bytes(self) -> int:
@@ -339,6 +374,21 @@ class BlobCache:
                 removed += 1
         self._count(evictions=removed)
         return removed
+
+
+def seal_ns(digest: str) -> int:
+    """The mtime a verified entry carries (2000-01-01 plus a few digest-derived seconds).
+
+    Written at commit, after the content was hashed. Any later write to the file sets the
+    mtime to the present, which breaks the seal, and the entry is hashed again before
+    use; an intact seal lets a warm read (even in a freshly started worker) skip a full
+    sha256 pass over hundreds of megabytes. Silent media corruption that leaves the
+    mtime alone is out of its reach (the filesystem's job)."""
+    return (946_684_800 + int(_hex(digest)[:6], 16)) * 1_000_000_000
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _hash_handle(handle: BinaryIO) -> tuple[str, int]:

@@ -314,8 +314,15 @@ class Documents:
             telemetry.set_attributes({"passthrough.cache.hit": cached is not None}, span)
             if cached is not None:
                 return cached
-            config = fetch_config(self.client, digest, size, what)
-            if self.cache is not None:
+            if self.cache is None:
+                return fetch_config(self.client, digest, size, what)
+            # One upstream GET per blob whatever the concurrency: the first request
+            # fetches, the others wait for it and read the cache.
+            with self.cache.lock(digest):
+                cached = self.cache.get_document("blobs", digest)
+                if cached is not None:
+                    return cached
+                config = fetch_config(self.client, digest, size, what)
                 self.cache.put_document("blobs", digest, config)
             return config
 

@@ -163,3 +163,32 @@ def test_nothing_unverified_is_ever_committed(tmp_path):
     cache.put_document("blobs", "sha256:" + "0" * 64, b"not matching")
     assert cache.get_document("blobs", "sha256:" + "0" * 64) is None
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+@responses.activate
+def test_sealed_entries_are_trusted_and_a_broken_seal_is_hashed_again(app, cache_dir, monkeypatch):
+    import passthrough.cache as cache_module
+
+    image = big_image()
+    image.register(responses)
+    client = app.test_client()
+    full = client.get("/docker/team__api_v1.tar").data
+    hashed: list[int] = []
+    real = cache_module._hash_handle
+
+    def counting(handle):
+        hashed.append(1)
+        return real(handle)
+
+    monkeypatch.setattr(cache_module, "_hash_handle", counting)
+    # A fresh process (a new BlobCache) trusts the seal written at commit.
+    fresh = create_app(
+        {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "CACHE_DIR": str(cache_dir)}
+    )
+    assert fresh.test_client().get("/docker/team__api_v1.tar").data == full
+    assert hashed == []
+    # Touching the content breaks the seal: the entry is hashed before use.
+    layer_file = next((cache_dir / "layers" / "sha256").iterdir())
+    layer_file.write_bytes(layer_file.read_bytes())
+    assert fresh.test_client().get("/docker/team__api_v1.tar").data == full
+    assert len(hashed) == 1
