@@ -274,7 +274,12 @@ class Download:
                 segments.append(BytesSegment(directory_entry(entry.name)))
             else:
                 segments.append(BytesSegment(bytes_entry(entry.name, entry.data)))
-        for slot in self.plan.written_layers:
+        # Loaders unpack the whole archive before reading it, so entry order is free:
+        # the smallest layers go first (a deterministic order: size, then position), so a
+        # client receives them while the big ones are still being fetched.
+        for slot in sorted(
+            self.plan.written_layers, key=lambda s: (self.image.layers[s.index].size, s.index)
+        ):
             layer = self.image.layers[slot.index]
             known = self.store.known_size(layer, compressed=slot.compressed)
             segment = self.trace.layer_segment(
@@ -354,17 +359,19 @@ class Download:
         """Start the fetches for the layers bytes ``start``–``end`` need (all of them
         unless every size is known and a range was asked for)."""
         position = 0
+        wanted: list[int] = []
         for segment in self.segments:
             size = segment.size
-            if isinstance(segment, FileEntrySegment):
-                wanted = (
-                    size is None
-                    or self.total_size is None
-                    or (position + size > start and (end is None or position <= end))
-                )
-                if wanted:
-                    self._submit(segment.layer_index)
+            if isinstance(segment, FileEntrySegment) and (
+                size is None
+                or self.total_size is None
+                or (position + size > start and (end is None or position <= end))
+            ):
+                wanted.append(segment.layer_index)
             position += size or 0
+        # The biggest layers are on the critical path: they get the pool first.
+        for index in sorted(wanted, key=lambda i: (-self.image.layers[i].size, i)):
+            self._submit(index)
 
     # -- streaming -----------------------------------------------------------------------
 
