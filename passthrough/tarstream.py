@@ -7,6 +7,7 @@ gives the same bytes, and the archive's size is known once every entry's size is
 from __future__ import annotations
 
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -47,14 +48,14 @@ def directory_entry(name: str) -> bytes:
 # -- segments: the archive as a list of pieces with known or pending sizes ----------------
 
 
-class Segment:
+class Segment(ABC):
     """A contiguous piece of the archive. ``size`` is None while unknown (a layer still
     being fetched, cold); :meth:`produce` yields its bytes from ``offset`` on."""
 
     size: int | None
 
-    def produce(self, offset: int = 0) -> Iterator[bytes]:
-        raise NotImplementedError  # pragma: no cover - abstract
+    @abstractmethod
+    def produce(self, offset: int = 0) -> Iterator[bytes]: ...
 
 
 class BytesSegment(Segment):
