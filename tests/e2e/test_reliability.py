@@ -439,3 +439,12 @@ def test_disk_full_gives_a_clean_error_and_the_next_download_works(
     again = fetch(server.url + "/docker/rel__small_v1.tar")
     assert again.status_code == 200 and again.content == ok.content
     assert list(small_disk.iterdir()) == []
+
+
+def test_the_cap_follows_gunicorns_thread_count(registry_anon, passthrough_server, pushed, stalled):
+    # 3 threads, nothing configured: one download at a time, two threads kept free.
+    server = passthrough_server({"REGISTRY_URL": registry_anon.url}, threads=3)
+    stalled.append(StalledClient(server.url, pushed))
+    assert stalled[0].status == 200
+    assert fetch(server.url + pushed).status_code == 503
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
