@@ -40,12 +40,12 @@ from typing import BinaryIO
 
 from passthrough import metrics
 from passthrough.client import RegistryClient
+from passthrough.errors import UpstreamInvalid
 from passthrough.fetch import (
     blob_chunks,
     disk_full,
     fetch_and_verify,
     file_chunks,
-    hash_file,
     is_disk_full,
     layer_what,
 )
@@ -246,23 +246,32 @@ class BlobCache:
         return found
 
     def _fill(self, client: RegistryClient, layer: LayerDescriptor) -> None:
-        """Fetch (or decompress from a cached blob) and commit blob and layer tar."""
-        blob_hex = _hex(layer.digest)
+        """Commit the layer tar (and the blob, when fetched): decompressed from a cached
+        blob when there is one, else fetched upstream. The pass that inflates also
+        verifies, so a corrupt cached blob shows up there and is fetched again."""
         cached_blob = self._find("blobs", layer.digest)
+        if cached_blob is not None:
+            try:
+                self._fill_from(file_chunks(cached_blob), layer, keep_blob=False)
+                return
+            except UpstreamInvalid:
+                cached_blob.unlink(missing_ok=True)
+                self._count(corrupt=1)
+            except FileNotFoundError:
+                pass  # evicted since the lookup
+        self._fill_from(blob_chunks(client, layer, layer_what(layer), None), layer, keep_blob=True)
+
+    def _fill_from(
+        self, chunks: Iterator[bytes], layer: LayerDescriptor, *, keep_blob: bool
+    ) -> None:
         blob_part: Path | None = None
         tar_part: Path | None = None
         blob_out: BinaryIO | None = None
         tar_out: BinaryIO | None = None
         try:
             tar_part, tar_out = self._part(_hex(layer.diff_id))
-            if cached_blob is not None and _hash_path_matches(cached_blob, layer.digest):
-                chunks = file_chunks(cached_blob)
-            else:
-                if cached_blob is not None:
-                    cached_blob.unlink(missing_ok=True)
-                    self._count(corrupt=1)
-                blob_part, blob_out = self._part(blob_hex)
-                chunks = blob_chunks(client, layer, layer_what(layer), None)
+            if keep_blob:
+                blob_part, blob_out = self._part(_hex(layer.digest))
             verified = fetch_and_verify(chunks, layer, blob_out=blob_out, tar_out=tar_out)
             tar_out.close()
             if blob_out is not None:
@@ -399,14 +408,6 @@ def _hash_handle(handle: BinaryIO) -> tuple[str, int]:
         size += len(chunk)
     handle.seek(0)
     return "sha256:" + digest.hexdigest(), size
-
-
-def _hash_path_matches(path: Path, digest: str) -> bool:
-    try:
-        actual, _ = hash_file(path)
-    except FileNotFoundError:
-        return False
-    return actual == digest
 
 
 def _pid_alive(pid: int) -> bool:

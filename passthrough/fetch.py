@@ -339,17 +339,6 @@ def verify_blob(source: HashingSource, layer: LayerDescriptor, what: str) -> Non
         raise UpstreamInvalid(f"{what}: content does not match its digest {layer.digest}")
 
 
-def hash_file(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file, reading in large chunks (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as source:
-        while chunk := source.read(READ_CHUNK * 4):
-            digest.update(chunk)
-            size += len(chunk)
-    return "sha256:" + digest.hexdigest(), size
-
-
 def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 

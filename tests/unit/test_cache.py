@@ -196,3 +196,16 @@ def test_sealed_entries_are_trusted_and_a_broken_seal_is_hashed_again(app, cache
     layer_file.write_bytes(layer_file.read_bytes())
     assert fresh.test_client().get("/docker/team__api_v1.tar").data == full
     assert len(hashed) == 1
+
+
+@responses.activate
+def test_a_lost_layer_is_rebuilt_from_its_cached_blob_without_upstream(app, cache_dir):
+    image = big_image()
+    image.register(responses)
+    client = app.test_client()
+    full = client.get("/docker/team__api_v1.tar").data
+    gets = blob_gets(image)
+    for layer_file in (cache_dir / "layers" / "sha256").iterdir():
+        layer_file.unlink()
+    assert client.get("/docker/team__api_v1.tar").data == full
+    assert blob_gets(image) == gets, "inflated from the cached blobs, not fetched again"
