@@ -87,15 +87,18 @@ def validate_digest(digest: str) -> str:
     return digest
 
 
+def _strip_tar(text: str, what: str, example: str) -> str:
+    """The part before ``.tar``, after the length and suffix rules both route forms share."""
+    if len(text) > MAX_FILENAME_LENGTH:
+        raise BadRequest(f"the {what} is longer than {MAX_FILENAME_LENGTH} characters")
+    if not text.endswith(".tar"):
+        raise BadRequest(f"the {what} {quote_input(text)} must end in .tar, as in {example}")
+    return text[: -len(".tar")]
+
+
 def parse_filename(filename: str) -> ImageReference:
     """``myrepo_myimage_v1.0.tar`` → myrepo/myimage:v1.0 (unqualified: no default namespace)."""
-    if len(filename) > MAX_FILENAME_LENGTH:
-        raise BadRequest(f"the filename is longer than {MAX_FILENAME_LENGTH} characters")
-    if not filename.endswith(".tar"):
-        raise BadRequest(
-            f"the filename {quote_input(filename)} must end in .tar, as in nginx_latest.tar"
-        )
-    stem = filename[: -len(".tar")]
+    stem = _strip_tar(filename, "filename", "nginx_latest.tar")
     image, separator, tag = stem.rpartition("_")
     if not separator or not image:
         raise BadRequest(
@@ -147,13 +150,7 @@ def parse_reference_path(text: str) -> ImageReference:
     """``team/api:v1_beta.tar`` or ``team/api@sha256:….tar`` (``/ref/`` routes), where a
     tag may hold underscores and a digest pins the content. ``repo:tag@digest`` keeps the
     tag for the archive's name and pins the digest."""
-    if len(text) > MAX_FILENAME_LENGTH:
-        raise BadRequest(f"the reference is longer than {MAX_FILENAME_LENGTH} characters")
-    if not text.endswith(".tar"):
-        raise BadRequest(
-            f"the reference {quote_input(text)} must end in .tar, as in team/api:v1.tar"
-        )
-    body = text[: -len(".tar")]
+    body = _strip_tar(text, "reference", "team/api:v1.tar")
     name, at, digest = body.partition("@")
     tag: str | None = None
     if ":" in name:
