@@ -215,6 +215,13 @@ class BlobCache:
         path = self._find("layers", layer.diff_id)
         return self._size_of(path) if path is not None else None
 
+    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool:
+        """Whether the entry this download would read is already here (a known size is
+        not enough: a blob's size comes from the manifest)."""
+        if compressed:
+            return self._find("blobs", layer.digest) is not None
+        return self._find("layers", layer.diff_id) is not None
+
     # -- layers --------------------------------------------------------------------------
 
     def layer_file(

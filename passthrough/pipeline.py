@@ -253,6 +253,12 @@ class Download:
         self.started = time.monotonic()
         self._logged = False
         self._on_close: list[Callable[[], None]] = []
+        #: Each written layer's entry size, when known before fetching (cached, or the
+        #: registry's blob size for ?layers=gzip).
+        self.known_sizes: dict[int, int | None] = {
+            slot.index: store.known_size(image.layers[slot.index], compressed=slot.compressed)
+            for slot in plan.written_layers
+        }
         #: error.type of a failure after the first byte.
         self.error_type: str | None = None
         self.trace = telemetry.DownloadTrace.capture(
@@ -281,9 +287,12 @@ class Download:
             self.plan.written_layers, key=lambda s: (self.image.layers[s.index].size, s.index)
         ):
             layer = self.image.layers[slot.index]
-            known = self.store.known_size(layer, compressed=slot.compressed)
             segment = self.trace.layer_segment(
-                layer, slot.compressed, slot.name, self._opener(slot.index), known
+                layer,
+                slot.compressed,
+                slot.name,
+                self._opener(slot.index),
+                self.known_sizes[slot.index],
             )
             segment.layer_index = slot.index
             segments.append(segment)
@@ -310,13 +319,8 @@ class Download:
     def _late_segment(self) -> Segment:
         """The OCI manifest and index.json need every layer's final size: built now when
         the sizes are known (cached), else after the last layer was sent."""
-        known: dict[int, int] = {}
-        for slot in self.plan.written_layers:
-            size = self.store.known_size(self.image.layers[slot.index], compressed=slot.compressed)
-            if size is None:
-                break
-            known[slot.index] = size
-        else:
+        known = {i: size for i, size in self.known_sizes.items() if size is not None}
+        if len(known) == len(self.known_sizes):
             return BytesSegment(self._late_bytes(known))
 
         def build() -> bytes:
@@ -600,12 +604,12 @@ def prepare_download(
             full_name=selection.full_name,
         )
         download = Download(selection, image, plan, client, store, settings, request)
-        # Pre-flight: every layer not already proven by a cache entry must be readable
-        # upstream before we answer 200, and the disk must obviously have room for it.
+        # Pre-flight: every layer the cache does not hold must be readable upstream
+        # before we answer 200, and the disk must obviously have room for it.
         needed = 0
         for slot in plan.written_layers:
             layer = image.layers[slot.index]
-            if store.known_size(layer, compressed=slot.compressed) is None:
+            if not store.holds(layer, compressed=slot.compressed):
                 needed += layer.size
                 client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
         check_free_space(settings.cache_dir or settings.temp_dir, needed)

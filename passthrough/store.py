@@ -47,6 +47,8 @@ class LayerStore(Protocol):
 
     def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None: ...
 
+    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool: ...
+
 
 class TempStore:
     """No cache: each layer is fetched into an anonymous temporary file (O_TMPFILE where
@@ -58,6 +60,9 @@ class TempStore:
 
     def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
         return layer.size if compressed else None
+
+    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool:
+        return False
 
     def layer_file(
         self,

@@ -260,3 +260,20 @@ def test_default_namespace_belongs_to_the_environment_registry():
         services, DownloadRequest(Route.REGISTRY, "nginx_latest.tar", "https", "ghcr.example")
     )
     assert other.reference.repository == "nginx"
+
+
+@responses.activate
+def test_gzip_layers_are_still_checked_readable_before_the_200(app):
+    # With ?layers=gzip every size is known from the manifest; readability is not.
+    image = FakeImage("team/api", "v1", [tar_of("a", b"a")])
+    base = f"{REG}/v2/team/api"
+    responses.add(
+        responses.GET,
+        f"{base}/manifests/v1",
+        body=image.manifest,
+        content_type="application/vnd.docker.distribution.manifest.v2+json",
+    )
+    responses.add(responses.GET, f"{base}/blobs/{digest(image.config)}", body=image.config)
+    responses.add(responses.HEAD, f"{base}/blobs/{digest(image.blobs[0])}", status=404)
+    response = app.test_client().get("/docker/team__api_v1.tar?layers=gzip")
+    assert response.status_code == 404
