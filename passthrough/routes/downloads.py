@@ -113,15 +113,11 @@ def _download(download_request: DownloadRequest) -> Response:
         svc.slots.acquire()
     try:
         download = prepare_download(svc, download_request, fetch=False)
-    except UpstreamUnauthorized as exc:
-        if counted:
-            svc.slots.release()
-        offer_client_challenge(download_request.route, exc)
-        telemetry.record_error(exc)
-        raise
     except BaseException as exc:
         if counted:
             svc.slots.release()
+        if isinstance(exc, UpstreamUnauthorized):
+            offer_client_challenge(download_request.route, exc)
         telemetry.record_error(exc)
         raise
     if counted:
