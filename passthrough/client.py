@@ -34,6 +34,8 @@ from passthrough.auth import (
     parse_challenges,
 )
 from passthrough.errors import (
+    PassthroughError,
+    TooLarge,
     UpstreamError,
     UpstreamForbidden,
     UpstreamInvalid,
@@ -268,29 +270,24 @@ class RegistryClient:
         """
         url = self.base + path
         headers = dict(headers or {})
-        response = self._send(
-            method, url, headers, stream=stream, what=what, authorization=self._authorization
-        )
+
+        def send() -> requests.Response:
+            return self._send(
+                method, url, headers, stream=stream, what=what, authorization=self._authorization
+            )
+
+        response = send()
         if response.status_code == 401:
             challenges = parse_challenges(response.headers.get("WWW-Authenticate", ""))
             response.close()
             self._authenticate(challenges, what)
-            response = self._send(
-                method, url, headers, stream=stream, what=what, authorization=self._authorization
-            )
+            response = send()
             if response.status_code == 401 and self.auth_scheme_used == "bearer":
                 # A cached token may be stale or have lost its scope: one fresh try.
                 retry = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 response.close()
                 self._authenticate(retry or challenges, what, fresh=True)
-                response = self._send(
-                    method,
-                    url,
-                    headers,
-                    stream=stream,
-                    what=what,
-                    authorization=self._authorization,
-                )
+                response = send()
         hops = 0
         while follow_redirects and response.status_code in (301, 302, 303, 307, 308):
             location = response.headers.get("Location")
@@ -381,7 +378,7 @@ class RegistryClient:
         # The realm's own Authorization (Basic) is passed in headers, never the registry's.
         with telemetry.token_request():
             response = self._send(
-                "GET", url, headers, stream=False, what=token_what, authorization=None
+                "GET", url, headers, stream=True, what=token_what, authorization=None
             )
         with response:
             if response.status_code in (401, 403):
@@ -390,9 +387,14 @@ class RegistryClient:
                 raise UpstreamUnauthorized(f"{token_what} rejected the credentials")
             if response.status_code >= 300:
                 raise_for_status(response, token_what)
-            body = response.content[:MAX_TOKEN_RESPONSE_BYTES]
+            body = read_limited(
+                response,
+                MAX_TOKEN_RESPONSE_BYTES,
+                f"{token_what}: the answer",
+                error=UpstreamInvalid,
+            )
         try:
-            document: Any = response.json() if body else {}
+            document: Any = json.loads(body) if body else {}
         except ValueError:
             raise UpstreamInvalid(f"{token_what} answered something that is not JSON") from None
         if not isinstance(document, dict):
@@ -439,6 +441,37 @@ class RegistryClient:
         return None
 
 
+def read_limited(
+    response: requests.Response,
+    limit: int,
+    what: str,
+    *,
+    error: type[PassthroughError] = TooLarge,
+) -> bytes:
+    """A body that must be small (a manifest, a config, a token, an error document):
+    refused as soon as it is known to exceed ``limit``, by its Content-Length or while
+    reading; a connection that breaks meanwhile is the registry's fault."""
+    too_large = error(f"{what} is larger than {_human(limit)}")
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        for chunk in response.iter_content(65536):
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            chunks.append(chunk)
+    except requests.RequestException:
+        raise UpstreamUnreachable(f"{what}: the connection broke") from None
+    return b"".join(chunks)
+
+
+def _human(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
 def raise_for_status(response: requests.Response, what: str) -> None:
     """Map a non-2xx registry answer to the error that names it."""
     status = response.status_code
@@ -470,18 +503,10 @@ def _registry_error_code(response: requests.Response) -> str | None:
     read only when small; codes are a fixed vocabulary, so safe to show."""
     if response.request is not None and response.request.method == "HEAD":
         return None
-    length = response.headers.get("Content-Length")
-    if length is not None and (not length.isdigit() or int(length) > 65536):
-        return None
-    body = b""
     try:
-        for chunk in response.iter_content(8192):
-            body += chunk
-            if len(body) > 65536:
-                return None
-        document = json.loads(body)
+        document = json.loads(read_limited(response, 65536, "error body"))
         code = document["errors"][0]["code"]
-    except (ValueError, KeyError, IndexError, TypeError, requests.RequestException):
+    except (ValueError, KeyError, IndexError, TypeError, PassthroughError):
         return None
     if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) < 64:
         return code

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from passthrough import telemetry
-from passthrough.client import RegistryClient
+from passthrough.client import RegistryClient, read_limited
 
 if TYPE_CHECKING:
     from passthrough.cache import BlobCache
@@ -108,20 +108,6 @@ def verify_digest(data: bytes, digest: str, what: str) -> None:
         raise UpstreamInvalid(f"{what}: content does not match its digest {digest}")
 
 
-def _read_limited(response: Any, limit: int, what: str) -> bytes:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise TooLarge(f"{what} is larger than {limit >> 20} MiB")
-    chunks: list[bytes] = []
-    total = 0
-    for chunk in response.iter_content(65536):
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(f"{what} is larger than {limit >> 20} MiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(data)
@@ -175,7 +161,7 @@ def _get_manifest(client: RegistryClient, reference: str, what: str) -> tuple[by
         what=what,
     )
     with response:
-        body = _read_limited(response, MAX_MANIFEST_BYTES, what)
+        body = read_limited(response, MAX_MANIFEST_BYTES, what)
         header_type = response.headers.get("Content-Type", "").split(";")[0].strip()
     return body, header_type
 
@@ -414,7 +400,7 @@ def resolve_image(
 
 def fetch_config(client: RegistryClient, digest: str, size: int, what: str) -> bytes:
     with client.blob(digest, what=what) as response:
-        data = _read_limited(response, MAX_CONFIG_BYTES, what)
+        data = read_limited(response, MAX_CONFIG_BYTES, what)
     if len(data) != size:
         raise UpstreamInvalid(f"{what}: got {len(data)} bytes, the manifest says {size}")
     verify_digest(data, digest, what)

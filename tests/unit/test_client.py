@@ -521,3 +521,31 @@ def test_parse_retry_after():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+class _Body:
+    """A response whose body is chunks, then maybe a broken connection."""
+
+    def __init__(self, chunks, *, length=None, breaks=False):
+        self.headers = {} if length is None else {"Content-Length": str(length)}
+        self.chunks, self.breaks = chunks, breaks
+
+    def iter_content(self, size):
+        yield from self.chunks
+        if self.breaks:
+            raise requests.exceptions.ChunkedEncodingError("cut")
+
+
+def test_read_limited_bounds_and_maps_a_broken_connection():
+    from passthrough.client import read_limited
+    from passthrough.errors import TooLarge
+
+    assert read_limited(_Body([b"ab", b"cd"]), 4, "doc") == b"abcd"  # type: ignore[arg-type]
+    with pytest.raises(TooLarge):
+        read_limited(_Body([b"ab"], length=5), 4, "doc")  # type: ignore[arg-type]
+    with pytest.raises(TooLarge):
+        read_limited(_Body([b"abc", b"de"]), 4, "doc")  # type: ignore[arg-type]
+    with pytest.raises(UpstreamInvalid):
+        read_limited(_Body([b"abcde"]), 4, "doc", error=UpstreamInvalid)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamUnreachable):
+        read_limited(_Body([b"ab"], breaks=True), 4, "doc")  # type: ignore[arg-type]
