@@ -17,7 +17,7 @@ import queue
 import threading
 import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -121,7 +121,6 @@ class HashingSource:
         self.hash = hashlib.new(algorithm)
         self.sink = sink
         self.count = 0
-        self.on_chunk: Callable[[bytes], None] | None = None
 
     def hexdigest(self) -> str:
         return self.sink.finish() if self.sink is not None else self.hash.hexdigest()
@@ -134,8 +133,6 @@ class HashingSource:
                 else:
                     self.hash.update(chunk)
                 self.count += len(chunk)
-                if self.on_chunk is not None:
-                    self.on_chunk(chunk)
                 self._buffer += chunk
                 return True
         return False

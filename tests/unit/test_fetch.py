@@ -14,6 +14,7 @@ import zstandard
 from passthrough.errors import UpstreamInvalid
 from passthrough.fetch import (
     OUTPUT_CHUNK,
+    HashingSink,
     HashingSource,
     decompressed_chunks,
     sniff_compression,
@@ -85,10 +86,16 @@ def test_corrupt_and_truncated_streams_are_upstream_errors():
 def test_hashing_source_hashes_everything_it_passes():
     data = layer_tar()
     source = HashingSource(chunked(data))
-    seen: list[bytes] = []
-    source.on_chunk = seen.append
     assert source.peek(4) == data[:4]
     assert source.read() == data
     assert source.count == len(data)
-    assert source.hash.hexdigest() == hashlib.sha256(data).hexdigest()
-    assert b"".join(seen) == data
+    assert source.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_sink_thread_hashes_and_keeps_everything_it_passes():
+    data = layer_tar()
+    kept = io.BytesIO()
+    source = HashingSource(chunked(data), sink=HashingSink(kept))
+    assert source.read() == data
+    assert source.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert kept.getvalue() == data
