@@ -527,16 +527,17 @@ def _resolve(
 ) -> ResolvedImage:
     """Resolve upstream; with SERVE_STALE and the registry down, fall back to the last
     digest this identity class saw for the tag."""
-    cache = services.cache
+    # Tag records exist only for SERVE_STALE: no file write per download otherwise.
+    cache = services.cache if services.settings.serve_stale else None
     reference = selection.reference
     key = None
     if cache is not None and reference.tag and not reference.digest:
         key = BlobCache.tag_key(selection.target.registry.url, reference.repository, reference.tag)
     try:
-        image = resolve_image(client, reference, platform, cache)
+        image = resolve_image(client, reference, platform, services.cache)
     except (UpstreamUnreachable, UpstreamTimeout, UpstreamUnavailable):
         record = cache.recall_tag(key) if cache is not None and key else None
-        allowed = services.settings.serve_stale and selection.access_class != "client"
+        allowed = selection.access_class != "client"
         if not (record and allowed and record.get("access") == selection.access_class):
             raise
         log.warning(
@@ -544,7 +545,9 @@ def _resolve(
             record["digest"][:19],
             reference,
         )
-        return resolve_image(client, reference, platform, cache, offline_digest=record["digest"])
+        return resolve_image(
+            client, reference, platform, services.cache, offline_digest=record["digest"]
+        )
     if cache is not None and key is not None:
         top = image.index_digest or image.manifest_digest
         try:

@@ -209,3 +209,44 @@ def test_a_lost_layer_is_rebuilt_from_its_cached_blob_without_upstream(app, cach
         layer_file.unlink()
     assert client.get("/docker/team__api_v1.tar").data == full
     assert blob_gets(image) == gets, "inflated from the cached blobs, not fetched again"
+
+
+def _stale_app(tmp_path, cache_dir, serve_stale: str):
+    return create_app(
+        {
+            "REGISTRY_URL": REG,
+            "ENV_FILE": "/nonexistent",
+            "TEMP_DIR": str(tmp_path),
+            "CACHE_DIR": str(cache_dir),
+            "SERVE_STALE": serve_stale,
+            "UPSTREAM_RETRIES": "0",
+        }
+    )
+
+
+@pytest.mark.parametrize("serve_stale", ["true", "false"])
+def test_serve_stale_uses_the_last_known_digest_while_the_registry_is_down(
+    tmp_path, cache_dir, serve_stale
+):
+    import base64
+
+    import requests
+
+    image = big_image()
+    app = _stale_app(tmp_path, cache_dir, serve_stale)
+    client = app.test_client()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as up:
+        image.register(up)
+        full = client.get("/docker/team__api_v1.tar").data
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as down:
+        down.add(responses.HEAD, f"{REG}/v2/team/api/manifests/v1", body=requests.ConnectionError())
+        down.add(responses.GET, f"{REG}/v2/team/api/manifests/v1", body=requests.ConnectionError())
+        stale = client.get("/docker/team__api_v1.tar")
+        if serve_stale == "true":
+            assert stale.status_code == 200 and stale.data == full
+            # Never for a client's own credentials: their access cannot be proven offline.
+            auth = "Basic " + base64.b64encode(b"alice:secret").decode()
+            refused = client.get("/docker/team__api_v1.tar", headers={"Authorization": auth})
+            assert refused.status_code == 502
+        else:
+            assert stale.status_code == 502
