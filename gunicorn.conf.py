@@ -47,8 +47,8 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(L)ss "%(a)s"'
 # The error and access logs in LOG_FORMAT (text, or json: one object per line), with
-# anything shaped like an Authorization value redacted (passthrough.logs).
-logger_class = "passthrough.logs.GunicornLogger"
+# anything shaped like an Authorization value redacted (passthrough.observe.logs).
+logger_class = "passthrough.observe.logs.GunicornLogger"
 
 # The Prometheus directory this master created (removed when it exits), if any.
 _metrics_dir_created: list[str] = []
@@ -61,8 +61,8 @@ def on_starting(server: object) -> None:
     Then settle PROMETHEUS_MULTIPROC_DIR, where every worker writes its metric samples
     and /metrics reads them all: the operator's directory wiped of a previous run's
     files, or a fresh one, before any worker starts."""
-    from passthrough import metrics
     from passthrough.config import ConfigError, load_settings
+    from passthrough.observe import metrics
 
     try:
         load_settings()
@@ -81,7 +81,7 @@ def on_starting(server: object) -> None:
 def post_fork(server: object, worker: object) -> None:
     """Tracing is per worker, set up after the fork (an export thread and a gRPC
     channel do not survive one); nothing at all unless OTEL_EXPORTER_OTLP_ENDPOINT."""
-    from passthrough import telemetry
+    from passthrough.observe import telemetry
 
     if telemetry.tracing_enabled():
         telemetry.setup_tracing()
@@ -89,14 +89,14 @@ def post_fork(server: object, worker: object) -> None:
 
 def worker_exit(server: object, worker: object) -> None:
     """Export the spans still waiting in the batch before the worker is gone."""
-    from passthrough import telemetry
+    from passthrough.observe import telemetry
 
     telemetry.shutdown_tracing()
 
 
 def child_exit(server: object, worker: object) -> None:
     """A worker is gone (in the master): its live gauges stop counting."""
-    from passthrough import metrics
+    from passthrough.observe import metrics
 
     pid = getattr(worker, "pid", None)
     if isinstance(pid, int):
@@ -105,7 +105,7 @@ def child_exit(server: object, worker: object) -> None:
 
 def on_exit(server: object) -> None:
     """Remove the Prometheus directory this master created."""
-    from passthrough import metrics
+    from passthrough.observe import metrics
 
     for directory in _metrics_dir_created:
         metrics.remove_multiprocess_dir(directory)
@@ -120,6 +120,6 @@ def post_worker_init(worker: object) -> None:
     if services is not None and cfg is not None:
         services.slots.fit_to_threads(cfg.threads, services.settings.max_concurrent_downloads)
     if app is not None:  # an app preloaded in the master was made before post_fork's setup
-        from passthrough import telemetry
+        from passthrough.observe import telemetry
 
         telemetry.instrument_app(app)

@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Flask
 
-from passthrough import logs, telemetry
 from passthrough.config import Settings, load_settings
-from passthrough.pipeline import Services
+from passthrough.export.pipeline import Services
+from passthrough.observe import logs, telemetry
 
 __all__ = ["create_app"]
 
@@ -38,16 +38,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             telemetry.setup_tracing(environ=env)
     telemetry.instrument_app(app)
 
-    from passthrough.routes import downloads, errors, health
+    from passthrough.web import downloads, errors, health
 
     app.register_blueprint(errors.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(downloads.bp)
-    from passthrough.routes import describe, ui
+    from passthrough.web import describe, ui
 
     app.register_blueprint(describe.bp)
     app.register_blueprint(ui.bp)
-    from passthrough.routes import metrics
+    from passthrough.web import metrics
 
     app.register_blueprint(metrics.bp)
     return app

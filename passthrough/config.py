@@ -15,10 +15,15 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-DOCKER_HUB_URL = "https://registry-1.docker.io"
-DOCKER_HUB_REALM = "https://auth.docker.io/token"
-DOCKER_HUB_SERVICE = "registry.docker.io"
+from passthrough.oci.endpoint import (
+    DOCKER_HUB_ALIASES,
+    DOCKER_HUB_REALM,
+    DOCKER_HUB_SERVICE,
+    DOCKER_HUB_URL,
+    RegistryEndpoint,
+)
+from passthrough.oci.platforms import Platform
+from passthrough.oci.reference import PATH_COMPONENT_RE
 
 CLIENT_AUTH_MODES = ("optional", "required", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -30,24 +35,11 @@ _HOST_RE = re.compile(
 )
 
 
+STORES = ("filesystem", "s3")
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class RegistryEndpoint:
-    """Where a registry lives: its base URL and the name it goes by in image references."""
-
-    url: str  # scheme://host[:port], no trailing slash
-    name: str  # familiar host name used in RepoTags, e.g. docker.io or host:5000
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).netloc
-
-    @property
-    def is_docker_hub(self) -> bool:
-        return self.url == DOCKER_HUB_URL
 
 
 @dataclass(frozen=True)
@@ -74,9 +66,24 @@ class Settings:
     layer_concurrency: int = 3
     # Where temp files go (None: the system default, honouring TMPDIR).
     temp_dir: str | None = None
-    # The shared layer cache: off when cache_dir is None.
+    #: The content store's backend: "filesystem" (CACHE_DIR) or "s3" (S3_BUCKET).
+    store: str = "filesystem"
+    # The shared layer cache on disk (STORE=filesystem): off when cache_dir is None.
     cache_dir: str | None = None
+    #: The store's size limit (least recently used evicted); 0: no limit (S3's default,
+    #: where a lifecycle rule usually expires objects instead).
     cache_max_bytes: int = 20 << 30
+    # STORE=s3: bucket, key prefix, endpoint of an S3-compatible service (None: AWS),
+    # region (None: the AWS chain's), a lifecycle rule's expiry in days (0: none).
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_lifecycle_days: int = 0
+    #: Redis for the cross-replica single-flight lock; None: one fetch per replica.
+    redis_url: str | None = field(default=None, repr=False)
+    #: Seconds a lock outlives a replica killed while holding it.
+    redis_lock_lease: float = 60.0
     # Serve the last known digest of a tag while the registry is unreachable.
     serve_stale: bool = False
     # The platform picked from a multi-platform image when the request names none.
@@ -197,9 +204,14 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
-def _allowlist(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    from passthrough.netguard import parse_allowlist
+def parse_allowlist(text: str | None) -> tuple[str, ...]:
+    """Comma- or space-separated host patterns, lower-cased."""
+    if not text:
+        return ()
+    return tuple(p.strip().lower() for p in text.replace(",", " ").split() if p.strip())
 
+
+def _allowlist(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     patterns = parse_allowlist(env.get(name))
     for pattern in patterns:
         if not re.fullmatch(r"[a-z0-9.*?\[\]:-]+", pattern):
@@ -208,8 +220,6 @@ def _allowlist(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 
 def _platform(env: Mapping[str, str], name: str) -> str:
-    from passthrough.platforms import Platform
-
     raw = _optional(env, name) or "linux/amd64"
     try:
         return str(Platform.parse(raw))
@@ -280,8 +290,6 @@ def load_settings(
     namespace = _optional(env, "REGISTRY_DEFAULT_NAMESPACE")
     if namespace is not None:
         namespace = namespace.strip("/")
-        from passthrough.reference import PATH_COMPONENT_RE
-
         if not all(PATH_COMPONENT_RE.fullmatch(c) for c in namespace.split("/")):
             raise ConfigError(
                 "REGISTRY_DEFAULT_NAMESPACE must be lowercase path components "
@@ -317,6 +325,38 @@ def load_settings(
         if not os.access(cache_dir, os.W_OK):
             raise ConfigError(f"CACHE_DIR {cache_dir!r} is not writable")
 
+    store = (_optional(env, "STORE") or "filesystem").lower()
+    if store not in STORES:
+        raise ConfigError(f"STORE must be one of {', '.join(STORES)}, got {store!r}")
+    s3_bucket = _optional(env, "S3_BUCKET")
+    if store == "s3" and not s3_bucket:
+        raise ConfigError("S3_BUCKET is required with STORE=s3")
+    if s3_bucket is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", s3_bucket):
+        raise ConfigError(f"S3_BUCKET {s3_bucket!r} is not a valid bucket name")
+    s3_prefix = _optional(env, "S3_PREFIX") or ""
+    if s3_prefix.startswith("/") or ".." in s3_prefix.split("/"):
+        raise ConfigError(f"S3_PREFIX {s3_prefix!r} must be a relative key prefix")
+    if s3_prefix and not s3_prefix.endswith("/"):
+        s3_prefix += "/"
+    s3_endpoint = _optional(env, "S3_ENDPOINT_URL")
+    if s3_endpoint is not None:
+        parts = urlsplit(s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"S3_ENDPOINT_URL must be http(s)://host[:port], got {s3_endpoint!r}")
+        if parts.username or parts.password:
+            raise ConfigError("S3_ENDPOINT_URL must not carry credentials; use AWS_ACCESS_KEY_ID")
+        s3_endpoint = s3_endpoint.rstrip("/")
+    redis_url = _optional(env, "REDIS_URL")
+    if redis_url is not None:
+        parts = urlsplit(redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            # The value may hold a password: never echo it.
+            raise ConfigError("REDIS_URL must be redis://[:password@]host[:port][/db]")
+    default_max = 0 if store == "s3" else 20 << 30
+    # 0 turns the size limit off.
+    unlimited = _optional(env, "CACHE_MAX_BYTES") == "0"
+    cache_max_bytes = 0 if unlimited else _size(env, "CACHE_MAX_BYTES", default_max)
+
     return Settings(
         registry=registry,
         registry_auth_url=auth_url,
@@ -332,8 +372,16 @@ def load_settings(
         read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 60.0, minimum=0.1),
         layer_concurrency=_integer(env, "LAYER_CONCURRENCY", 3, minimum=1),
         temp_dir=temp_dir,
+        store=store,
         cache_dir=cache_dir,
-        cache_max_bytes=_size(env, "CACHE_MAX_BYTES", 20 << 30),
+        cache_max_bytes=cache_max_bytes,
+        s3_bucket=s3_bucket,
+        s3_prefix=s3_prefix,
+        s3_endpoint_url=s3_endpoint,
+        s3_region=_optional(env, "AWS_REGION"),
+        s3_lifecycle_days=_integer(env, "S3_LIFECYCLE_DAYS", 0, minimum=0),
+        redis_url=redis_url,
+        redis_lock_lease=_number(env, "REDIS_LOCK_LEASE", 60.0, minimum=1),
         serve_stale=_boolean(env, "SERVE_STALE", False),
         default_platform=_platform(env, "DEFAULT_PLATFORM"),
         upstream_retries=_integer(env, "UPSTREAM_RETRIES", 4, minimum=0),

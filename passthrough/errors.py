@@ -2,11 +2,13 @@
 
 One root, :class:`PassthroughError`; every leaf carries the HTTP status it maps to
 and a one-line message that is safe to show (it never holds a credential, a token
-or an upstream body). :mod:`passthrough.routes.errors` turns them into responses in
+or an upstream body). :mod:`passthrough.web.errors` turns them into responses in
 one place.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class PassthroughError(Exception):
@@ -83,6 +85,24 @@ class InsufficientStorage(PassthroughError):
 
     status = 507
     kind = "insufficient_storage"
+
+
+class Cancelled(PassthroughError):
+    """The download this fetch belonged to is gone; stop quietly."""
+
+    status = 499
+    kind = "cancelled"
+
+
+# -- the content store -------------------------------------------------------------------
+
+
+class StoreUnavailable(PassthroughError):
+    """The content store (the S3 bucket, or Redis behind its lock) failed during a
+    request (503); the message names the store, never its credentials."""
+
+    status = 503
+    kind = "store_unavailable"
 
 
 # -- the upstream registry ------------------------------------------------------------
@@ -162,3 +182,11 @@ class UnsupportedImage(UpstreamError):
 
     status = 422
     kind = "unsupported_image"
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full() -> InsufficientStorage:
+    return InsufficientStorage("no space left on the disk for temporary or cached layer files")

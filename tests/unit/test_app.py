@@ -14,9 +14,9 @@ import pytest
 import responses
 
 from passthrough import create_app
-from passthrough.archive import layer_ids
 from passthrough.config import load_settings
 from passthrough.errors import UpstreamInvalid
+from passthrough.export.archive import layer_ids
 
 REG = "http://reg.test:5000"
 
@@ -239,8 +239,8 @@ def test_explicit_platform_refuses_a_single_platform_image_of_another(app):
 
 
 def test_default_namespace_belongs_to_the_environment_registry():
-    from passthrough.pipeline import DownloadRequest, Services, select
-    from passthrough.registry import Route
+    from passthrough.export.pipeline import DownloadRequest, Services, select
+    from passthrough.upstream.target import Route
 
     settings = load_settings(
         {"REGISTRY_URL": REG, "REGISTRY_DEFAULT_NAMESPACE": "team", "ENV_FILE": "/nonexistent"}

@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from passthrough.auth import (
+from passthrough.errors import BadRequest
+from passthrough.upstream.auth import (
     Challenge,
     Credentials,
     TokenCache,
@@ -14,7 +15,6 @@ from passthrough.auth import (
     parse_basic_authorization,
     parse_challenges,
 )
-from passthrough.errors import BadRequest
 
 
 def test_docker_hub_challenge():
@@ -86,7 +86,7 @@ def test_identity_is_keyed_and_distinct():
 
 def test_token_cache_reuses_until_margin_and_keys_by_identity(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("passthrough.auth.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("passthrough.upstream.auth.time.monotonic", lambda: now[0])
     cache = TokenCache()
     alice = TokenKey("realm", "svc", ("repository:a:pull",), "id-alice")
     bob = TokenKey("realm", "svc", ("repository:a:pull",), "id-bob")

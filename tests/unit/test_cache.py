@@ -13,7 +13,7 @@ import pytest
 import responses
 
 from passthrough import create_app
-from passthrough.cache import BlobCache
+from passthrough.store.content import ContentStore
 from tests.unit.test_app import REG, FakeImage, digest, tar_of
 
 
@@ -121,7 +121,7 @@ def test_corrupted_cache_entry_is_detected_and_refetched(app, cache_dir):
     gets_before = blob_gets(image)
     again = client.get("/docker/team__api_v1.tar")
     assert again.status_code == 200 and again.data == full
-    assert app.extensions["passthrough"].cache.stats.corrupt >= 1
+    assert app.extensions["passthrough"].store.stats.corrupt >= 1
     assert blob_gets(image) == gets_before + 1
 
 
@@ -144,7 +144,7 @@ def test_gzip_layers_keep_the_registry_blobs_with_exact_length_cold(app):
 
 
 def test_eviction_is_least_recently_used(tmp_path):
-    cache = BlobCache(tmp_path / "c", max_bytes=3000)
+    cache = ContentStore.on_filesystem(tmp_path / "c", max_bytes=3000)
     names = []
     for index in range(4):
         data = bytes([index]) * 1000
@@ -163,7 +163,7 @@ def test_eviction_is_least_recently_used(tmp_path):
 
 
 def test_nothing_unverified_is_ever_committed(tmp_path):
-    cache = BlobCache(tmp_path / "c", max_bytes=1 << 20)
+    cache = ContentStore.on_filesystem(tmp_path / "c", max_bytes=1 << 20)
     cache.put_document("blobs", "sha256:" + "0" * 64, b"not matching")
     assert cache.get_document("blobs", "sha256:" + "0" * 64) is None
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
@@ -171,7 +171,7 @@ def test_nothing_unverified_is_ever_committed(tmp_path):
 
 @responses.activate
 def test_sealed_entries_are_trusted_and_a_broken_seal_is_hashed_again(app, cache_dir, monkeypatch):
-    import passthrough.cache as cache_module
+    import passthrough.store.filesystem as cache_module
 
     image = big_image()
     image.register(responses)
@@ -185,7 +185,7 @@ def test_sealed_entries_are_trusted_and_a_broken_seal_is_hashed_again(app, cache
         return real(handle)
 
     monkeypatch.setattr(cache_module, "_hash_handle", counting)
-    # A fresh process (a new BlobCache) trusts the seal written at commit.
+    # A fresh process (a new ContentStore) trusts the seal written at commit.
     fresh = create_app(
         {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "CACHE_DIR": str(cache_dir)}
     )

@@ -11,8 +11,6 @@ import pytest
 import requests
 import responses
 
-from passthrough.auth import Credentials, TokenCache
-from passthrough.client import RegistryClient, RetryPolicy, Timeouts, parse_retry_after
 from passthrough.config import load_settings
 from passthrough.errors import (
     NotAcceptable,
@@ -25,15 +23,13 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from passthrough.platforms import Platform
-from passthrough.reference import ImageReference
-from passthrough.registry import Route, choose_target, registry_from_url
-from passthrough.resolve import (
-    DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    resolve_image,
-)
+from passthrough.export.resolve import resolve_image
+from passthrough.oci.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from passthrough.oci.platforms import Platform
+from passthrough.oci.reference import ImageReference
+from passthrough.upstream.auth import Credentials, TokenCache
+from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts, parse_retry_after
+from passthrough.upstream.target import Route, choose_target, registry_from_url
 
 REG = "https://reg.example.com"
 REALM = "https://auth.example.com/token"
@@ -458,7 +454,7 @@ def test_not_json_manifest():
 @pytest.fixture
 def sleeps(monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr("passthrough.client.time.sleep", slept.append)
+    monkeypatch.setattr("passthrough.upstream.client.time.sleep", slept.append)
     return slept
 
 
@@ -537,8 +533,8 @@ class _Body:
 
 
 def test_read_limited_bounds_and_maps_a_broken_connection():
-    from passthrough.client import read_limited
     from passthrough.errors import TooLarge
+    from passthrough.upstream.client import read_limited
 
     assert read_limited(_Body([b"ab", b"cd"]), 4, "doc") == b"abcd"  # type: ignore[arg-type]
     with pytest.raises(TooLarge):

@@ -14,8 +14,8 @@ import pytest
 import responses
 
 from passthrough import create_app
-from passthrough.describe import download_path
-from passthrough.registry import Route
+from passthrough.export.describe import download_path
+from passthrough.upstream.target import Route
 from tests.support.images import (
     DOCKER_MANIFEST_LIST,
     Dir,

@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from passthrough.errors import UpstreamInvalid
-from passthrough.fetch import (
+from passthrough.store.verify import (
     OUTPUT_CHUNK,
     HashingSink,
     HashingSource,

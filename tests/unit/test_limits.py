@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from passthrough.errors import InsufficientStorage, TooBusy
-from passthrough.limits import DownloadSlots, check_free_space
+from passthrough.export.limits import DownloadSlots, check_free_space
 
 
 def test_slots_refuse_beyond_capacity_with_retry_after():

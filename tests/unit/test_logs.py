@@ -20,8 +20,8 @@ from gunicorn.config import Config
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from passthrough import logs
 from passthrough.config import ConfigError, load_settings
+from passthrough.observe import logs
 from tests.unit.test_telemetry import FakeRegistry, make_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def test_the_download_line_is_structured(tmp_path, caplog):
     body = make_app(tmp_path).test_client().get("/docker/team__api_v1.tar").data
     (line,) = [r for r in caplog.records if r.getMessage().startswith("download image=")]
     document = json.loads(logs.JsonFormatter().format(line))
-    assert document["logger"] == "passthrough.pipeline" and document["level"] == "INFO"
+    assert document["logger"] == "passthrough.export.pipeline" and document["level"] == "INFO"
     assert document["image"] == "reg.test:5000/team/api:v1"
     assert document["digest"].startswith("sha256:")
     assert document["bytes"] == len(body)
@@ -153,7 +153,7 @@ def test_create_app_writes_json_lines_with_log_format_json(tmp_path):
 
 
 def test_gunicorn_conf_uses_our_logger_class():
-    assert gunicorn_conf().logger_class == "passthrough.logs.GunicornLogger"
+    assert gunicorn_conf().logger_class == "passthrough.observe.logs.GunicornLogger"
 
 
 def gunicorn_logger(monkeypatch: pytest.MonkeyPatch, log_format: str) -> logs.GunicornLogger:

@@ -16,7 +16,8 @@ import pytest
 import responses
 from prometheus_client.parser import text_string_to_metric_families
 
-from passthrough import create_app, metrics
+from passthrough import create_app
+from passthrough.observe import metrics
 from tests.unit.test_telemetry import FakeRegistry, make_app, token_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +134,7 @@ def test_cache_counters_mirror_the_cache(tmp_path):
     registry = FakeRegistry()
     registry.register(responses)
     app = make_app(tmp_path, CACHE_DIR=str(tmp_path / "cache"))
-    stats = app.extensions["passthrough"].cache.stats
+    stats = app.extensions["passthrough"].store.stats
     before = scrape(app)
     client = app.test_client()
     assert client.get("/docker/team__api_v1.tar").data
@@ -167,7 +168,7 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path):
         import os, sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
-        from passthrough import metrics   # imported first, as gunicorn's master does
+        from passthrough.observe import metrics   # imported first, as gunicorn's master does
         children = []
         for n in range(2):
             pid = os.fork()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from passthrough.config import parse_allowlist
 from passthrough.errors import Forbidden
-from passthrough.netguard import HostPolicy, parse_allowlist, trusted_hosts
+from passthrough.upstream.netguard import HostPolicy, trusted_hosts
 
 
 @pytest.mark.parametrize(

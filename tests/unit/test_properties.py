@@ -10,15 +10,15 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passthrough.auth import parse_challenges
 from passthrough.errors import BadRequest
-from passthrough.reference import (
+from passthrough.oci.reference import (
     PATH_COMPONENT_RE,
     TAG_RE,
     ImageReference,
     parse_filename,
     parse_reference_path,
 )
+from passthrough.upstream.auth import parse_challenges
 
 component = st.from_regex(r"[a-z0-9]+(?:[.-][a-z0-9]+){0,2}", fullmatch=True).filter(
     lambda c: len(c) <= 30

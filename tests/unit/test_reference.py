@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from passthrough.config import RegistryEndpoint
 from passthrough.errors import BadRequest
-from passthrough.reference import (
+from passthrough.oci.endpoint import RegistryEndpoint
+from passthrough.oci.reference import (
     ImageReference,
     familiar_name,
     parse_filename,

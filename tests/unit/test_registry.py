@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from passthrough.auth import Credentials
 from passthrough.config import load_settings
 from passthrough.errors import BadRequest, ClientAuthDisabled, ClientAuthRequired
-from passthrough.registry import AuthKind, Route, choose_target, registry_from_url
+from passthrough.upstream.auth import Credentials
+from passthrough.upstream.target import AuthKind, Route, choose_target, registry_from_url
 
 CLIENT = Credentials("client", "client-secret")
 ENV_REGISTRY = "http://127.0.0.1:5000"

@@ -28,8 +28,9 @@ import responses
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from passthrough import create_app, telemetry
-from passthrough.logs import JsonFormatter, TextFormatter
+from passthrough import create_app
+from passthrough.observe import telemetry
+from passthrough.observe.logs import JsonFormatter, TextFormatter
 
 if TYPE_CHECKING:  # imported lazily: a test below proves the app alone never loads the SDK
     from opentelemetry.sdk.trace import ReadableSpan
@@ -594,7 +595,8 @@ def test_create_app_sets_tracing_up_once_outside_gunicorn(tmp_path):
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
 from opentelemetry import trace
-from passthrough import create_app, telemetry
+from passthrough import create_app
+from passthrough.observe import telemetry
 config = {{"ENV_FILE": "/nonexistent", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "svc-x"}}
 first = create_app(config)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from passthrough.resolve import ResolvedImage
+from passthrough.oci.manifest import ResolvedImage
 
 EPOCH = "1970-01-01T00:00:00Z"
 FORMATS = ("docker", "oci")

@@ -7,115 +7,32 @@ v2 manifest); refuses schema1 and foreign (non-distributable) layers with a clea
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from passthrough import telemetry
-from passthrough.client import RegistryClient, read_limited
-
-if TYPE_CHECKING:
-    from passthrough.cache import BlobCache
-from passthrough.errors import (
-    NotAcceptable,
-    TooLarge,
-    UnsupportedImage,
-    UpstreamInvalid,
-    UpstreamUnavailable,
+from passthrough.errors import TooLarge, UnsupportedImage, UpstreamInvalid, UpstreamUnavailable
+from passthrough.observe import telemetry
+from passthrough.oci.manifest import (
+    ACCEPT,
+    CONFIG_TYPES,
+    FOREIGN_LAYER_TYPES,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MAX_CONFIG_BYTES,
+    MAX_LAYERS,
+    MAX_MANIFEST_BYTES,
+    LayerDescriptor,
+    ResolvedImage,
+    choose_platform,
+    descriptor,
+    json_object,
+    parse_manifest,
+    verify_digest,
 )
-from passthrough.platforms import DEFAULT_PLATFORM, Platform
-from passthrough.reference import DIGEST_RE, ImageReference
-
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-SCHEMA1_TYPES = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-)
-INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
-
-CONFIG_TYPES = (
-    "application/vnd.docker.container.image.v1+json",
-    "application/vnd.oci.image.config.v1+json",
-)
-LAYER_TYPES = {
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.v1.tar": "none",
-}
-FOREIGN_LAYER_TYPES = (
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-)
-
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_CONFIG_BYTES = 4 << 20
-MAX_LAYERS = 1000
-
-
-@dataclass(frozen=True)
-class LayerDescriptor:
-    index: int
-    digest: str
-    size: int
-    media_type: str
-    #: gzip, zstd or none, by media type; the fetch stage also sniffs the bytes.
-    compression: str
-    diff_id: str
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    reference: ImageReference
-    manifest_digest: str
-    manifest_media_type: str
-    manifest: bytes = field(repr=False)
-    #: Digest of the index or list the manifest was chosen from, when there was one.
-    index_digest: str | None
-    platform: Platform
-    config_digest: str
-    config: bytes = field(repr=False)
-    layers: tuple[LayerDescriptor, ...]
-
-    @property
-    def config_document(self) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(self.config)
-        return document
-
-    @property
-    def total_compressed_size(self) -> int:
-        return sum(layer.size for layer in self.layers)
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def verify_digest(data: bytes, digest: str, what: str) -> None:
-    algorithm, _, expected = digest.partition(":")
-    if algorithm not in ("sha256", "sha512"):
-        raise UnsupportedImage(f"{what}: unsupported digest algorithm {algorithm!r}")
-    actual = hashlib.new(algorithm, data).hexdigest()
-    if actual != expected:
-        raise UpstreamInvalid(f"{what}: content does not match its digest {digest}")
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise UpstreamInvalid(f"{what} is not valid JSON") from None
-    if not isinstance(document, dict):
-        raise UpstreamInvalid(f"{what} is not a JSON object")
-    return document
+from passthrough.oci.platforms import DEFAULT_PLATFORM, Platform
+from passthrough.oci.reference import DIGEST_RE, ImageReference
+from passthrough.store.content import ContentStore
+from passthrough.upstream.client import RegistryClient, read_limited
 
 
 def head_manifest(client: RegistryClient, reference: str, what: str) -> str | None:
@@ -133,7 +50,7 @@ def head_manifest(client: RegistryClient, reference: str, what: str) -> str | No
 
 
 def fetch_manifest(
-    client: RegistryClient, reference: str, what: str, cache: BlobCache | None = None
+    client: RegistryClient, reference: str, what: str, cache: ContentStore | None = None
 ) -> tuple[bytes, str, str, dict[str, Any]]:
     """A manifest by tag or digest; returns (bytes, media type, digest, parsed document).
 
@@ -149,7 +66,17 @@ def fetch_manifest(
             body = cache.get_document("manifests", known)
     if body is None:
         body, header_type = _get_manifest(client, reference, what)
-    return parse_manifest(body, header_type, reference, what, cache)
+    return _parsed_and_stored(body, header_type, reference, what, cache)
+
+
+def _parsed_and_stored(
+    body: bytes, header_type: str, reference: str, what: str, store: ContentStore | None
+) -> tuple[bytes, str, str, dict[str, Any]]:
+    """A manifest checked (:func:`parse_manifest`), then kept in the store by digest."""
+    parsed = parse_manifest(body, header_type, reference, what)
+    if store is not None:
+        store.put_document("manifests", parsed[2], body)
+    return parsed
 
 
 def _get_manifest(client: RegistryClient, reference: str, what: str) -> tuple[bytes, str]:
@@ -166,94 +93,6 @@ def _get_manifest(client: RegistryClient, reference: str, what: str) -> tuple[by
     return body, header_type
 
 
-def parse_manifest(
-    body: bytes, header_type: str, reference: str, what: str, cache: BlobCache | None = None
-) -> tuple[bytes, str, str, dict[str, Any]]:
-    document = _json_object(body, what)
-    media_type = document.get("mediaType") or header_type
-    if document.get("schemaVersion") == 1 or media_type in SCHEMA1_TYPES:
-        raise UnsupportedImage(
-            f"{what} is a Docker schema1 manifest, which is deprecated and not supported; "
-            "push the image again with a current Docker or buildx"
-        )
-    if media_type not in INDEX_TYPES + IMAGE_MANIFEST_TYPES:
-        # OCI allows mediaType to be omitted: tell an index from a manifest by shape.
-        if "manifests" in document:
-            media_type = OCI_INDEX
-        elif "config" in document and "layers" in document:
-            media_type = OCI_MANIFEST
-        else:
-            raise UnsupportedImage(f"{what} has an unsupported media type {media_type[:80]!r}")
-    digest = sha256_digest(body)
-    if DIGEST_RE.fullmatch(reference):
-        verify_digest(body, reference, what)
-        digest = reference
-    if cache is not None:
-        cache.put_document("manifests", digest, body)
-    return body, media_type, digest, document
-
-
-def is_attestation(entry: dict[str, Any]) -> bool:
-    platform = entry.get("platform") or {}
-    annotations = entry.get("annotations") or {}
-    return annotations.get("vnd.docker.reference.type") == "attestation-manifest" or (
-        platform.get("os") == "unknown" and platform.get("architecture") == "unknown"
-    )
-
-
-def index_platforms(document: dict[str, Any]) -> list[tuple[Platform, dict[str, Any]]]:
-    """The real image entries of an index, attestation manifests left out."""
-    entries = document.get("manifests")
-    if not isinstance(entries, list):
-        raise UpstreamInvalid("the image index has no manifests list")
-    found: list[tuple[Platform, dict[str, Any]]] = []
-    for entry in entries:
-        if not isinstance(entry, dict) or is_attestation(entry):
-            continue
-        platform = entry.get("platform")
-        if not isinstance(platform, dict):
-            continue
-        os_name, arch = platform.get("os"), platform.get("architecture")
-        if not isinstance(os_name, str) or not isinstance(arch, str):
-            continue
-        variant = platform.get("variant")
-        found.append(
-            (
-                Platform(os_name, arch, variant if isinstance(variant, str) and variant else None),
-                entry,
-            )
-        )
-    return found
-
-
-def choose_platform(
-    document: dict[str, Any], wanted: Platform, image: str
-) -> tuple[Platform, dict[str, Any]]:
-    candidates = index_platforms(document)
-    exact = [c for c in candidates if c[0] == wanted]
-    matching = exact or [c for c in candidates if wanted.matches(c[0])]
-    if not matching:
-        available = sorted({str(p) for p, _ in candidates})
-        raise NotAcceptable(
-            f"{image} has no {wanted} image; available platforms: "
-            + (", ".join(available) if available else "none")
-        )
-    return matching[0]
-
-
-def _descriptor(entry: Any, what: str) -> tuple[str, int, str]:
-    if not isinstance(entry, dict):
-        raise UpstreamInvalid(f"{what} is not a descriptor")
-    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType")
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise UpstreamInvalid(f"{what} has an invalid digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise UpstreamInvalid(f"{what} has an invalid size")
-    if not isinstance(media_type, str):
-        raise UpstreamInvalid(f"{what} has no media type")
-    return digest, size, media_type
-
-
 class Documents:
     """Where manifests and configs come from: the registry (through the cache when there
     is one), or, with ``offline_digest``, the cache alone (SERVE_STALE while the registry
@@ -262,7 +101,7 @@ class Documents:
     def __init__(
         self,
         client: RegistryClient,
-        cache: BlobCache | None = None,
+        cache: ContentStore | None = None,
         offline_digest: str | None = None,
     ) -> None:
         self.client = client
@@ -289,7 +128,9 @@ class Documents:
             cached = self._cached("manifests", digest, what)
         if cached is not None:
             return parse_manifest(cached, "", digest, what)
-        return parse_manifest(*_get_manifest(self.client, digest, what), digest, what, self.cache)
+        return _parsed_and_stored(
+            *_get_manifest(self.client, digest, what), digest, what, self.cache
+        )
 
     def config(self, digest: str, size: int, what: str) -> bytes:
         attributes = {"oci.image.config.digest": digest, "oci.image.config.size": size}
@@ -317,7 +158,7 @@ def resolve_image(
     client: RegistryClient,
     ref: ImageReference,
     platform: Platform = DEFAULT_PLATFORM,
-    cache: BlobCache | None = None,
+    cache: ContentStore | None = None,
     *,
     offline_digest: str | None = None,
 ) -> ResolvedImage:
@@ -332,7 +173,7 @@ def resolve_image(
     if media_type in INDEX_TYPES:
         index_digest = digest
         chosen_platform, entry = choose_platform(document, platform, image)
-        entry_digest, _, _ = _descriptor(entry, f"the {chosen_platform} entry of {image}")
+        entry_digest, _, _ = descriptor(entry, f"the {chosen_platform} entry of {image}")
         body, media_type, digest, document = documents.manifest_by_digest(
             entry_digest, f"{chosen_platform} manifest of {image}"
         )
@@ -341,7 +182,7 @@ def resolve_image(
                 f"the {chosen_platform} entry of {image} is not an image manifest"
             )
 
-    config_digest, config_size, config_type = _descriptor(
+    config_digest, config_size, config_type = descriptor(
         document.get("config"), f"the config descriptor of {image}"
     )
     if config_type not in CONFIG_TYPES:
@@ -357,7 +198,7 @@ def resolve_image(
         raise TooLarge(f"{image} has more than {MAX_LAYERS} layers")
     layer_fields: list[tuple[str, int, str, str]] = []
     for position, raw in enumerate(raw_layers, start=1):
-        layer_digest, size, layer_type = _descriptor(raw, f"layer {position} of {image}")
+        layer_digest, size, layer_type = descriptor(raw, f"layer {position} of {image}")
         if layer_type in FOREIGN_LAYER_TYPES:
             raise UnsupportedImage(
                 f"layer {position} of {image} is a foreign (non-distributable) layer, "
@@ -371,7 +212,7 @@ def resolve_image(
         layer_fields.append((layer_digest, size, layer_type, compression))
 
     config = documents.config(config_digest, config_size, f"config of {image}")
-    config_document = _json_object(config, f"the config of {image}")
+    config_document = json_object(config, f"the config of {image}")
     rootfs = config_document.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(

@@ -49,20 +49,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from passthrough.client import RegistryClient
 from passthrough.errors import NotAcceptable, UnsupportedImage, UpstreamInvalid
-from passthrough.pipeline import DownloadRequest, Selection, Services, open_client, select
-from passthrough.platforms import Platform
-from passthrough.reference import DIGEST_RE, ImageReference
-from passthrough.registry import Route
-from passthrough.resolve import (
-    INDEX_TYPES,
-    ResolvedImage,
-    choose_platform,
-    fetch_manifest,
-    index_platforms,
-    resolve_image,
-)
+from passthrough.export.pipeline import DownloadRequest, Selection, Services, open_client, select
+from passthrough.export.resolve import fetch_manifest, resolve_image
+from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
+from passthrough.oci.platforms import Platform
+from passthrough.oci.reference import DIGEST_RE, ImageReference
+from passthrough.upstream.client import RegistryClient
+from passthrough.upstream.target import Route
 
 __all__ = ["PlatformNotFound", "describe", "download_path", "download_query"]
 
@@ -134,7 +128,7 @@ def _describe(
     registry = selection.target.registry
     image = str(ref)
     body, media_type, digest, document = fetch_manifest(
-        client, ref.reference, f"manifest of {image}", services.cache
+        client, ref.reference, f"manifest of {image}", services.store
     )
     described: dict[str, Any] = {
         "reference": f"{registry.name}/{image}",
@@ -170,7 +164,7 @@ def _describe(
             client,
             ImageReference(ref.repository, tag=ref.tag, digest=entry_digest),
             chosen,
-            services.cache,
+            services.store,
         )
         if resolved.index_digest is not None:  # an index inside the index
             raise UnsupportedImage(f"the {chosen} entry of {image} is not an image manifest")
@@ -182,7 +176,7 @@ def _describe(
             client,
             ImageReference(ref.repository, tag=ref.tag, digest=digest),
             request.platform,
-            services.cache,
+            services.store,
         )
         selected_platform = str(config_platform(resolved))
         described["platforms"] = [_platform_entry(selected_platform, digest, len(body))]

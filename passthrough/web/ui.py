@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response
 
-from passthrough.routes.downloads import services
+from passthrough.web.downloads import services
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 

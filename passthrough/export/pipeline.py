@@ -22,19 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from passthrough import metrics, telemetry
-from passthrough.archive import (
-    FORMATS,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_TAR,
-    ArchivePlan,
-    WrittenLayer,
-    plan_archive,
-)
-from passthrough.auth import Credentials, TokenCache
-from passthrough.cache import BlobCache
-from passthrough.client import RegistryClient, RetryPolicy, Timeouts
-from passthrough.config import RegistryEndpoint, Settings
+from passthrough.config import Settings
 from passthrough.errors import (
     BadRequest,
     NotAcceptable,
@@ -43,22 +31,17 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from passthrough.limits import RESERVED_THREADS, DownloadSlots, check_free_space
-from passthrough.netguard import HostPolicy, trusted_hosts
-from passthrough.platforms import DEFAULT_PLATFORM, Platform
-from passthrough.reference import (
-    ImageReference,
-    archive_filename,
-    familiar_name,
-    parse_filename,
-    parse_reference_path,
-    qualify,
-    synthetic_tag,
+from passthrough.export.archive import (
+    FORMATS,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    ArchivePlan,
+    WrittenLayer,
+    plan_archive,
 )
-from passthrough.registry import AuthKind, Route, Target, choose_target, registry_from_url
-from passthrough.resolve import ResolvedImage, resolve_image
-from passthrough.store import LayerFile, LayerStore, TempStore
-from passthrough.tarstream import (
+from passthrough.export.limits import RESERVED_THREADS, DownloadSlots, check_free_space
+from passthrough.export.resolve import resolve_image
+from passthrough.export.tarstream import (
     END_OF_ARCHIVE,
     BytesSegment,
     DeferredSegment,
@@ -69,6 +52,34 @@ from passthrough.tarstream import (
     produce_range,
     total_size,
 )
+from passthrough.export.trace import (
+    DownloadTrace,
+    annotate_credentials,
+    annotate_image,
+    annotate_reference,
+)
+from passthrough.observe import metrics, telemetry
+from passthrough.oci.endpoint import RegistryEndpoint
+from passthrough.oci.manifest import LayerDescriptor, ResolvedImage, layer_what
+from passthrough.oci.platforms import DEFAULT_PLATFORM, Platform
+from passthrough.oci.reference import (
+    ImageReference,
+    archive_filename,
+    familiar_name,
+    parse_filename,
+    parse_reference_path,
+    qualify,
+    synthetic_tag,
+)
+from passthrough.store import open_store
+from passthrough.store.base import BlobSource, LayerFile, LayerStore
+from passthrough.store.content import ContentStore
+from passthrough.store.temp import TempStore
+from passthrough.upstream.auth import Credentials, TokenCache
+from passthrough.upstream.blobs import blob_chunks
+from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
+from passthrough.upstream.netguard import HostPolicy, trusted_hosts
+from passthrough.upstream.target import AuthKind, Route, Target, choose_target, registry_from_url
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +88,24 @@ LAYER_MODES = ("tar", "gzip")
 
 @dataclass
 class Services:
-    """What lives for the whole process: settings, the token cache, the blob cache."""
+    """What lives for the whole process: settings, the token cache, the content store."""
 
     settings: Settings
     tokens: TokenCache = field(default_factory=TokenCache)
-    cache: BlobCache | None = None
+    store: ContentStore | None = None
     policy: HostPolicy = field(default_factory=HostPolicy)
     slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(16 - RESERVED_THREADS))
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
-        cache = None
-        if settings.cache_dir:
-            cache = BlobCache(settings.cache_dir, settings.cache_max_bytes)
+        store = open_store(settings)
         policy = HostPolicy(
             allowlist=settings.registry_allowlist,
             trusted=trusted_hosts([settings.registry.url, settings.registry_auth_url]),
             allow_link_local=settings.allow_link_local,
         )
         slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
-        return cls(settings, cache=cache, policy=policy, slots=slots)
+        return cls(settings, store=store, policy=policy, slots=slots)
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,7 @@ def select(services: Services, request: DownloadRequest) -> Selection:
         else:
             reference = parse_filename(request.filename or "")
     with telemetry.span("extract_registry_client_credentials"):
-        telemetry.annotate_credentials(settings, request.client_credentials)
+        annotate_credentials(settings, request.client_credentials)
         registry: RegistryEndpoint | None = None
         if request.route is not Route.ENVIRONMENT:
             registry = registry_from_url(request.scheme or "", request.host or "")
@@ -204,13 +213,13 @@ def select(services: Services, request: DownloadRequest) -> Selection:
             # Before anything else: a client may not make us connect where policy forbids.
             services.policy.check_host(*_host_port(registry.url))
         target = choose_target(settings, request.route, request.client_credentials, registry)
-        telemetry.annotate_credentials(settings, request.client_credentials, target)
-    telemetry.annotate_credentials(settings, request.client_credentials, target)
+        annotate_credentials(settings, request.client_credentials, target)
+    annotate_credentials(settings, request.client_credentials, target)
     # REGISTRY_DEFAULT_NAMESPACE belongs to the environment's registry: another registry
     # named in the URL keeps its own defaults (library/ on Docker Hub).
     namespace = settings.default_namespace if target.source == "environment" else None
     reference = qualify(reference, target.registry, namespace)
-    telemetry.annotate_reference(reference, target)
+    annotate_reference(reference, target)
     return Selection(reference, target)
 
 
@@ -261,7 +270,7 @@ class Download:
         }
         #: error.type of a failure after the first byte.
         self.error_type: str | None = None
-        self.trace = telemetry.DownloadTrace.capture(
+        self.trace = DownloadTrace.capture(
             request.route.value, request.reference_path is not None
         )
         self.segments = self._build_segments()
@@ -351,13 +360,18 @@ class Download:
         future = self._pool.submit(
             self.trace.fetch_layer,
             self.store.layer_file,
-            self.client,
+            self._source(layer),
             layer,
             compressed=compressed_layer(self.image, self.request.options, index),
             cancel=self._cancel,
         )
         self._futures[index] = future
         return future
+
+    def _source(self, layer: LayerDescriptor) -> BlobSource:
+        """The layer's blob from this download's registry and credentials."""
+        client, what = self.client, layer_what(layer)
+        return lambda cancel: blob_chunks(client, layer, what, cancel)
 
     def start_fetching(self, start: int = 0, end: int | None = None) -> None:
         """Start the fetches for the layers bytes ``start``–``end`` need (all of them
@@ -528,13 +542,14 @@ def _resolve(
     """Resolve upstream; with SERVE_STALE and the registry down, fall back to the last
     digest this identity class saw for the tag."""
     # Tag records exist only for SERVE_STALE: no file write per download otherwise.
-    cache = services.cache if services.settings.serve_stale else None
+    cache = services.store if services.settings.serve_stale else None
     reference = selection.reference
     key = None
     if cache is not None and reference.tag and not reference.digest:
-        key = BlobCache.tag_key(selection.target.registry.url, reference.repository, reference.tag)
+        registry_url = selection.target.registry.url
+        key = ContentStore.tag_key(registry_url, reference.repository, reference.tag)
     try:
-        image = resolve_image(client, reference, platform, services.cache)
+        image = resolve_image(client, reference, platform, services.store)
     except (UpstreamUnreachable, UpstreamTimeout, UpstreamUnavailable):
         record = cache.recall_tag(key) if cache is not None and key else None
         allowed = selection.access_class != "client"
@@ -546,7 +561,7 @@ def _resolve(
             reference,
         )
         return resolve_image(
-            client, reference, platform, services.cache, offline_digest=record["digest"]
+            client, reference, platform, services.store, offline_digest=record["digest"]
         )
     if cache is not None and key is not None:
         top = image.index_digest or image.manifest_digest
@@ -588,13 +603,13 @@ def prepare_download(
     selection = select(services, request)
     client = open_client(services, selection, pool_size=settings.layer_concurrency + 2)
     store: LayerStore = (
-        services.cache if services.cache is not None else TempStore(settings.temp_dir)
+        services.store if services.store is not None else TempStore(settings.temp_dir)
     )
     try:
         with telemetry.span("resolve_manifest") as span:
             image = _resolve(services, selection, client, request.platform)
-            telemetry.annotate_image(image, span)
-        telemetry.annotate_image(image)
+            annotate_image(image, span)
+        annotate_image(image)
         if request.platform_explicit:
             check_single_platform(image, request.platform)
         check_image_limits(image, settings)
@@ -615,7 +630,10 @@ def prepare_download(
             if not store.holds(layer, compressed=slot.compressed):
                 needed += layer.size
                 client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
-        check_free_space(settings.cache_dir or settings.temp_dir, needed)
+        # The space needed is local: the cache directory, or (S3, no store) the temp
+        # directory that layers are spooled in before they are verified.
+        local = settings.cache_dir if settings.store == "filesystem" else None
+        check_free_space(local or settings.temp_dir, needed)
         if fetch:
             start, end = byte_range or (0, None)
             download.start_fetching(start, end)

@@ -165,7 +165,7 @@ def ratelimit_remaining(value: str) -> None:
 
 
 def cache_counts(changes: Mapping[str, int]) -> None:
-    """Mirror a change of :class:`passthrough.cache.CacheStats` into the counters."""
+    """Mirror a change of :class:`passthrough.store.filesystem.CacheStats` into the counters."""
     counters = _metrics().cache
     for field, delta in changes.items():
         counter = counters.get(field)

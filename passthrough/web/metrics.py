@@ -1,11 +1,11 @@
 """GET /metrics: the Prometheus exposition of every gunicorn worker's samples (or this
-process's, without PROMETHEUS_MULTIPROC_DIR); see :mod:`passthrough.metrics`."""
+process's, without PROMETHEUS_MULTIPROC_DIR); see :mod:`passthrough.observe.metrics`."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from passthrough import metrics
+from passthrough.observe import metrics
 
 bp = Blueprint("metrics", __name__)
 

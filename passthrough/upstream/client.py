@@ -25,14 +25,6 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
-from passthrough import metrics, telemetry
-from passthrough.auth import (
-    DEFAULT_EXPIRES_IN,
-    Challenge,
-    TokenCache,
-    TokenKey,
-    parse_challenges,
-)
 from passthrough.errors import (
     PassthroughError,
     TooLarge,
@@ -46,8 +38,16 @@ from passthrough.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from passthrough.netguard import GuardedAdapter, HostPolicy
-from passthrough.registry import AuthKind, Target
+from passthrough.observe import metrics, telemetry
+from passthrough.upstream.auth import (
+    DEFAULT_EXPIRES_IN,
+    Challenge,
+    TokenCache,
+    TokenKey,
+    parse_challenges,
+)
+from passthrough.upstream.netguard import GuardedAdapter, HostPolicy
+from passthrough.upstream.target import AuthKind, Target
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from passthrough.describe import PlatformNotFound, describe, download_path, download_query
 from passthrough.errors import UpstreamUnauthorized
-from passthrough.pipeline import DownloadRequest
-from passthrough.registry import Route
-from passthrough.routes.downloads import download_request, offer_client_challenge, services
+from passthrough.export.describe import PlatformNotFound, describe, download_path, download_query
+from passthrough.export.pipeline import DownloadRequest
+from passthrough.upstream.target import Route
+from passthrough.web.downloads import download_request, offer_client_challenge, services
 
 bp = Blueprint("describe", __name__, url_prefix="/describe")
 

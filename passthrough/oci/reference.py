@@ -15,8 +15,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from passthrough.config import RegistryEndpoint
 from passthrough.errors import BadRequest
+from passthrough.oci.endpoint import RegistryEndpoint
 
 # github.com/distribution/reference: path components and tags.
 PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*")

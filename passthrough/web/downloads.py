@@ -14,18 +14,18 @@ import socket
 
 from flask import Blueprint, Response, current_app, request
 
-from passthrough import metrics, telemetry
-from passthrough.auth import parse_basic_authorization
 from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
-from passthrough.pipeline import (
+from passthrough.export.pipeline import (
     DownloadRequest,
     OutputOptions,
     Services,
     parse_platform,
     prepare_download,
 )
-from passthrough.registry import Route
-from passthrough.routes.errors import error_response
+from passthrough.observe import metrics, telemetry
+from passthrough.upstream.auth import parse_basic_authorization
+from passthrough.upstream.target import Route
+from passthrough.web.errors import error_response
 
 bp = Blueprint("downloads", __name__)
 

@@ -29,19 +29,12 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from passthrough.errors import Forbidden
-from passthrough.reference import quote_input
+from passthrough.oci.reference import quote_input
 
 BLOCKED_NETWORKS = tuple(
     ipaddress.ip_network(n)
     for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32")
 )
-
-
-def parse_allowlist(text: str | None) -> tuple[str, ...]:
-    """Comma- or space-separated host patterns, lower-cased."""
-    if not text:
-        return ()
-    return tuple(p.strip().lower() for p in text.replace(",", " ").split() if p.strip())
 
 
 @dataclass(frozen=True)

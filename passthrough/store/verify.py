@@ -1,6 +1,6 @@
-"""Stage 4, fetch and verify: stream a layer blob from the registry into a temporary
-file, decompressing on the way, and prove it: the compressed bytes must hash to the
-descriptor's digest and size, the decompressed tar to the config's diff_id.
+"""Verify a layer while it is written: hash the compressed bytes (the descriptor's digest
+and size), decompress, hash the tar (the config's diff_id). Nothing reaches the store's
+final names unless this pass proved it.
 
 Memory stays bounded whatever the layer size: input is read in chunks and every
 decompressor is driven with a cap on its output (a small zstd or gzip chunk can expand
@@ -10,7 +10,6 @@ in the wild mislabel media types.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import queue
@@ -19,23 +18,16 @@ import types
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import urllib3
 import zstandard
 
-from passthrough import telemetry
-from passthrough.client import RegistryClient
 from passthrough.errors import (
-    InsufficientStorage,
-    PassthroughError,
     UnsupportedImage,
     UpstreamInvalid,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
-from passthrough.resolve import LayerDescriptor
+from passthrough.observe import telemetry
+from passthrough.oci.manifest import LayerDescriptor, layer_what
 
 _gzip_backend: types.ModuleType
 try:  # isal inflates gzip about twice as fast as zlib; use it whenever it is there.
@@ -51,13 +43,6 @@ OUTPUT_CHUNK = 1 << 20
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class Cancelled(PassthroughError):
-    """The download this fetch belonged to is gone; stop quietly."""
-
-    status = 499
-    kind = "cancelled"
 
 
 class HashingSink:
@@ -218,71 +203,6 @@ def decompressed_chunks(source: HashingSource) -> Iterator[bytes]:
             yield chunk
 
 
-def blob_chunks(
-    client: RegistryClient, layer: LayerDescriptor, what: str, cancel: threading.Event | None
-) -> Iterator[bytes]:
-    """The blob's bytes from the registry, in chunks. A connection that breaks mid-blob is
-    resumed with a Range request from where it stopped (with backoff, within the
-    download's retries and deadline); stops when ``cancel`` is set."""
-    offset = 0
-    attempt = 0
-    while True:
-        try:
-            with client.blob(layer.digest, offset=offset, what=what) as response:
-                skip = _resume_skip(response, offset, what)
-                raw: Any = response.raw
-                try:
-                    for chunk in raw.stream(READ_CHUNK, decode_content=False):
-                        if cancel is not None and cancel.is_set():
-                            raise Cancelled("the download was cancelled")
-                        client.retry.check_deadline(what)
-                        if skip:
-                            dropped = min(skip, len(chunk))
-                            chunk = chunk[dropped:]
-                            skip -= dropped
-                            if not chunk:
-                                continue
-                        offset += len(chunk)
-                        yield chunk
-                except urllib3.exceptions.ReadTimeoutError:
-                    raise UpstreamTimeout(f"{what}: the registry stopped sending") from None
-                except (urllib3.exceptions.HTTPError, OSError):
-                    raise UpstreamUnreachable(f"{what}: the connection broke mid-blob") from None
-            if offset < layer.size and response.headers.get("Content-Length") is None:
-                raise UpstreamUnreachable(f"{what}: the blob ended early")
-            return
-        except (UpstreamUnreachable, UpstreamTimeout) as exc:
-            if offset >= layer.size or not client.retry.wait(attempt):
-                raise
-            attempt += 1
-            log.info(
-                "%s: %s; resuming at byte %d (attempt %d)", what, exc.message, offset, attempt + 1
-            )
-
-
-def _resume_skip(response: Any, offset: int, what: str) -> int:
-    """Bytes to drop from a resumed response: none when the registry honoured the Range
-    (206 from ``offset``), ``offset`` when it sent the whole blob again (200)."""
-    if not offset:
-        return 0
-    if response.status_code == 206:
-        content_range = response.headers.get("Content-Range", "")
-        if not content_range.startswith(f"bytes {offset}-"):
-            raise UpstreamInvalid(f"{what}: the registry answered a different range")
-        return 0
-    return offset
-
-
-def file_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as source:
-        while chunk := source.read(READ_CHUNK):
-            yield chunk
-
-
-def layer_what(layer: LayerDescriptor) -> str:
-    return f"layer {layer.index + 1} ({layer.digest[:19]})"
-
-
 @dataclass(frozen=True)
 class Verified:
     """What a verified pass over a blob proved."""
@@ -334,11 +254,3 @@ def verify_blob(source: HashingSource, layer: LayerDescriptor, what: str) -> Non
         raise UpstreamInvalid(f"{what}: got {source.count} bytes, the manifest says {layer.size}")
     if "sha256:" + source.hexdigest() != layer.digest:
         raise UpstreamInvalid(f"{what}: content does not match its digest {layer.digest}")
-
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full() -> InsufficientStorage:
-    return InsufficientStorage("no space left on the disk for temporary or cached layer files")

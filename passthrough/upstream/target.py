@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from passthrough.auth import Credentials
-from passthrough.config import ConfigError, RegistryEndpoint, Settings, normalize_registry
+from passthrough.config import ConfigError, Settings, normalize_registry
 from passthrough.errors import BadRequest, ClientAuthDisabled, ClientAuthRequired
-from passthrough.reference import quote_input
+from passthrough.oci.endpoint import RegistryEndpoint
+from passthrough.oci.reference import quote_input
+from passthrough.upstream.auth import Credentials
 
 
 class Route(StrEnum):

@@ -1,0 +1,368 @@
+"""The content store: verified blobs, layer tars and manifests by digest, over any
+backend (:mod:`passthrough.store.filesystem`, :mod:`passthrough.store.s3`).
+
+What it adds to a backend, written once for all of them:
+
+- **verification**: every blob is hashed while it is written, its layer tar
+  decompressed and hashed against the config's diff_id (:mod:`passthrough.store.verify`);
+  only then is it committed. Small documents are hashed again when read.
+- **single-flight**: one upstream fetch per digest (:mod:`passthrough.store.flight`);
+  later requests wait for the commit and then read the committed entry. A fetch is never
+  cancelled because the client that started it left: others may be waiting for it.
+- **eviction**: least recently used first, down to a share of CACHE_MAX_BYTES, never a
+  pinned entry (the hosted area pins what its manifests reference).
+- **records**: small JSON documents (the last digest seen per tag, for SERVE_STALE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from passthrough.errors import UpstreamInvalid, disk_full, is_disk_full
+from passthrough.observe import metrics
+from passthrough.oci.manifest import LayerDescriptor
+from passthrough.store.base import KINDS, Backend, BlobSource, LayerFile, LocalFile
+from passthrough.store.flight import Flight
+from passthrough.store.verify import READ_CHUNK, fetch_and_verify
+
+log = logging.getLogger(__name__)
+
+#: Eviction brings the store down to this share of CACHE_MAX_BYTES, so it does not run
+#: again on every commit.
+EVICT_TARGET = 0.9
+STALE_PART_SECONDS = 24 * 3600
+
+
+@dataclass
+class CacheStats:
+    """Counters of this process, mirrored into Prometheus (:mod:`passthrough.observe.metrics`)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+
+
+def content_key(kind: str, digest: str) -> str:
+    """``<kind>/sha256/<hex>``; anything but a well-formed sha256 digest is refused, so
+    no request ever names a path."""
+    algorithm, _, value = digest.partition(":")
+    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
+        raise ValueError("only sha256 digests are stored")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    return f"{kind}/sha256/{value}"
+
+
+def _hex(digest: str) -> str:
+    return content_key("blobs", digest).rsplit("/", 1)[1]
+
+
+class ContentStore:
+    """Process-wide handle on one store; thread-safe and multi-process safe."""
+
+    def __init__(
+        self, backend: Backend, max_bytes: int, flight: Flight, *, evict_interval: float = 0.0
+    ) -> None:
+        self.backend = backend
+        self.max_bytes = max_bytes
+        self.flight = flight
+        self.stats = CacheStats()
+        self._stats_lock = threading.Lock()
+        #: Listing a bucket is not free: eviction checks at most this often (seconds).
+        self._evict_interval = evict_interval
+        self._next_evict_check = 0.0
+        backend.on_corrupt = lambda key: self._count(corrupt=1)
+        self._remove_stale_parts()
+
+    @classmethod
+    def on_filesystem(cls, root: str | os.PathLike[str], max_bytes: int) -> ContentStore:
+        from passthrough.store.filesystem import FilesystemBackend
+
+        backend = FilesystemBackend(root)
+        return cls(backend, max_bytes, Flight(backend.lock_dir()))
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    def _count(self, **changes: int) -> None:
+        with self._stats_lock:
+            for name, delta in changes.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+        metrics.cache_counts(changes)
+
+    # -- temporary files and locks -----------------------------------------------------
+
+    def _part(self, name: str) -> tuple[Path, BinaryIO]:
+        path = self.backend.staging_dir() / f"{name}.{os.getpid()}.{secrets.token_hex(6)}.part"
+        try:
+            return path, path.open("x+b")
+        except OSError as exc:
+            raise disk_full() if is_disk_full(exc) else exc from None
+
+    def _remove_stale_parts(self) -> None:
+        """Parts left by a process that died: its pid is gone, or the file is a day old."""
+        now = time.time()
+        for part in self.backend.staging_dir().glob("*.part"):
+            try:
+                pid = int(part.name.split(".")[-3])
+                alive = pid != os.getpid() and _pid_alive(pid)
+                if not alive or now - part.stat().st_mtime > STALE_PART_SECONDS:
+                    part.unlink(missing_ok=True)
+            except (ValueError, IndexError, OSError):
+                continue
+
+    def lock(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        """The single-flight lock of one digest, across threads, processes and (with
+        Redis) replicas."""
+        return self.flight.hold(_hex(digest))
+
+    # -- layers --------------------------------------------------------------------------
+
+    def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
+        if compressed:
+            return layer.size
+        return self.backend.size(content_key("layers", layer.diff_id))
+
+    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool:
+        """Whether the entry this download would read is already here (a known size is
+        not enough: a blob's size comes from the manifest)."""
+        if compressed:
+            return self.backend.size(content_key("blobs", layer.digest)) is not None
+        return self.backend.size(content_key("layers", layer.diff_id)) is not None
+
+    def _open(self, kind: str, digest: str) -> LayerFile | None:
+        found = self.backend.open(content_key(kind, digest), digest)
+        if found is not None:
+            self._count(hits=1)
+        return found
+
+    def layer_file(
+        self,
+        source: BlobSource,
+        layer: LayerDescriptor,
+        *,
+        compressed: bool,
+        cancel: threading.Event | None = None,
+    ) -> LayerFile:
+        """The verified layer tar (or, with ``compressed``, the blob), from the store or
+        fetched once for everyone. ``cancel`` is not passed on, on purpose: the fetch
+        is shared."""
+        kind, digest = ("blobs", layer.digest) if compressed else ("layers", layer.diff_id)
+        hit = self._open(kind, digest)
+        if hit is not None:
+            return hit
+        with self.lock(layer.digest):
+            hit = self._open(kind, digest)  # committed while we waited
+            if hit is not None:
+                return hit
+            self._count(misses=1)
+            files = self._fill(source, layer)
+        wanted = files.pop(kind)
+        for other in files.values():
+            other.close()
+        self.evict_if_needed()
+        return wanted
+
+    def _fill(self, source: BlobSource, layer: LayerDescriptor) -> dict[str, LayerFile]:
+        """Commit the layer tar (and the blob, when fetched): decompressed from a stored
+        blob when there is one, else fetched upstream. The pass that inflates also
+        verifies, so a corrupt stored blob shows up there and is fetched again. Returns
+        the committed files, still open (read from local disk, whatever the backend)."""
+        blob_key = content_key("blobs", layer.digest)
+        stored_blob = self.backend.open(blob_key, None)
+        if stored_blob is not None:
+            try:
+                return self._fill_from(stored_chunks(stored_blob), layer, keep_blob=False)
+            except UpstreamInvalid:
+                self.backend.delete(blob_key)
+                self._count(corrupt=1)
+            except FileNotFoundError:
+                pass  # evicted since the lookup
+            finally:
+                stored_blob.close()
+        return self._fill_from(source(None), layer, keep_blob=True)
+
+    def _fill_from(
+        self, chunks: Iterator[bytes], layer: LayerDescriptor, *, keep_blob: bool
+    ) -> dict[str, LayerFile]:
+        parts: list[tuple[Path, BinaryIO]] = []
+        try:
+            tar_part = self._part(_hex(layer.diff_id))
+            parts.append(tar_part)
+            blob_part = self._part(_hex(layer.digest)) if keep_blob else None
+            if blob_part is not None:
+                parts.append(blob_part)
+            verified = fetch_and_verify(
+                chunks,
+                layer,
+                blob_out=blob_part[1] if blob_part else None,
+                tar_out=tar_part[1],
+            )
+            files: dict[str, LayerFile] = {}
+            if blob_part is not None:
+                blob_part[1].flush()
+                self._commit(blob_part, "blobs", layer.digest, verified.blob_size)
+                files["blobs"] = LocalFile(blob_part[1], verified.blob_size)
+            tar_part[1].flush()
+            self._commit(tar_part, "layers", layer.diff_id, verified.tar_size)
+            files["layers"] = LocalFile(tar_part[1], verified.tar_size)
+            parts.clear()  # the handles now belong to the files
+            return files
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full() from None
+            raise
+        finally:
+            for path, handle in parts:
+                handle.close()
+                path.unlink(missing_ok=True)
+
+    def _commit(self, part: tuple[Path, BinaryIO], kind: str, digest: str, size: int) -> None:
+        path, handle = part
+        self.backend.commit_file(content_key(kind, digest), handle, path, size)
+        # A backend that uploads leaves the local part behind: it is not needed once
+        # committed (the open handle still reads it).
+        path.unlink(missing_ok=True)
+        self._count(bytes_written=size)
+
+    # -- small documents: configs, manifests ---------------------------------------------
+
+    def get_document(self, kind: str, digest: str) -> bytes | None:
+        """A manifest (kind "manifests") or config (kind "blobs") by digest, verified."""
+        key = content_key(kind, digest)
+        data = self.backend.get_bytes(key)
+        if data is None:
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            self.backend.delete(key)
+            self._count(corrupt=1)
+            return None
+        self.backend.touch(key)
+        return data
+
+    def put_document(self, kind: str, digest: str, data: bytes) -> None:
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return  # never store what does not match its name
+        try:
+            self.backend.put_bytes(content_key(kind, digest), data)
+        except OSError as exc:
+            log.warning("could not store %s %s: %s", kind, digest[:19], exc.strerror)
+            return
+        if kind == "blobs":
+            self._count(bytes_written=len(data))
+
+    def has(self, kind: str, digest: str) -> bool:
+        return self.backend.size(content_key(kind, digest)) is not None
+
+    def presigned_url(self, kind: str, digest: str, expires: int = 900) -> str | None:
+        return self.backend.presigned_url(content_key(kind, digest), expires)
+
+    # -- records: tags -------------------------------------------------------------------
+
+    @staticmethod
+    def tag_key(registry: str, repository: str, tag: str) -> str:
+        return hashlib.sha256(f"{registry}\0{repository}\0{tag}".encode()).hexdigest()
+
+    def remember_tag(self, key: str, record: dict[str, str]) -> None:
+        self.backend.put_bytes(f"tags/{key}.json", json.dumps(record).encode())
+
+    def recall_tag(self, key: str) -> dict[str, str] | None:
+        try:
+            data = self.backend.get_bytes(f"tags/{key}.json")
+            record = json.loads(data) if data is not None else None
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    # -- pins ------------------------------------------------------------------------------
+
+    def pin(self, kind: str, digest: str) -> None:
+        """Keep an entry from eviction (until :meth:`unpin`)."""
+        self.backend.put_bytes("pins/" + content_key(kind, digest), b"")
+
+    def unpin(self, kind: str, digest: str) -> None:
+        self.backend.delete("pins/" + content_key(kind, digest))
+
+    def pinned(self) -> set[str]:
+        return {info.key[len("pins/") :] for info in self.backend.list("pins/")}
+
+    # -- eviction ------------------------------------------------------------------------
+
+    def entries(self) -> list[tuple[float, int, str]]:
+        """(last used, size, key) of every content entry."""
+        found: list[tuple[float, int, str]] = []
+        for kind in KINDS:
+            for info in self.backend.list(f"{kind}/"):
+                found.append((info.last_used, info.size, info.key))
+        return found
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def evict_if_needed(self) -> int:
+        """Delete least-recently-used entries until the store is under its target.
+        Open readers keep their files (POSIX unlink leaves open descriptors intact; an
+        S3 GET under way completes)."""
+        if self.max_bytes <= 0:
+            return 0
+        if self._evict_interval:
+            now = time.monotonic()
+            if now < self._next_evict_check:
+                return 0
+            self._next_evict_check = now + self._evict_interval
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        if total <= self.max_bytes:
+            return 0
+        removed = 0
+        with self.flight.hold("evict", shared=False):
+            pinned = self.pinned()
+            target = int(self.max_bytes * EVICT_TARGET)
+            for _, size, key in sorted(entries, key=lambda e: e[0]):
+                if total <= target:
+                    break
+                if key in pinned:
+                    continue
+                self.backend.delete(key)
+                total -= size
+                removed += 1
+        self._count(evictions=removed)
+        return removed
+
+    def close(self) -> None:
+        self.flight.close()
+        self.backend.close()
+
+
+def stored_chunks(source: LayerFile) -> Iterator[bytes]:
+    """A stored file's bytes in order, in chunks."""
+    offset = 0
+    while offset < source.size:
+        chunk = source.read_at(offset, min(READ_CHUNK, source.size - offset))
+        if not chunk:
+            raise FileNotFoundError("the stored entry ended early")
+        offset += len(chunk)
+        yield chunk
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
