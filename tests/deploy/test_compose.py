@@ -13,6 +13,7 @@ from tests.deploy import (
     ALIASES,
     ENV_VARS,
     REPO,
+    S3_SECRET_VARS,
     SECRET_VARS,
     env_vars_read_by_app,
     graceful_timeout_default,
@@ -179,8 +180,10 @@ def test_env_example_covers_what_the_code_reads() -> None:
 
 def test_env_example_holds_no_credentials() -> None:
     for name, value, _ in env_example():
-        if name in SECRET_VARS:
+        if name in SECRET_VARS or name in S3_SECRET_VARS:
             assert value == "", f"{name} has an example value; leave it empty"
+        if name == "REDIS_URL":
+            assert "@" not in value, "the example Redis URL holds no password"
 
 
 def test_env_file_stays_out_of_image_and_git() -> None:
