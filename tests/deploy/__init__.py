@@ -37,6 +37,16 @@ ENV_VARS: tuple[str, ...] = (
     "TEMP_DIR",
     "CACHE_DIR",
     "CACHE_MAX_BYTES",
+    "STORE",
+    "S3_BUCKET",
+    "S3_PREFIX",
+    "S3_ENDPOINT_URL",
+    "S3_LIFECYCLE_DAYS",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "REDIS_URL",
+    "REDIS_LOCK_LEASE",
     "MAX_IMAGE_BYTES",
     "MAX_LAYERS",
     "MAX_CONCURRENT_DOWNLOADS",
@@ -55,6 +65,10 @@ ENV_VARS: tuple[str, ...] = (
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.
 SECRET_VARS: tuple[str, ...] = ("REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_BEARER_TOKEN")
+
+# The S3 store's access keys: from an existing Secret (or the AWS chain: instance role,
+# IRSA), never a literal value. REDIS_URL comes from a Secret when it holds a password.
+S3_SECRET_VARS: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 # Aliases the application accepts for a variable above; documented next to it.
 ALIASES: dict[str, str] = {"REGISTRY_TOKEN": "REGISTRY_BEARER_TOKEN"}

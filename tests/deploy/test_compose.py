@@ -3,8 +3,10 @@ and gunicorn.conf.py promise."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -13,6 +15,7 @@ from tests.deploy import (
     ALIASES,
     ENV_VARS,
     REPO,
+    S3_SECRET_VARS,
     SECRET_VARS,
     env_vars_read_by_app,
     graceful_timeout_default,
@@ -179,11 +182,147 @@ def test_env_example_covers_what_the_code_reads() -> None:
 
 def test_env_example_holds_no_credentials() -> None:
     for name, value, _ in env_example():
-        if name in SECRET_VARS:
+        if name in SECRET_VARS or name in S3_SECRET_VARS:
             assert value == "", f"{name} has an example value; leave it empty"
+        if name == "REDIS_URL":
+            assert "@" not in value, "the example Redis URL holds no password"
 
 
 def test_env_file_stays_out_of_image_and_git() -> None:
     assert is_dockerignored(".env")
     gitignore = (REPO / ".gitignore").read_text(encoding="utf-8").split()
     assert ".env" in gitignore
+
+
+# --- the "s3" profile: passthrough on a shared store (SeaweedFS + Redis) -------------
+
+S3_PROFILE = "s3"
+
+
+@pytest.fixture(scope="module")
+def s3_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if S3_PROFILE in (svc.get("profiles") or [])
+    }
+
+
+def by_image(services: dict[str, dict[str, Any]], prefix: str) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services.items() if str(s.get("image", "")).startswith(prefix)}
+
+
+def s3_passthrough(s3_services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The profile's passthrough: the one that builds the repository's Dockerfile."""
+    [svc] = [s for s in s3_services.values() if "build" in s]
+    return svc
+
+
+def published(svc: dict[str, Any]) -> list[str]:
+    return [str(p["published"] if isinstance(p, dict) else p) for p in svc.get("ports", [])]
+
+
+def seaweed_s3_port(svc: dict[str, Any]) -> int:
+    command = svc["command"]
+    assert command[:2] == ["server", "-s3"], "one SeaweedFS server with its S3 gateway"
+    flags = dict(a.split("=", 1) for a in command if a.startswith("-") and "=" in a)
+    return int(flags.get("-s3.port", 8333))
+
+
+def test_s3_profile_has_seaweedfs_redis_and_a_passthrough(
+    s3_services: dict[str, dict[str, Any]],
+) -> None:
+    assert by_image(s3_services, "chrislusf/seaweedfs:")
+    assert [s["image"] for s in by_image(s3_services, "redis:").values()] == ["redis:7-alpine"]
+    svc = s3_passthrough(s3_services)
+    assert (REPO / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+
+
+def test_s3_profile_references_only_declared_objects(
+    compose: dict[str, Any], s3_services: dict[str, dict[str, Any]]
+) -> None:
+    services = set(compose["services"])
+    conditions = {"service_started", "service_healthy", "service_completed_successfully"}
+    for name, svc in s3_services.items():
+        depends = svc.get("depends_on") or {}
+        assert set(depends) <= services - {name}, f"{name} depends on unknown services"
+        assert all(dep["condition"] in conditions for dep in depends.values())
+        for config in svc.get("configs", []):
+            assert config["source"] in compose["configs"]
+        for volume in svc.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            assert source in compose["volumes"]
+        command = svc.get("command", [])
+        for arg in command if isinstance(command, list) else [command]:
+            assert not re.search(r"\$(?!\{)", arg.replace("$$", "")), "escape $ as $$"
+
+
+def test_s3_passthrough_uses_the_profiles_services(
+    s3_services: dict[str, dict[str, Any]],
+) -> None:
+    svc = s3_passthrough(s3_services)
+    env = svc["environment"]
+    assert env["STORE"] == "s3"
+    assert env["S3_BUCKET"] and env["S3_PREFIX"]
+    endpoint = urlsplit(env["S3_ENDPOINT_URL"])
+    seaweed = by_image(s3_services, "chrislusf/seaweedfs:")
+    host = str(endpoint.hostname)
+    assert endpoint.scheme == "http" and host in seaweed
+    assert endpoint.port == seaweed_s3_port(seaweed[host])
+    redis_url = urlsplit(env["REDIS_URL"])
+    assert redis_url.scheme == "redis" and redis_url.hostname in by_image(s3_services, "redis:")
+    # Started once the bucket exists and Redis answers.
+    depends = svc["depends_on"]
+    assert depends[str(redis_url.hostname)]["condition"] == "service_healthy"
+    [init] = [n for n, s in seaweed.items() if n != host]
+    assert env["S3_BUCKET"] in json.dumps(seaweed[init]["command"]), "creates S3_BUCKET"
+    assert depends[init]["condition"] == "service_completed_successfully"
+    assert seaweed[init]["depends_on"][host]["condition"] == "service_healthy"
+    assert seaweed[host]["healthcheck"]["test"][0] == "CMD"
+
+
+def test_s3_passthrough_has_no_cache_dir_and_keeps_the_hardening(
+    service: dict[str, Any], s3_services: dict[str, dict[str, Any]]
+) -> None:
+    svc = s3_passthrough(s3_services)
+    env = svc["environment"]
+    assert "CACHE_DIR" not in env and not svc.get("volumes"), "the bucket is the cache"
+    assert mounts(svc).get(env["TEMP_DIR"]) == "tmpfs", "temp files stay per container"
+    same = ("read_only", "cap_drop", "security_opt", "healthcheck", "stop_grace_period", "tmpfs")
+    for key in (*same, "env_file"):
+        assert svc[key] == service[key], f"{key} differs from passthrough"
+    ports = published(svc)
+    assert ports and not set(ports) & set(published(service)), "its own host port"
+    assert all(p.endswith(":8080") for p in ports)
+
+
+def test_s3_profile_binds_its_backing_services_to_loopback(
+    compose: dict[str, Any], s3_services: dict[str, dict[str, Any]]
+) -> None:
+    assert all(p.startswith("127.0.0.1:") for p in published(compose["services"]["registry"]))
+    svc = s3_passthrough(s3_services)
+    for name, other in s3_services.items():
+        if other is not svc:
+            for port in published(other):
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+    for other in by_image(s3_services, "redis:").values():
+        assert not other.get("ports"), "Redis has no password: not published at all"
+
+
+def test_s3_profile_holds_only_marked_demo_keys(
+    compose: dict[str, Any], service: dict[str, Any], s3_services: dict[str, dict[str, Any]]
+) -> None:
+    text = (REPO / "compose.yaml").read_text(encoding="utf-8")
+    identities = json.loads(compose["configs"]["seaweedfs-s3"]["content"])["identities"]
+    demo = {(c["accessKey"], c["secretKey"]) for i in identities for c in i["credentials"]}
+    assert demo and all("demo" in a and "demo" in s for a, s in demo), "demo keys say so"
+    env = s3_passthrough(s3_services)["environment"]
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) in demo
+    assert "DEMO KEYS" in text
+    assert "@" not in env["REDIS_URL"], "no password in the Redis URL"
+    for svc in compose["services"].values():
+        environment = svc.get("environment") or {}
+        for name in (*SECRET_VARS, *S3_SECRET_VARS):
+            value = str(environment.get(name, ""))
+            assert not value or "demo" in value, f"{name} hard-coded in compose.yaml"
+    assert not set(S3_SECRET_VARS) & set(service["environment"]), "not for the default service"

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy import ENV_VARS, REPO, SECRET_VARS, env_vars_read_by_app
+from tests.deploy import ENV_VARS, REPO, S3_SECRET_VARS, SECRET_VARS, env_vars_read_by_app
 
 CHART = REPO / "helm" / "passthrough"
 RELEASE = "demo"
@@ -24,7 +24,9 @@ SENTINEL = "s3cr3t-Sentinel-value"
 
 Obj = dict[str, Any]
 
-# Every option on: each optional object, each setting, each extra hook.
+# Every option on: each optional object, each setting, each extra hook. Several replicas
+# and an autoscaler need the shared store, so this is the s3 store; ALL_ON_FILESYSTEM
+# below is the same with the per-pod store and its persistence volume.
 ALL_ON: Obj = {
     "replicaCount": 2,
     "imagePullSecrets": [{"name": "regcred"}],
@@ -86,13 +88,18 @@ ALL_ON: Obj = {
     "extraEnv": [{"name": "TZ", "value": "Europe/Berlin"}],
     "extraEnvFrom": [{"configMapRef": {"name": "site-settings"}}],
     "storage": {"temp": {"sizeLimit": "8Gi", "medium": "Memory"}},
-    "persistence": {
-        "enabled": True,
-        "accessModes": ["ReadWriteMany"],
-        "storageClass": "nfs",
-        "size": "50Gi",
-        "annotations": {"helm.sh/resource-policy": "keep"},
+    "store": {
+        "type": "s3",
+        "s3": {
+            "bucket": "layers",
+            "prefix": "passthrough/lab/",
+            "endpoint": "http://minio.storage:9000",
+            "region": "eu-central-1",
+            "lifecycleDays": 30,
+            "existingSecret": "s3-keys",
+        },
     },
+    "redis": {"existingSecret": "redis-url", "lockLease": 90},
     "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 75},
     "podDisruptionBudget": {"enabled": True},
     "serviceMonitor": {
@@ -148,6 +155,21 @@ ALL_ON: Obj = {
     "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/site", "readOnly": True}],
 }
 
+ALL_ON_FILESYSTEM: Obj = {
+    **{k: v for k, v in ALL_ON.items() if k not in {"replicaCount", "autoscaling", "store"}},
+    "persistence": {
+        "enabled": True,
+        "accessModes": ["ReadWriteMany"],
+        "storageClass": "nfs",
+        "size": "50Gi",
+        "annotations": {"helm.sh/resource-policy": "keep"},
+    },
+}
+ALL_ON_IDS = ["defaults", "all-on", "all-on-filesystem"]
+
+# The smallest values of a valid s3 store.
+S3: Obj = {"store": {"type": "s3", "s3": {"bucket": "layers"}}}
+
 OPTIONAL_KINDS = {
     "Secret": "v1",
     "PersistentVolumeClaim": "v1",
@@ -196,7 +218,34 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "GRACEFUL_TIMEOUT": ("gunicorn.gracefulTimeout", 300, "300"),
     "BIND": ("containerPort", 9000, "0.0.0.0:9000"),
     "PORT": ("containerPort", 9000, "9000"),
+    "STORE": ("store.type", "s3", "s3"),
+    "S3_BUCKET": ("store.s3.bucket", "pt-cache", "pt-cache"),
+    "S3_PREFIX": ("store.s3.prefix", "site-a/", "site-a/"),
+    "S3_ENDPOINT_URL": ("store.s3.endpoint", "http://seaweedfs:8333", "http://seaweedfs:8333"),
+    "S3_LIFECYCLE_DAYS": ("store.s3.lifecycleDays", 14, "14"),
+    "AWS_REGION": ("store.s3.region", "us-east-2", "us-east-2"),
+    "AWS_ACCESS_KEY_ID": ("store.s3.existingSecret", "s3-keys", "existing-secret"),
+    "AWS_SECRET_ACCESS_KEY": ("store.s3.existingSecret", "s3-keys", "existing-secret"),
+    "REDIS_URL": ("redis.url", "redis://redis.tools:6379/0", "redis://redis.tools:6379/0"),
+    "REDIS_LOCK_LEASE": ("redis.lockLease", 45, "45"),
 }
+
+# Settings that only apply with the s3 store: rendered on top of S3.
+S3_ONLY = {
+    "STORE", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT_URL", "S3_LIFECYCLE_DAYS", "AWS_REGION",
+    *S3_SECRET_VARS,
+}  # fmt: skip
+
+
+def merged(base: Obj, extra: Obj) -> Obj:
+    """base with extra deep-merged into it (as Helm merges values files)."""
+    result = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def nested(path: str, value: Any) -> Obj:
@@ -335,6 +384,11 @@ def all_on() -> list[Obj]:
     return render(ALL_ON)
 
 
+@pytest.fixture(scope="module")
+def all_on_filesystem() -> list[Obj]:
+    return render(ALL_ON_FILESYSTEM)
+
+
 # --- the chart as a whole ------------------------------------------------------------
 
 
@@ -348,14 +402,14 @@ def test_chart_metadata() -> None:
         assert (CHART / name).is_file()
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_strict_lint_reports_nothing(values: Obj | None) -> None:
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["total_charts_linted"] == 1
     assert report["messages"] == [] and report["errors"] == []
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_every_object_validates_against_kubernetes_1_30(values: Obj | None) -> None:
     objects = render(values)
     for obj in objects:
@@ -379,9 +433,10 @@ def test_defaults_render_only_the_core_objects(defaults: list[Obj]) -> None:
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
 
 
-def test_every_option_renders_its_object(all_on: list[Obj]) -> None:
+def test_every_option_renders_its_object(all_on: list[Obj], all_on_filesystem: list[Obj]) -> None:
     for kind, api_version in OPTIONAL_KINDS.items():
-        assert one(all_on, kind)["apiVersion"] == api_version
+        objects = all_on_filesystem if kind == "PersistentVolumeClaim" else all_on
+        assert one(objects, kind)["apiVersion"] == api_version
 
 
 @pytest.mark.parametrize(
@@ -397,7 +452,7 @@ def test_every_option_renders_its_object(all_on: list[Obj]) -> None:
     ids=lambda o: next(iter(o)),
 )
 def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
-    objects = render(option)
+    objects = render(merged(S3, option) if "autoscaling" in option else option)
     assert len(objects) == 6
     for obj in objects:
         if obj["kind"] != "ServiceMonitor":
@@ -407,7 +462,7 @@ def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
 # --- the Deployment ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_probes_hit_health_on_the_served_port(values: Obj | None) -> None:
     objects = render(values)
     ctr = container(objects)
@@ -420,7 +475,7 @@ def test_probes_hit_health_on_the_served_port(values: Obj | None) -> None:
     assert one(objects, "Service")["spec"]["ports"][0]["targetPort"] in port_names
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_pod_and_container_are_hardened(values: Obj | None) -> None:
     objects = render(values)
     pods = [deployment_pod(objects), one(objects, "Pod")["spec"]]
@@ -441,7 +496,7 @@ def test_pod_and_container_are_hardened(values: Obj | None) -> None:
             assert csc["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_writable_paths_are_size_limited_volumes(values: Obj | None) -> None:
     objects = render(values)
     pod = deployment_pod(objects)
@@ -450,8 +505,11 @@ def test_writable_paths_are_size_limited_volumes(values: Obj | None) -> None:
     mounted = {m["mountPath"]: volumes[m["name"]] for m in container(objects)["volumeMounts"]}
     for path in ("/tmp", env["TEMP_DIR"]):
         assert mounted[path]["emptyDir"]["sizeLimit"], f"{path}: emptyDir with a sizeLimit"
-    cache = mounted[env["CACHE_DIR"]]
-    assert cache.get("persistentVolumeClaim") or cache["emptyDir"]["sizeLimit"]
+    if env["STORE"] == "filesystem":
+        cache = mounted[env["CACHE_DIR"]]
+        assert cache.get("persistentVolumeClaim") or cache["emptyDir"]["sizeLimit"]
+    else:
+        assert "CACHE_DIR" not in env and "cache" not in volumes, "s3: no cache volume"
     assert not any("hostPath" in v for v in volumes.values())
 
 
@@ -475,8 +533,8 @@ def app_size_bytes(value: str) -> int:
 
 @pytest.mark.parametrize(
     "values",
-    [None, {"persistence": {"enabled": True}}, ALL_ON],
-    ids=["emptyDir", "persistence", "all-on"],
+    [None, {"persistence": {"enabled": True}}, ALL_ON_FILESYSTEM],
+    ids=["emptyDir", "persistence", "all-on-filesystem"],
 )
 def test_cache_bound_fits_its_volume(values: Obj | None) -> None:
     objects = render(values)
@@ -577,6 +635,8 @@ def test_settings_table_covers_every_variable() -> None:
 def test_every_setting_is_reachable_from_values(name: str) -> None:
     path, value, expected = SETTINGS[name]
     values = nested(path, value)
+    if name in S3_ONLY:
+        values = merged(S3, values)
     if name == "REGISTRY_USERNAME":
         values = nested("registry.credentials", {"username": value, "password": "p"})
     elif name == "REGISTRY_PASSWORD":
@@ -589,6 +649,9 @@ def test_every_setting_is_reachable_from_values(name: str) -> None:
         secret = one(objects, "Secret")
         assert kind == "secret" and secret_name == secret["metadata"]["name"]
         assert base64.b64decode(secret["data"][key]).decode() == value
+    elif expected == "existing-secret":
+        assert env[name] == ("secret", value, name), "the key defaults to the variable's name"
+        assert not [o for o in objects if o["kind"] == "Secret"]
     else:
         assert env[name] == expected
 
@@ -640,6 +703,48 @@ def test_existing_secret_is_referenced_not_created() -> None:
     }
 
 
+def test_s3_and_redis_credentials_only_through_secret_key_refs(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    assert env["AWS_ACCESS_KEY_ID"] == ("secret", "s3-keys", "AWS_ACCESS_KEY_ID")
+    assert env["AWS_SECRET_ACCESS_KEY"] == ("secret", "s3-keys", "AWS_SECRET_ACCESS_KEY")
+    assert env["REDIS_URL"] == ("secret", "redis-url", "REDIS_URL")
+    for configmap in (o for o in all_on if o["kind"] == "ConfigMap"):
+        assert not {*S3_SECRET_VARS, "REDIS_URL"} & set(configmap.get("data", {}))
+    for item in container(all_on)["env"]:
+        if item["name"] in {*S3_SECRET_VARS, "REDIS_URL"}:
+            assert "value" not in item and "secretKeyRef" in item["valueFrom"]
+    # The chart never creates a Secret for them: the one Secret is the registry's.
+    [secret] = [o for o in all_on if o["kind"] == "Secret"]
+    assert set(secret["data"]) == {"username", "password", "token"}
+
+
+def test_s3_secret_key_names_can_be_overridden() -> None:
+    keys = {"existingSecret": "minio-creds", "accessKeyIdKey": "accesskey",
+            "secretAccessKeyKey": "secretkey"}  # fmt: skip
+    env = effective_env(render(merged(S3, {"store": {"s3": keys}})))
+    assert env["AWS_ACCESS_KEY_ID"] == ("secret", "minio-creds", "accesskey")
+    assert env["AWS_SECRET_ACCESS_KEY"] == ("secret", "minio-creds", "secretkey")
+
+
+def test_s3_without_a_secret_leaves_the_keys_to_the_aws_chain() -> None:
+    objects = render(S3)
+    env = effective_env(objects)
+    assert not set(S3_SECRET_VARS) & set(env), "instance role or IRSA: no keys at all"
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert "env" not in container(objects)
+
+
+def test_redis_url_from_a_secret() -> None:
+    values = merged(S3, {"redis": {"existingSecret": "redis-auth", "urlKey": "url"}})
+    objects = render(values)
+    assert effective_env(objects)["REDIS_URL"] == ("secret", "redis-auth", "url")
+    assert "REDIS_URL" not in one(objects, "ConfigMap")["data"]
+    # A URL without a password may be a plain value (it then lives in the ConfigMap).
+    for url in ("redis://redis.tools:6379/0", "redis://puller@redis.tools:6379"):
+        plain = render(merged(S3, {"redis": {"url": url}}))
+        assert one(plain, "ConfigMap")["data"]["REDIS_URL"] == url
+
+
 def test_no_credentials_no_secret(defaults: list[Obj]) -> None:
     assert not [o for o in defaults if o["kind"] == "Secret"]
     assert not set(SECRET_VARS) & set(effective_env(defaults))
@@ -659,6 +764,125 @@ def test_no_credentials_no_secret(defaults: list[Obj]) -> None:
 def test_bad_values_fail_the_render(values: Obj, message: str) -> None:
     with pytest.raises(helm.HelmError, match=message):
         render(values)
+
+
+# --- the store -----------------------------------------------------------------------
+
+
+def test_default_store_is_the_filesystem(defaults: list[Obj]) -> None:
+    env = effective_env(defaults)
+    assert env["STORE"] == "filesystem" and env["CACHE_DIR"]
+    assert not {k for k in env if k.startswith(("S3_", "AWS_", "REDIS_"))}
+    assert one(defaults, "Deployment")["spec"]["replicas"] == 1
+
+
+def test_s3_store_renders_its_settings(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    assert env["STORE"] == "s3"
+    assert env["S3_BUCKET"] == "layers"
+    assert env["S3_PREFIX"] == "passthrough/lab/"
+    assert env["S3_ENDPOINT_URL"] == "http://minio.storage:9000"
+    assert env["S3_LIFECYCLE_DAYS"] == "30"
+    assert env["AWS_REGION"] == "eu-central-1"
+    assert env["REDIS_LOCK_LEASE"] == "90"
+    assert env["TEMP_DIR"] == "/var/tmp", "temp files stay per pod"
+    assert "CACHE_DIR" not in env, "CACHE_DIR means nothing to the s3 store"
+
+
+@pytest.mark.parametrize("extra", [{}, {"replicaCount": 3}, {"autoscaling": {"enabled": True}}])
+def test_s3_store_mounts_no_cache_volume(extra: Obj) -> None:
+    objects = render(merged(S3, extra))
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    pod = deployment_pod(objects)
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "temp"}
+    assert {m["mountPath"] for m in container(objects)["volumeMounts"]} == {"/tmp", "/var/tmp"}
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_s3_store_scales_out() -> None:
+    objects = render(merged(S3, {"replicaCount": 3}))
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    report = helm.lint(
+        CHART, merged(S3, {"replicaCount": 3}), strict=True, namespace=NAMESPACE,
+        kube_version="v1.30.0",
+    )  # fmt: skip
+    assert report["messages"] == [] and report["errors"] == []
+    scaled = render(merged(S3, {"autoscaling": {"enabled": True}}))
+    assert "replicas" not in one(scaled, "Deployment")["spec"]
+    assert one(scaled, "HorizontalPodAutoscaler")
+
+
+def test_notes_name_the_shared_store() -> None:
+    assert "s3://" not in notes()
+    text = notes(merged(S3, {"store": {"s3": {"prefix": "lab/"}}}))
+    assert "s3://layers/lab/" in text and "once per replica" in text
+    assert "once per replica" not in notes(merged(S3, {"redis": {"url": "redis://r:6379"}}))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"replicaCount": 2},
+            "replicaCount 2 needs store.type=s3: with store.type=filesystem every pod has its "
+            "own cache (use 1)",
+        ),
+        (
+            {"autoscaling": {"enabled": True}},
+            "autoscaling.enabled needs store.type=s3: with store.type=filesystem every pod has "
+            "its own cache",
+        ),
+        ({"store": {"type": "s3"}}, "store.type=s3 needs store.s3.bucket"),
+        ({"store": {"type": "s3"}, "replicaCount": 3}, "store.type=s3 needs store.s3.bucket"),
+        ({"store": {"type": "gcs"}}, 'store.type must be filesystem or s3, not "gcs"'),
+        (
+            merged(S3, {"persistence": {"enabled": True}}),
+            "persistence.enabled is for store.type=filesystem: with s3 the bucket is the cache "
+            "(turn persistence off)",
+        ),
+        (
+            merged(S3, {"store": {"s3": {"existingSecret": "k", "secretAccessKeyKey": ""}}}),
+            "store.s3.existingSecret needs both accessKeyIdKey and secretAccessKeyKey",
+        ),
+        (
+            merged(S3, {"store": {"s3": {"lifecycleDays": -1}}}),
+            'store.s3.lifecycleDays must be a whole number of days (0: off), not "-1"',
+        ),
+        (
+            merged(S3, {"redis": {"url": "redis://r:6379", "existingSecret": "r"}}),
+            "redis: set either url or existingSecret, not both",
+        ),
+        (
+            merged(S3, {"redis": {"url": "redis://:" + SENTINEL + "@redis:6379/0"}}),
+            "redis.url holds a password: put the URL in a Secret and set redis.existingSecret",
+        ),
+        (
+            merged(S3, {"redis": {"url": "rediss://default:" + SENTINEL + "@redis:6380"}}),
+            "redis.url holds a password: put the URL in a Secret and set redis.existingSecret",
+        ),
+    ],
+    ids=[
+        "replicas-filesystem",
+        "hpa-filesystem",
+        "s3-no-bucket",
+        "s3-no-bucket-replicas",
+        "unknown-store",
+        "s3-persistence",
+        "s3-secret-key",
+        "lifecycle-days",
+        "redis-both",
+        "redis-password",
+        "rediss-password",
+    ],
+)
+def test_store_values_that_cannot_work_fail_with_one_line(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError) as failure:
+        render(values)
+    reason = str(failure.value).split("): ", 1)[-1].strip()
+    assert reason == message
+    assert "\n" not in reason and SENTINEL not in reason
 
 
 # --- optional objects ----------------------------------------------------------------
@@ -690,9 +914,11 @@ def test_values_warn_that_read_write_once_cannot_be_shared() -> None:
     comments = " ".join(line for line in block.splitlines()[:25] if line.strip().startswith("#"))
     assert "ReadWriteOnce" in comments and "ReadWriteMany" in comments
     assert "one node" in comments.lower() or "across nodes" in comments.lower()
-    warning = notes({"persistence": {"enabled": True}, "replicaCount": 2})
-    assert "ReadWriteOnce" in warning
-    assert "ReadWriteOnce" not in notes({"persistence": {"enabled": True}})
+    assert "store.type=s3" in comments, "scaling out is the s3 store's job"
+    # A second replica on a filesystem store, on any volume, is refused outright.
+    for modes in (["ReadWriteOnce"], ["ReadWriteMany"]):
+        with pytest.raises(helm.HelmError, match=r"store\.type=s3"):
+            render({"persistence": {"enabled": True, "accessModes": modes}, "replicaCount": 2})
 
 
 def test_autoscaling_owns_the_replica_count(all_on: list[Obj]) -> None:
@@ -819,8 +1045,10 @@ def test_values_are_documented_key_by_key() -> None:
     assert undocumented == []
 
 
-def test_values_document_every_registry_variable() -> None:
+@pytest.mark.parametrize("prefix", ["REGISTRY_", "STORE", "S3_", "AWS_", "REDIS_"])
+def test_values_document_every_registry_and_store_variable(prefix: str) -> None:
     text = (CHART / "values.yaml").read_text(encoding="utf-8")
-    for name in ENV_VARS:
-        if name.startswith("REGISTRY_"):
-            assert name in text, f"values.yaml does not name {name}"
+    names = [name for name in ENV_VARS if name.startswith(prefix)]
+    assert names
+    for name in names:
+        assert name in text, f"values.yaml does not name {name}"

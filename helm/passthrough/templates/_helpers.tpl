@@ -147,4 +147,68 @@ Checks of values that would otherwise fail only at run time.
 {{- if and .Values.persistence.enabled (not .Values.config.cacheDir) }}
 {{- fail "persistence.enabled needs config.cacheDir: the volume is mounted there" }}
 {{- end }}
+{{- $store := .Values.store }}
+{{- if not (has $store.type (list "filesystem" "s3")) }}
+{{- fail (printf "store.type must be filesystem or s3, not %q" (toString $store.type)) }}
+{{- end }}
+{{- if eq $store.type "filesystem" }}
+{{- if .Values.autoscaling.enabled }}
+{{- fail "autoscaling.enabled needs store.type=s3: with store.type=filesystem every pod has its own cache" }}
+{{- end }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail (printf "replicaCount %d needs store.type=s3: with store.type=filesystem every pod has its own cache (use 1)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- else }}
+{{- if not $store.s3.bucket }}
+{{- fail "store.type=s3 needs store.s3.bucket" }}
+{{- end }}
+{{- if .Values.persistence.enabled }}
+{{- fail "persistence.enabled is for store.type=filesystem: with s3 the bucket is the cache (turn persistence off)" }}
+{{- end }}
+{{- if and $store.s3.existingSecret (not (and $store.s3.accessKeyIdKey $store.s3.secretAccessKeyKey)) }}
+{{- fail "store.s3.existingSecret needs both accessKeyIdKey and secretAccessKeyKey" }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^[0-9]*$" (include "passthrough.envValue" $store.s3.lifecycleDays)) }}
+{{- fail (printf "store.s3.lifecycleDays must be a whole number of days (0: off), not %q" (toString $store.s3.lifecycleDays)) }}
+{{- end }}
+{{- $redis := .Values.redis }}
+{{- if and $redis.url $redis.existingSecret }}
+{{- fail "redis: set either url or existingSecret, not both" }}
+{{- end }}
+{{- if and $redis.existingSecret (not $redis.urlKey) }}
+{{- fail "redis.existingSecret needs redis.urlKey" }}
+{{- end }}
+{{- if regexMatch "^[^/]*//[^/@]*:[^/@]*@" (toString $redis.url) }}
+{{- fail "redis.url holds a password: put the URL in a Secret and set redis.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment variables read from Secrets: a list of (name, secret, key), key never empty.
+*/}}
+{{- define "passthrough.secretEnv" -}}
+{{- $cred := .Values.registry.credentials }}
+{{- $secretName := include "passthrough.secretName" . }}
+{{- $pairs := list }}
+{{- if $cred.existingSecret }}
+{{- $pairs = list (list "REGISTRY_USERNAME" $cred.usernameKey) (list "REGISTRY_PASSWORD" $cred.passwordKey) (list "REGISTRY_BEARER_TOKEN" $cred.bearerTokenKey) }}
+{{- else if include "passthrough.createSecret" . }}
+{{- $pairs = list (list "REGISTRY_USERNAME" (ternary "username" "" (not (empty $cred.username)))) (list "REGISTRY_PASSWORD" (ternary "password" "" (not (empty $cred.password)))) (list "REGISTRY_BEARER_TOKEN" (ternary "token" "" (not (empty $cred.bearerToken)))) }}
+{{- end }}
+{{- $refs := list }}
+{{- range $pairs }}
+{{- if index . 1 }}
+{{- $refs = append $refs (list (index . 0) $secretName (index . 1)) }}
+{{- end }}
+{{- end }}
+{{- $s3 := .Values.store.s3 }}
+{{- if and (eq .Values.store.type "s3") $s3.existingSecret }}
+{{- $refs = append $refs (list "AWS_ACCESS_KEY_ID" $s3.existingSecret $s3.accessKeyIdKey) }}
+{{- $refs = append $refs (list "AWS_SECRET_ACCESS_KEY" $s3.existingSecret $s3.secretAccessKeyKey) }}
+{{- end }}
+{{- if .Values.redis.existingSecret }}
+{{- $refs = append $refs (list "REDIS_URL" .Values.redis.existingSecret .Values.redis.urlKey) }}
+{{- end }}
+{{- toJson $refs }}
 {{- end }}
