@@ -56,7 +56,8 @@ _metrics_dir_created: list[str] = []
 
 def on_starting(server: object) -> None:
     """Validate the configuration once in the master, so a bad value stops start-up
-    with one message naming the variable instead of every worker failing to boot.
+    with one message naming the variable instead of every worker failing to boot; the
+    content store is checked reachable the same way.
 
     Then settle PROMETHEUS_MULTIPROC_DIR, where every worker writes its metric samples
     and /metrics reads them all: the operator's directory wiped of a previous run's
@@ -64,8 +65,12 @@ def on_starting(server: object) -> None:
     from passthrough.config import ConfigError, load_settings
     from passthrough.observe import metrics
 
+    from passthrough.store import check_store
+
     try:
-        load_settings()
+        # The store too: an unreachable S3 endpoint or a missing bucket stops start-up
+        # here, once, naming the variable and the endpoint.
+        check_store(load_settings())
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
     try:

@@ -21,9 +21,11 @@ def healthcheck(url: str, timeout: float) -> int:
 
 def check_config() -> int:
     from passthrough.config import ConfigError, load_settings
+    from passthrough.store import check_store
 
     try:
         settings = load_settings()
+        check_store(settings)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -62,31 +62,41 @@ def env_for(registry: RegistryServer | str, credential: tuple[str, str] | None =
 # --- servers, one per configuration, shared by the module ------------------------------
 
 
+@pytest.fixture(scope="module", params=["temp", "s3"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The whole matrix runs twice: with no store (each download spools its layers into
+    anonymous temp files) and on the S3 store (SeaweedFS), every server with a key
+    prefix of its own."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def anon_server(tmp_path_factory, registry_anon) -> Iterator[PassthroughServer]:
+def anon_server(tmp_path_factory, store_env, registry_anon) -> Iterator[PassthroughServer]:
     """REGISTRY_URL is the anonymous registry; no credentials."""
-    with running_server(tmp_path_factory, env_for(registry_anon)) as server:
+    with running_server(tmp_path_factory, store_env(env_for(registry_anon))) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def basic_server(tmp_path_factory, registry_basic) -> Iterator[PassthroughServer]:
+def basic_server(tmp_path_factory, store_env, registry_basic) -> Iterator[PassthroughServer]:
     """REGISTRY_URL is the htpasswd registry, with alice's credentials."""
-    with running_server(tmp_path_factory, env_for(registry_basic, auth_of(ALICE))) as server:
+    with running_server(
+        tmp_path_factory, store_env(env_for(registry_basic, auth_of(ALICE)))
+    ) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def ns_server(tmp_path_factory, registry_basic) -> Iterator[PassthroughServer]:
+def ns_server(tmp_path_factory, store_env, registry_basic) -> Iterator[PassthroughServer]:
     """basic_server plus REGISTRY_DEFAULT_NAMESPACE."""
     env = env_for(registry_basic, auth_of(ALICE), REGISTRY_DEFAULT_NAMESPACE=DEFAULT_NAMESPACE)
-    with running_server(tmp_path_factory, env) as server:
+    with running_server(tmp_path_factory, store_env(env)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def token_env_server(
-    tmp_path_factory, registry_token, token_issuer_session
+    tmp_path_factory, store_env, registry_token, token_issuer_session
 ) -> Iterator[PassthroughServer]:
     """The token registry with alice's credentials, realm and service set explicitly."""
     env = env_for(
@@ -95,22 +105,22 @@ def token_env_server(
         REGISTRY_AUTH_URL=token_issuer_session.realm,
         REGISTRY_SERVICE=token_issuer_session.service,
     )
-    with running_server(tmp_path_factory, env) as server:
+    with running_server(tmp_path_factory, store_env(env)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def token_anon_server(tmp_path_factory, registry_token) -> Iterator[PassthroughServer]:
+def token_anon_server(tmp_path_factory, store_env, registry_token) -> Iterator[PassthroughServer]:
     """The token registry without credentials of its own (clients may bring theirs)."""
-    with running_server(tmp_path_factory, env_for(registry_token)) as server:
+    with running_server(tmp_path_factory, store_env(env_for(registry_token))) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def token_required_server(tmp_path_factory, registry_token) -> Iterator[PassthroughServer]:
+def token_required_server(tmp_path_factory, store_env, registry_token) -> Iterator[PassthroughServer]:
     """The token registry with REGISTRY_CLIENT_AUTH=required."""
     env = env_for(registry_token, REGISTRY_CLIENT_AUTH="required")
-    with running_server(tmp_path_factory, env) as server:
+    with running_server(tmp_path_factory, store_env(env)) as server:
         yield server
 
 
@@ -493,10 +503,10 @@ def test_corrupted_blob_never_yields_a_complete_archive(
 
 
 @pytest.fixture(scope="module")
-def fault_server(tmp_path_factory, registry_anon) -> Iterator[tuple[PassthroughServer, FaultFront]]:
+def fault_server(tmp_path_factory, store_env, registry_anon) -> Iterator[tuple[PassthroughServer, FaultFront]]:
     """A server whose registry is a FaultFront: its log shows every upstream request."""
     with FaultFront(registry_anon) as front, running_server(
-        tmp_path_factory, env_for(front.url)
+        tmp_path_factory, store_env(env_for(front.url))
     ) as server:
         yield server, front
 

@@ -20,7 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings of the service (and of gunicorn.conf.py) that must come from the test, never
 # from whoever runs the suite.
-SCRUBBED_PREFIXES = ("REGISTRY_", "OTEL_", "CACHE_", "LOG_", "UPSTREAM_", "MAX_", "PROMETHEUS_")
+SCRUBBED_PREFIXES = (
+    "REGISTRY_", "OTEL_", "CACHE_", "LOG_", "UPSTREAM_", "MAX_", "PROMETHEUS_", "S3_", "AWS_",
+    "REDIS_",
+)
 SCRUBBED_NAMES = frozenset(
     {
         "ENV_FILE",
@@ -36,6 +39,7 @@ SCRUBBED_NAMES = frozenset(
         "DEFAULT_PLATFORM",
         "DOWNLOAD_DEADLINE",
         "SERVE_STALE",
+        "STORE",
         # The registries are on loopback: a proxy from the environment would break them.
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -160,8 +164,18 @@ class PassthroughServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftover_temp_files(self) -> list[Path]:
-        """Everything the server left in its TMPDIR."""
-        return sorted(self.tmpdir.rglob("*"))
+        """Everything the server left in its TMPDIR, but for the S3 store's working
+        area there (its empty tmp/ and its lock files, which must outlive requests)."""
+        found = []
+        for path in sorted(self.tmpdir.rglob("*")):
+            relative = path.relative_to(self.tmpdir).parts
+            if relative[0].startswith("passthrough-s3-"):
+                if len(relative) == 1 or relative[1:] in (("tmp",), ("locks",)):
+                    continue
+                if relative[1] == "locks" and path.suffix == ".lock":
+                    continue
+            found.append(path)
+        return found
 
     def __enter__(self) -> PassthroughServer:
         return self.start()
