@@ -8,7 +8,8 @@
 # Two stages: the first builds a virtualenv with the package and its dependencies,
 # the second copies that venv into a clean slim Python of the same version. Nothing
 # here is specific to one CPU architecture: every dependency ships manylinux wheels
-# for x86_64 and aarch64, so no compiler is needed in either stage.
+# for x86_64 and aarch64, so no compiler is needed in either stage, and the lock
+# (requirements/runtime.txt) holds the hashes of both architectures' wheels.
 
 ARG PYTHON_VERSION=3.11
 
@@ -18,15 +19,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir --upgrade pip
 
 WORKDIR /src
+# The lock pins every package (setuptools and wheel too) with hashes: pip resolves
+# nothing (--no-deps) and refuses any file whose hash is not in it. The dependencies
+# get their own layer, so a code change reuses it; the cache mount keeps the wheels
+# for a lock change without leaving a pip cache in any layer.
+COPY requirements/runtime.txt ./requirements/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --require-hashes --no-deps -r requirements/runtime.txt
 COPY pyproject.toml setup.cfg ./
 COPY passthrough ./passthrough
-# The cache mount lets a rebuild after a code change reuse the downloaded wheels
-# without leaving a pip cache in any layer.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install . \
+# --no-build-isolation: built with the locked setuptools and wheel, nothing fetched.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check \
     && passthrough --help >/dev/null
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README.md, .ci/run): installs everything the tests need on a
-# Debian machine (apt packages, a venv with the project and its test extra), runs
+# Debian machine (apt packages, a venv with the project and its locked test extra), runs
 # the linters and the whole suite. `bash tests/run.sh fast` runs the unit tier only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,12 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# requirements/test.txt (requirements/refresh.sh makes it from setup.cfg) pins every
+# package, setuptools and wheel included, with hashes: pip resolves nothing (--no-deps),
+# builds in this venv (--no-build-isolation), so any pip does, Debian 12's 23.0 too.
+.venv/bin/pip install -q --require-hashes --no-deps -r requirements/test.txt
+.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/pip check >/dev/null
 
 .venv/bin/ruff check .
 .venv/bin/mypy

@@ -23,13 +23,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar
 
-__all__ = ["CONTAINERD", "DOCKERD", "DOCKER_CLI", "DockerEngine", "DockerEngineError"]
+__all__ = ["CONTAINERD", "DOCKERD", "DOCKER_CLI", "RUNC", "DockerEngine", "DockerEngineError"]
 
 DOCKERD = "/usr/sbin/dockerd"
 CONTAINERD = "/usr/bin/containerd"
 # /usr/local/bin/docker is a newer client earlier on PATH; the rig pins the
 # Debian client that matches the 20.10 daemon.
 DOCKER_CLI = "/usr/bin/docker"
+# The OCI runtime, named by path for dockerd here and for podman in loaders.py, never
+# left to a lookup: Debian's podman depends on "crun | runc" and prefers crun when apt
+# picked it, and crun refuses this rig's hosts, which mount cgroups in hybrid mode (v1
+# controllers + an empty v2 tree): "crun: cgroups in hybrid mode not supported, drop
+# all controllers from cgroupv2". runc runs there and is always installed (docker.io
+# depends on it).
+RUNC = "/usr/bin/runc"
+# dockerd reserves the name "runc" for its PATH lookup; ours is this path.
+_RUNTIME_NAME = "pt-runc"
 
 
 class DockerEngineError(RuntimeError):
@@ -160,10 +169,12 @@ class DockerEngine:
             f"--exec-root={self.exec_root}",
             f"--pidfile={self.base / 'docker.pid'}",
             f"--host={self.host}",
+            f"--add-runtime={_RUNTIME_NAME}={RUNC}",
+            f"--default-runtime={_RUNTIME_NAME}",
         ]
 
     def start(self) -> DockerEngine:
-        for tool in (DOCKERD, CONTAINERD, DOCKER_CLI, "/usr/bin/runc"):
+        for tool in (DOCKERD, CONTAINERD, DOCKER_CLI, RUNC):
             if not os.access(tool, os.X_OK):
                 raise DockerEngineError(f"{tool} is missing (apt-get install docker.io)")
         began = time.monotonic()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.support.docker_engine import DOCKER_CLI
+from tests.support.docker_engine import DOCKER_CLI, RUNC
 
 __all__ = [
     "PODMAN",
@@ -208,8 +208,10 @@ def podman_load(archive: Path | str, *, run_marker: str | None = None) -> Podman
     conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{root}"\nrunroot = "{runroot}"\n')
     env = dict(os.environ)
     env.update(CONTAINERS_STORAGE_CONF=str(conf), TMPDIR=str(tmp))
+    # --runtime: podman's default is crun whenever apt installed crun, and crun fails
+    # on hybrid-cgroup hosts; see RUNC in docker_engine.py.
     base = [PODMAN, "--root", str(root), "--runroot", str(runroot), "--tmpdir", str(tmp),
-            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+            "--runtime", RUNC, "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
             "--events-backend", "file", "--log-level", "error"]
     try:
         proc = _run([*base, "load", "-i", str(archive)], env=env)
