@@ -33,6 +33,8 @@ python=${PYTHON:-python3}
 
 .venv/bin/ruff check .
 .venv/bin/mypy
+# The wings import downward only (the layers contract in pyproject.toml).
+.venv/bin/lint-imports --no-cache
 set +e
 if [ "$tier" = fast ]; then
   .venv/bin/pytest -m "not rig" "${@:2}"
