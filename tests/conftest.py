@@ -1,6 +1,7 @@
 """Shared fixtures: the real test rig (registries, token issuer, fronts, dockerd,
-loaders, the server under gunicorn). Tests that use it are marked ``rig`` and run in the
-full tier; `bash tests/run.sh fast` runs the rest in seconds."""
+loaders, the server under gunicorn, SeaweedFS as S3, redis-server). Tests that use it
+are marked ``rig`` and run in the full tier; `bash tests/run.sh fast` runs the rest in
+seconds."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 
 from tests.support.fixtures_loaders import *  # noqa: F403
 from tests.support.fixtures_registry import *  # noqa: F403
+from tests.support.fixtures_store import *  # noqa: F403
 
 RIG_FIXTURES = {
     "token_issuer_session", "token_issuer", "registry_anon", "registry_basic", "registry_token",
     "redirect_front_anon", "redirect_front_token", "fault_front", "fault_front_token",
-    "passthrough_server", "docker_engine", "docker_host",
+    "passthrough_server", "docker_engine", "docker_host", "seaweed", "s3_bucket", "redis_server",
 }
 
 
