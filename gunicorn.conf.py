@@ -64,7 +64,6 @@ def on_starting(server: object) -> None:
     files, or a fresh one, before any worker starts."""
     from passthrough.config import ConfigError, load_settings
     from passthrough.observe import metrics
-
     from passthrough.store import check_store
 
     try:

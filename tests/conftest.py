@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.fixtures_loaders import *  # noqa: F403
+from tests.support.fixtures_matrix import *  # noqa: F403
 from tests.support.fixtures_registry import *  # noqa: F403
 from tests.support.fixtures_store import *  # noqa: F403
 

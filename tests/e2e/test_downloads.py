@@ -117,7 +117,9 @@ def token_anon_server(tmp_path_factory, store_env, registry_token) -> Iterator[P
 
 
 @pytest.fixture(scope="module")
-def token_required_server(tmp_path_factory, store_env, registry_token) -> Iterator[PassthroughServer]:
+def token_required_server(
+    tmp_path_factory, store_env, registry_token
+) -> Iterator[PassthroughServer]:
     """The token registry with REGISTRY_CLIENT_AUTH=required."""
     env = env_for(registry_token, REGISTRY_CLIENT_AUTH="required")
     with running_server(tmp_path_factory, store_env(env)) as server:
@@ -503,7 +505,9 @@ def test_corrupted_blob_never_yields_a_complete_archive(
 
 
 @pytest.fixture(scope="module")
-def fault_server(tmp_path_factory, store_env, registry_anon) -> Iterator[tuple[PassthroughServer, FaultFront]]:
+def fault_server(
+    tmp_path_factory, store_env, registry_anon
+) -> Iterator[tuple[PassthroughServer, FaultFront]]:
     """A server whose registry is a FaultFront: its log shows every upstream request."""
     with FaultFront(registry_anon) as front, running_server(
         tmp_path_factory, store_env(env_for(front.url))

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.seaweed import SeaweedS3
 
-__all__ = ["s3_env", "store_env", "store_kind"]
+__all__ = ["StoreEnv", "s3_env", "store_env", "store_kind"]
 
 StoreEnv = Callable[[Mapping[str, str]], dict[str, str]]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.fixtures_matrix import StoreEnv
 from tests.support.fronts import FaultFront, RedirectFront
 from tests.support.registry import BASIC_USERS, TOKEN_GRANTS, TOKEN_USERS, RegistryServer
 from tests.support.server import PassthroughServer
@@ -109,16 +110,19 @@ def fault_front_token(registry_token: RegistryServer) -> Iterator[FaultFront]:
 
 
 @pytest.fixture
-def passthrough_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PassthroughFactory]:
+def passthrough_server(
+    tmp_path_factory: pytest.TempPathFactory, store_env: StoreEnv
+) -> Iterator[PassthroughFactory]:
     """A factory: `passthrough_server(env, workers=1, threads=8, ...)` starts the
-    project's gunicorn server with `env` over a scrubbed environment; every server it
+    project's gunicorn server with `env` over a scrubbed environment (on the module's
+    store, see fixtures_matrix: none unless the module says); every server it
     started is stopped at the end of the test. Their logs are printed then (pytest shows
     them for failed tests only) and kept under pytest's temp dir."""
     started: list[PassthroughServer] = []
 
     def start(env: Mapping[str, str] | None = None, **kw: Any) -> PassthroughServer:
         kw.setdefault("tmp_root", Path(tmp_path_factory.mktemp("passthrough")))
-        server = PassthroughServer(dict(env or {}), **kw)
+        server = PassthroughServer(store_env(env or {}), **kw)
         started.append(server)
         return server.start()
 

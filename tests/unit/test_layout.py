@@ -31,5 +31,6 @@ def test_no_import_cycle_in_the_package() -> None:
 
 def test_the_store_knows_nothing_of_registries() -> None:
     graph = grimp.build_graph("passthrough")
-    chains = graph.find_shortest_chains(importer="passthrough.store", imported="passthrough.upstream")
-    assert not chains
+    assert not graph.find_shortest_chains(
+        importer="passthrough.store", imported="passthrough.upstream"
+    )
