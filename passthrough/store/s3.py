@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import boto3
 import botocore.config
 import botocore.exceptions
+import urllib3
 from boto3.s3.transfer import TransferConfig
 
 from passthrough.config import ConfigError
@@ -43,7 +44,12 @@ READ_AHEAD = 1 << 20
 LIFECYCLE_RULE_ID = "passthrough-expiry"
 
 #: What botocore raises when S3 cannot be reached or answers wrongly.
-_S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+_S3_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
 
 
 class S3Backend(Backend):
