@@ -44,7 +44,8 @@ def open_store(settings: Settings) -> ContentStore | None:
     lease = None
     if settings.redis_url:
         # One namespace per store, so installations that share a Redis never share locks.
-        namespace = "passthrough:" + hashlib.sha256(backend.describe().encode()).hexdigest()[:16]
+        where = f"{backend.describe()}\0{settings.s3_prefix}"
+        namespace = "passthrough:" + hashlib.sha256(where.encode()).hexdigest()[:16]
         lease = RedisLease(
             settings.redis_url,
             lease_seconds=settings.redis_lock_lease,
