@@ -250,3 +250,24 @@ def test_serve_stale_uses_the_last_known_digest_while_the_registry_is_down(
             assert refused.status_code == 502
         else:
             assert stale.status_code == 502
+
+
+def test_pinned_entries_are_never_evicted(tmp_path):
+    store = ContentStore.on_filesystem(tmp_path / "c", max_bytes=3000)
+    names = []
+    for index in range(4):
+        data = bytes([index]) * 1000
+        store.put_document("blobs", digest(data), data)
+        names.append(digest(data))
+    for age, name in zip((40, 30, 20, 10), names, strict=True):
+        path = next((tmp_path / "c" / "blobs" / "sha256").glob(name[7:] + "-*"))
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    # The two least recently used would go; the oldest is pinned, so the next ones go.
+    store.pin("blobs", names[0])
+    assert store.pinned() == {f"blobs/sha256/{names[0][7:]}"}
+    assert store.evict_if_needed() == 2
+    assert store.get_document("blobs", names[0]) is not None
+    assert store.get_document("blobs", names[1]) is None
+    assert store.get_document("blobs", names[2]) is None
+    store.unpin("blobs", names[0])
+    assert store.pinned() == set()
