@@ -143,17 +143,23 @@ def test_gzip_layers_keep_the_registry_blobs_with_exact_length_cold(app):
     assert app.test_client().get("/docker/team__api_v1.tar?layers=zip").status_code == 400
 
 
-def test_eviction_is_least_recently_used(tmp_path):
+def four_entries(tmp_path, ages):
+    """A store of 3000 bytes holding four 1000-byte blobs last used `ages` seconds ago."""
     cache = ContentStore.on_filesystem(tmp_path / "c", max_bytes=3000)
     names = []
     for index in range(4):
         data = bytes([index]) * 1000
         cache.put_document("blobs", digest(data), data)
         names.append(digest(data))
-    # Entry 0 was used last; entry 1 is the least recently used.
-    for age, name in zip((10, 40, 30, 20), names, strict=True):
+    for age, name in zip(ages, names, strict=True):
         path = next((tmp_path / "c" / "blobs" / "sha256").glob(name[7:] + "-*"))
         os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    return cache, names
+
+
+def test_eviction_is_least_recently_used(tmp_path):
+    # Entry 0 was used last; entry 1 is the least recently used.
+    cache, names = four_entries(tmp_path, (10, 40, 30, 20))
     assert cache.evict_if_needed() == 2
     assert cache.total_bytes() == 2000
     assert cache.get_document("blobs", names[0]) is not None
@@ -253,15 +259,7 @@ def test_serve_stale_uses_the_last_known_digest_while_the_registry_is_down(
 
 
 def test_pinned_entries_are_never_evicted(tmp_path):
-    store = ContentStore.on_filesystem(tmp_path / "c", max_bytes=3000)
-    names = []
-    for index in range(4):
-        data = bytes([index]) * 1000
-        store.put_document("blobs", digest(data), data)
-        names.append(digest(data))
-    for age, name in zip((40, 30, 20, 10), names, strict=True):
-        path = next((tmp_path / "c" / "blobs" / "sha256").glob(name[7:] + "-*"))
-        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    store, names = four_entries(tmp_path, (40, 30, 20, 10))
     # The two least recently used would go; the oldest is pinned, so the next ones go.
     store.pin("blobs", names[0])
     assert store.pinned() == {f"blobs/sha256/{names[0][7:]}"}
