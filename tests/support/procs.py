@@ -3,6 +3,7 @@ Popen wrapper that always stops what it started, by pid, even if a test crashes.
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import ctypes
@@ -20,7 +21,7 @@ from collections.abc import Callable, Container, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 LOOPBACK = "127.0.0.1"
 
@@ -339,3 +340,50 @@ def _stop_all() -> None:
     for proc in live:
         with contextlib.suppress(Exception):
             proc.stop(timeout=5.0)
+
+
+class RestartableService(abc.ABC):
+    """A rig service that a test may stop, kill (as a crash would) and start again on
+    the same ports and data; `close()` stops it and removes its files. Subclasses set
+    `root`, `process` and `_closed`, and give `start()` and `stop()`."""
+
+    root: Path
+    process: ManagedProcess | None
+    _closed: bool
+
+    @abc.abstractmethod
+    def start(self, timeout: float = 60.0) -> Self: ...
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def kill(self) -> None:
+        """SIGKILL the pid at once; ports and data are kept."""
+        if self.process is not None and self.process.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+        self.stop()
+
+    def restart(self, timeout: float | None = None) -> Self:
+        self.stop()
+        return self.start() if timeout is None else self.start(timeout)
+
+    def ensure_running(self) -> Self:
+        """Start again if a test left it stopped."""
+        return self if self.running else self.start()
+
+    def close(self) -> None:
+        """Stop and remove the data."""
+        self.stop()
+        self._closed = True
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

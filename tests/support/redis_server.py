@@ -7,10 +7,7 @@ a restart, just as a real Redis without RDB/AOF would lose it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +15,13 @@ from typing import Any
 
 import redis
 
-from tests.support.procs import LOOPBACK, ManagedProcess, StartupError, free_port
+from tests.support.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    RestartableService,
+    StartupError,
+    free_port,
+)
 
 REDIS_BINARY = "/usr/bin/redis-server"
 
@@ -32,7 +35,7 @@ def redis_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(RestartableService):
     """One redis-server. `url` is redis://127.0.0.1:PORT/0."""
 
     def __init__(self, *, host: str = LOOPBACK) -> None:
@@ -58,10 +61,6 @@ class RedisServer:
         if self.process is None:
             raise RuntimeError("redis-server not running")
         return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     def command(self) -> list[str]:
         return [
@@ -132,31 +131,6 @@ class RedisServer:
         """SIGTERM the pid, SIGKILL after `timeout`; the port is kept for start()."""
         if self.process is not None:
             self.process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the pid at once."""
-        if self.process is not None and self.process.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-        self.stop()
-
-    def restart(self, timeout: float = 15.0) -> RedisServer:
-        self.stop()
-        return self.start(timeout)
-
-    def ensure_running(self) -> RedisServer:
-        return self if self.running else self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self._closed = True
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A redis-py client of this server (kwargs go to redis.Redis.from_url)."""

@@ -19,8 +19,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
 import sys
 import sysconfig
 import tempfile
@@ -33,7 +31,14 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from tests.support.procs import LOOPBACK, ManagedProcess, StartupError, free_port, wait_for_http
+from tests.support.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    RestartableService,
+    StartupError,
+    free_port,
+    wait_for_http,
+)
 
 # The rig's S3 identity: the one place it is spelled.
 S3_ACCESS_KEY = "rig-access-key"
@@ -74,7 +79,7 @@ def weed_binary() -> Path:
     )
 
 
-class SeaweedS3:
+class SeaweedS3(RestartableService):
     """One SeaweedFS `weed server` with an S3 gateway at `endpoint_url`."""
 
     def __init__(
@@ -132,10 +137,6 @@ class SeaweedS3:
         if self.process is None:
             raise RuntimeError("seaweed not running")
         return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     # --- the process ------------------------------------------------------------------
 
@@ -291,33 +292,6 @@ class SeaweedS3:
         if self.process is not None:
             self.process.stop(timeout)
         self._remove_grpc_sockets()
-
-    def kill(self) -> None:
-        """SIGKILL the pid at once, as a crash would; ports and data are kept."""
-        if self.process is not None and self.process.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-        self.stop()
-
-    def restart(self, timeout: float = 60.0) -> SeaweedS3:
-        self.stop()
-        return self.start(timeout)
-
-    def ensure_running(self) -> SeaweedS3:
-        """Start again if a test left it stopped."""
-        return self if self.running else self.start()
-
-    def close(self) -> None:
-        """Stop and remove the data."""
-        self.stop()
-        self._closed = True
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> SeaweedS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def log_text(self) -> str:
         path = self.root / "weed.log"
