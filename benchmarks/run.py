@@ -554,17 +554,15 @@ def _assignment(text: str) -> tuple[str, str]:
     return name, value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+def add_common_arguments(parser: argparse.ArgumentParser, *, repeat_help: str) -> None:
+    """The options every benchmark here takes: image, servers, where results go."""
+    parser.add_argument("--repeat", type=int, default=3, help=repeat_help)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     parser.add_argument("--threads", type=int, default=16, help="threads per worker (16)")
     parser.add_argument("--rebuild", action="store_true", help="build the image again")
     parser.add_argument(
         "--dirs", nargs="+", default=list(DEFAULT_DIRS), help="one layer per directory"
     )
-    parser.add_argument("--profile", action="store_true", help="py-spy a cold and a warm run")
-    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--out", type=Path, default=OUT, help="the image cache (and results)")
     parser.add_argument("--results", type=Path, default=None, help="results here, not --out")
     parser.add_argument("--work-dir", type=Path, default=None, help="where caches go (TMPDIR)")
@@ -574,7 +572,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra environment of the server, e.g. LAYER_CONCURRENCY=1 (repeatable)",
+        help="extra environment of the servers, e.g. LAYER_CONCURRENCY=1 (repeatable)",
     )
     parser.add_argument(
         "--repo-root",
@@ -582,6 +580,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=REPO_ROOT,
         help="run the server from another checkout (A/B experiments)",
     )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
+    add_common_arguments(parser, repeat_help="runs per measurement (median)")
+    parser.add_argument("--profile", action="store_true", help="py-spy a cold and a warm run")
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     return parser.parse_args(argv)
 
 

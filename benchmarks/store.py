@@ -22,7 +22,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python benchmarks/store.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image import DEFAULT_DIRS, load_or_build
+from benchmarks.image import load_or_build
 from benchmarks.measure import (
     BenchmarkError,
     MemoryWatch,
@@ -34,10 +34,8 @@ from benchmarks.measure import (
 )
 from benchmarks.run import (
     MB,
-    OUT,
-    REPO_ROOT,
     Bench,
-    _assignment,
+    add_common_arguments,
     code_version,
     log,
     machine,
@@ -377,28 +375,8 @@ def report(result: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks.store", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="warm runs of each (median)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
-    parser.add_argument("--threads", type=int, default=16, help="threads per worker (16)")
-    parser.add_argument("--rebuild", action="store_true", help="build the image again")
-    parser.add_argument(
-        "--dirs", nargs="+", default=list(DEFAULT_DIRS), help="one layer per directory"
-    )
+    add_common_arguments(parser, repeat_help="warm runs of each (median)")
     parser.add_argument("--prefix", default="bench/", help="the S3 store's S3_PREFIX")
-    parser.add_argument("--out", type=Path, default=OUT, help="the image cache (and results)")
-    parser.add_argument("--results", type=Path, default=None, help="results here, not --out")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where caches go (TMPDIR)")
-    parser.add_argument(
-        "--server-env",
-        type=_assignment,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra environment of both servers (repeatable)",
-    )
-    parser.add_argument(
-        "--repo-root", type=Path, default=REPO_ROOT, help="run the server from another checkout"
-    )
     return parser.parse_args(argv)
 
 
