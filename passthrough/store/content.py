@@ -264,9 +264,6 @@ class ContentStore:
         if kind == "blobs":
             self._count(bytes_written=len(data))
 
-    def has(self, kind: str, digest: str) -> bool:
-        return self.backend.size(content_key(kind, digest)) is not None
-
     def presigned_url(self, kind: str, digest: str, expires: int = 900) -> str | None:
         return self.backend.presigned_url(content_key(kind, digest), expires)
 
@@ -341,10 +338,6 @@ class ContentStore:
                 removed += 1
         self._count(evictions=removed)
         return removed
-
-    def close(self) -> None:
-        self.flight.close()
-        self.backend.close()
 
 
 def stored_chunks(source: LayerFile) -> Iterator[bytes]:

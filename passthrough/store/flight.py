@@ -71,10 +71,6 @@ class Flight:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def close(self) -> None:
-        if self.lease is not None:
-            self.lease.close()
-
 
 class RedisLease:
     """A lease in Redis, one key per name under ``namespace``."""
@@ -169,13 +165,3 @@ class RedisLease:
             except self._redis_errors as exc:
                 self._failed(exc)
                 return
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except self._redis_errors:
-            return False
-
-    def close(self) -> None:
-        with contextlib.suppress(*self._redis_errors):
-            self.client.close()
