@@ -262,10 +262,18 @@ class Download:
         self.started = time.monotonic()
         self._logged = False
         self._on_close: list[Callable[[], None]] = []
-        #: Each written layer's entry size, when known before fetching (cached, or the
+        #: Each written layer's entry size when the store holds it (None: to be fetched);
+        #: the store is asked once per layer, for the pre-flight and the sizes both.
+        self.stored_sizes: dict[int, int | None] = {
+            slot.index: store.stored_size(image.layers[slot.index], compressed=slot.compressed)
+            for slot in plan.written_layers
+        }
+        #: Each written layer's entry size, when known before fetching (stored, or the
         #: registry's blob size for ?layers=gzip).
         self.known_sizes: dict[int, int | None] = {
-            slot.index: store.known_size(image.layers[slot.index], compressed=slot.compressed)
+            slot.index: image.layers[slot.index].size
+            if slot.compressed
+            else self.stored_sizes[slot.index]
             for slot in plan.written_layers
         }
         #: error.type of a failure after the first byte.
@@ -627,7 +635,7 @@ def prepare_download(
         needed = 0
         for slot in plan.written_layers:
             layer = image.layers[slot.index]
-            if not store.holds(layer, compressed=slot.compressed):
+            if download.stored_sizes[slot.index] is None:
                 needed += layer.size
                 client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
         # The space needed is local: the cache directory, or (S3, no store) the temp

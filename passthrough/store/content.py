@@ -131,17 +131,12 @@ class ContentStore:
 
     # -- layers --------------------------------------------------------------------------
 
-    def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
+    def stored_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
+        """The size of the entry this download would read (the blob, or the layer tar)
+        when it is already here, else None: one lookup."""
         if compressed:
-            return layer.size
+            return self.backend.size(content_key("blobs", layer.digest))
         return self.backend.size(content_key("layers", layer.diff_id))
-
-    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool:
-        """Whether the entry this download would read is already here (a known size is
-        not enough: a blob's size comes from the manifest)."""
-        if compressed:
-            return self.backend.size(content_key("blobs", layer.digest)) is not None
-        return self.backend.size(content_key("layers", layer.diff_id)) is not None
 
     def _open(self, kind: str, digest: str) -> LayerFile | None:
         found = self.backend.open(content_key(kind, digest), digest)

@@ -18,11 +18,8 @@ class TempStore:
     def __init__(self, temp_dir: str | None) -> None:
         self.temp_dir = temp_dir
 
-    def known_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
-        return layer.size if compressed else None
-
-    def holds(self, layer: LayerDescriptor, *, compressed: bool) -> bool:
-        return False
+    def stored_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
+        return None
 
     def layer_file(
         self,
