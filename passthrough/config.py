@@ -36,6 +36,8 @@ _HOST_RE = re.compile(
 
 
 STORES = ("filesystem", "s3")
+PROXY_MODES = ("transparent", "authenticated")
+_ALIAS_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 
 
 class ConfigError(ValueError):
@@ -103,6 +105,40 @@ class Settings:
     # Outbound policy (passthrough.netguard).
     registry_allowlist: tuple[str, ...] = ()
     allow_link_local: bool = False
+    # -- the /v2 API ---------------------------------------------------------------------
+    #: UPSTREAMS: (alias, endpoint) pairs; ``/v2/<alias>/<repository>/…`` is proxied there.
+    upstreams: tuple[tuple[str, RegistryEndpoint], ...] = ()
+    #: REGISTRY_AUTH_FILE: the service's identity per upstream host (docker config.json).
+    upstream_credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    #: PROXY_MODE: "transparent" (the service's identity upstream; cached content is
+    #: served to anyone who reaches the port) or "authenticated" (each client's own).
+    proxy_mode: str = "transparent"
+    #: PUBLIC_URL: how clients reach this service (the token realm); never the Host header.
+    public_url: str | None = None
+    #: TOKEN_SECRET: the key every worker and replica signs and encrypts tokens with.
+    token_secret: str | None = field(default=None, repr=False)
+    #: Seconds a token passthrough issues stays valid.
+    token_ttl: int = 300
+    #: Seconds a tag is trusted without asking upstream again (0: a HEAD every time).
+    tag_ttl: float = 0.0
+    #: Serve a tag seen before from the store while upstream is down (/v2 only).
+    proxy_serve_stale: bool = True
+    #: Answer a blob hit on the S3 store with a 307 to a presigned URL.
+    s3_redirect: bool = False
+    # TLS (gunicorn's certfile/keyfile, or a certificate made at start-up).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_self_signed: bool = False
+    tls_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether /v2 asks clients to authenticate (the Bearer challenge)."""
+        return self.proxy_mode == "authenticated"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_self_signed or self.tls_cert_file is not None
 
     @property
     def has_env_credentials(self) -> bool:
@@ -237,6 +273,78 @@ def _url(env: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def parse_upstreams(text: str | None) -> tuple[tuple[str, RegistryEndpoint], ...]:
+    """UPSTREAMS: ``alias=url`` pairs, comma-separated (``hub=https://registry-1.docker.io,
+    lab=http://10.1.2.3:5000``)."""
+    found: list[tuple[str, RegistryEndpoint]] = []
+    seen: set[str] = set()
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        alias, equals, url = item.partition("=")
+        alias = alias.strip().lower()
+        if not equals or not url.strip():
+            raise ConfigError(f"UPSTREAMS: {item!r} is not alias=url")
+        if not _ALIAS_RE.fullmatch(alias) or alias == "v2":
+            raise ConfigError(
+                f"UPSTREAMS: alias {alias!r} must be a lowercase name such as hub or ghcr"
+            )
+        if alias in seen:
+            raise ConfigError(f"UPSTREAMS: alias {alias!r} is given twice")
+        seen.add(alias)
+        found.append((alias, normalize_registry(url, variable=f"UPSTREAMS ({alias})")))
+    return tuple(found)
+
+
+def auth_file_host(key: str) -> str:
+    """A config.json ``auths`` key as a host: ``https://index.docker.io/v1/`` and every
+    Docker Hub alias mean docker.io."""
+    text = key.strip().lower()
+    if "://" in text:
+        text = urlsplit(text).netloc
+    text = text.split("/", 1)[0]
+    return "docker.io" if text in DOCKER_HUB_ALIASES else text
+
+
+def read_auth_file(path: str) -> dict[str, tuple[str, str]]:
+    """REGISTRY_AUTH_FILE in the docker ``config.json`` / podman ``auth.json`` format:
+    ``{"auths": {"ghcr.io": {"auth": "<base64 user:password>"}}}`` (or ``username`` and
+    ``password``). Errors name the file and the entry, never a secret."""
+    import base64
+    import binascii
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"REGISTRY_AUTH_FILE {path!r} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"REGISTRY_AUTH_FILE {path!r} is not JSON") from None
+    auths = document.get("auths") if isinstance(document, dict) else None
+    if not isinstance(auths, dict):
+        raise ConfigError(f"REGISTRY_AUTH_FILE {path!r} has no \"auths\" object")
+    found: dict[str, tuple[str, str]] = {}
+    for key, entry in auths.items():
+        host = auth_file_host(str(key))
+        if not isinstance(entry, dict) or not _HOST_RE.match(host):
+            raise ConfigError(f"REGISTRY_AUTH_FILE: the entry {str(key)[:80]!r} is malformed")
+        username, password = entry.get("username"), entry.get("password")
+        if isinstance(entry.get("auth"), str) and entry["auth"]:
+            try:
+                decoded = base64.b64decode(entry["auth"], validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise ConfigError(
+                    f"REGISTRY_AUTH_FILE: the auth of {host!r} is not base64 of user:password"
+                ) from None
+            username, _, password = decoded.partition(":")
+        if not isinstance(username, str) or not isinstance(password, str) or not username:
+            raise ConfigError(f"REGISTRY_AUTH_FILE: the entry for {host!r} has no credentials")
+        found[host] = (username, password)
+    return found
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, env_file: str | None = None
 ) -> dict[str, str]:
@@ -357,7 +465,66 @@ def load_settings(
     unlimited = _optional(env, "CACHE_MAX_BYTES") == "0"
     cache_max_bytes = 0 if unlimited else _size(env, "CACHE_MAX_BYTES", default_max)
 
+    upstreams = parse_upstreams(env.get("UPSTREAMS"))
+    auth_file = _optional(env, "REGISTRY_AUTH_FILE")
+    upstream_credentials = read_auth_file(auth_file) if auth_file else {}
+    proxy_mode = (_optional(env, "PROXY_MODE") or "transparent").lower()
+    if proxy_mode not in PROXY_MODES:
+        raise ConfigError(
+            f"PROXY_MODE must be one of {', '.join(PROXY_MODES)}, got {proxy_mode!r}"
+        )
+    public_url = _url(env, "PUBLIC_URL")
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.query or parts.fragment or parts.username:
+            raise ConfigError("PUBLIC_URL must be scheme://host[:port][/path], nothing more")
+        public_url = public_url.rstrip("/")
+    token_secret = env.get("TOKEN_SECRET") or None
+    if proxy_mode == "authenticated":
+        if public_url is None:
+            raise ConfigError(
+                "PUBLIC_URL is required with PROXY_MODE=authenticated: it is the token "
+                "realm clients are sent to (never taken from the Host header)"
+            )
+        if token_secret is None:
+            raise ConfigError(
+                "TOKEN_SECRET is required with PROXY_MODE=authenticated: every worker and "
+                "replica signs tokens with it"
+            )
+    if token_secret is not None and len(token_secret) < 16:
+        raise ConfigError("TOKEN_SECRET must be at least 16 characters")
+    tls_cert = _optional(env, "TLS_CERT_FILE")
+    tls_key = _optional(env, "TLS_KEY_FILE")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+    for variable, path in (("TLS_CERT_FILE", tls_cert), ("TLS_KEY_FILE", tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{variable} {path!r} is not a file")
+    tls_self_signed = _boolean(env, "TLS_SELF_SIGNED", False)
+    if tls_self_signed and tls_cert:
+        raise ConfigError("TLS_SELF_SIGNED and TLS_CERT_FILE exclude each other")
+    tls_names = tuple(
+        n.strip().lower() for n in (env.get("TLS_NAMES") or "").replace(" ", ",").split(",")
+        if n.strip()
+    ) or ("localhost", "127.0.0.1")
+    for tls_name in tls_names:
+        if not re.fullmatch(r"[a-z0-9.*:-]+", tls_name):
+            raise ConfigError(f"TLS_NAMES has an invalid name {tls_name!r}")
+
     return Settings(
+        upstreams=upstreams,
+        upstream_credentials=upstream_credentials,
+        proxy_mode=proxy_mode,
+        public_url=public_url,
+        token_secret=token_secret,
+        token_ttl=_integer(env, "TOKEN_TTL", 300, minimum=10),
+        tag_ttl=_number(env, "TAG_TTL", 0.0, minimum=0),
+        proxy_serve_stale=_boolean(env, "PROXY_SERVE_STALE", True),
+        s3_redirect=_boolean(env, "S3_REDIRECT", False),
+        tls_cert_file=tls_cert,
+        tls_key_file=tls_key,
+        tls_self_signed=tls_self_signed,
+        tls_names=tls_names,
         registry=registry,
         registry_auth_url=auth_url,
         registry_service=service,
