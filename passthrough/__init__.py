@@ -47,7 +47,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(describe.bp)
     app.register_blueprint(ui.bp)
-    from passthrough.web import metrics
+    from passthrough.web import metrics, v2
 
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(v2.bp)
     return app

@@ -324,7 +324,7 @@ def read_auth_file(path: str) -> dict[str, tuple[str, str]]:
         raise ConfigError(f"REGISTRY_AUTH_FILE {path!r} is not JSON") from None
     auths = document.get("auths") if isinstance(document, dict) else None
     if not isinstance(auths, dict):
-        raise ConfigError(f"REGISTRY_AUTH_FILE {path!r} has no \"auths\" object")
+        raise ConfigError(f'REGISTRY_AUTH_FILE {path!r} has no "auths" object')
     found: dict[str, tuple[str, str]] = {}
     for key, entry in auths.items():
         host = auth_file_host(str(key))
@@ -470,9 +470,7 @@ def load_settings(
     upstream_credentials = read_auth_file(auth_file) if auth_file else {}
     proxy_mode = (_optional(env, "PROXY_MODE") or "transparent").lower()
     if proxy_mode not in PROXY_MODES:
-        raise ConfigError(
-            f"PROXY_MODE must be one of {', '.join(PROXY_MODES)}, got {proxy_mode!r}"
-        )
+        raise ConfigError(f"PROXY_MODE must be one of {', '.join(PROXY_MODES)}, got {proxy_mode!r}")
     public_url = _url(env, "PUBLIC_URL")
     if public_url is not None:
         parts = urlsplit(public_url)
@@ -504,7 +502,8 @@ def load_settings(
     if tls_self_signed and tls_cert:
         raise ConfigError("TLS_SELF_SIGNED and TLS_CERT_FILE exclude each other")
     tls_names = tuple(
-        n.strip().lower() for n in (env.get("TLS_NAMES") or "").replace(" ", ",").split(",")
+        n.strip().lower()
+        for n in (env.get("TLS_NAMES") or "").replace(" ", ",").split(",")
         if n.strip()
     ) or ("localhost", "127.0.0.1")
     for tls_name in tls_names:

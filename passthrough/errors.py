@@ -113,6 +113,8 @@ class UpstreamError(PassthroughError):
 
     status = 502
     kind = "upstream_error"
+    #: The registry's error code (MANIFEST_UNKNOWN, DENIED…) when it sent one.
+    registry_code: str | None = None
 
 
 class UpstreamNotFound(UpstreamError):

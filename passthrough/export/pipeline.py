@@ -101,7 +101,11 @@ class Services:
         store = open_store(settings)
         policy = HostPolicy(
             allowlist=settings.registry_allowlist,
-            trusted=trusted_hosts([settings.registry.url, settings.registry_auth_url]),
+            # The operator's own registries: REGISTRY_URL, its realm and UPSTREAMS.
+            trusted=trusted_hosts(
+                [settings.registry.url, settings.registry_auth_url]
+                + [endpoint.url for _, endpoint in settings.upstreams]
+            ),
             allow_link_local=settings.allow_link_local,
         )
         slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
@@ -278,9 +282,7 @@ class Download:
         }
         #: error.type of a failure after the first byte.
         self.error_type: str | None = None
-        self.trace = DownloadTrace.capture(
-            request.route.value, request.reference_path is not None
-        )
+        self.trace = DownloadTrace.capture(request.route.value, request.reference_path is not None)
         self.segments = self._build_segments()
         self.total_size = total_size(self.segments)
 

@@ -104,7 +104,6 @@ def _layer_attributes(layer: LayerDescriptor, compressed: bool) -> dict[str, Any
     }
 
 
-
 # -- the download's own spans: layer fetches and the stream -------------------------------
 
 

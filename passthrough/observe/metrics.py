@@ -105,6 +105,17 @@ class _Metrics:
             "The last ratelimit-remaining Docker Hub sent (pulls left in its window)",
             multiprocess_mode="mostrecent",
         )
+        self.v2_requests = Counter(
+            "passthrough_v2_requests",
+            "/v2 API requests by operation (manifest, blob, tags, referrers, token), "
+            "what answered them (store, upstream, stale, error) and status",
+            ["operation", "source", "status"],
+        )
+        self.v2_sent_bytes = Counter(
+            "passthrough_v2_sent_bytes",
+            "Blob and manifest bytes sent by the /v2 API, by where they came from",
+            ["source"],
+        )
         self.cache: dict[str, Any] = {
             field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
             for field, name in CACHE_COUNTERS.items()
@@ -153,6 +164,16 @@ def upstream_response(operation: str, method: str, status: str) -> None:
     metrics.upstream.labels(operation, method, status).inc()
     if status == "429":
         metrics.rate_limited.labels(operation).inc()
+
+
+def v2_request(operation: str, source: str, status: int) -> None:
+    """One /v2 answer: ``source`` is store, upstream, stale, redirect or error."""
+    _metrics().v2_requests.labels(operation, source, str(status)).inc()
+
+
+def v2_sent(source: str, sent_bytes: int) -> None:
+    if sent_bytes > 0:
+        _metrics().v2_sent_bytes.labels(source).inc(sent_bytes)
 
 
 def ratelimit_remaining(value: str) -> None:

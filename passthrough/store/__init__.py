@@ -55,7 +55,9 @@ def open_store(settings: Settings) -> ContentStore | None:
     # Listing a bucket costs requests: the size check runs at most once a minute there.
     interval = 60.0 if backend.name == "s3" else 0.0
     return ContentStore(
-        backend, settings.cache_max_bytes, Flight(backend.lock_dir(), lease),
+        backend,
+        settings.cache_max_bytes,
+        Flight(backend.lock_dir(), lease),
         evict_interval=interval,
     )
 

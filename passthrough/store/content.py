@@ -34,6 +34,7 @@ from passthrough.observe import metrics
 from passthrough.oci.manifest import LayerDescriptor
 from passthrough.store.base import KINDS, Backend, BlobSource, LayerFile, LocalFile
 from passthrough.store.flight import Flight
+from passthrough.store.readthrough import BlobOpener, BlobStream, ReadThrough
 from passthrough.store.verify import READ_CHUNK, fetch_and_verify
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class ContentStore:
         self._next_evict_check = 0.0
         backend.on_corrupt = lambda key: self._count(corrupt=1)
         self._remove_stale_parts()
+        self._read_through = ReadThrough(self)
 
     @classmethod
     def on_filesystem(cls, root: str | os.PathLike[str], max_bytes: int) -> ContentStore:
@@ -232,6 +234,20 @@ class ContentStore:
         # committed (the open handle still reads it).
         path.unlink(missing_ok=True)
         self._count(bytes_written=size)
+
+    # -- blobs for the /v2 API -------------------------------------------------------------
+
+    def blob_size(self, digest: str) -> int | None:
+        return self.backend.size(content_key("blobs", digest))
+
+    def open_blob(self, digest: str) -> LayerFile | None:
+        """A committed blob for reading, verified (see the backend), or None."""
+        return self._open("blobs", digest)
+
+    def read_through(self, digest: str, opener: BlobOpener) -> BlobStream:
+        """The blob from the store, or streamed while it is fetched once for every
+        reader (:mod:`passthrough.store.readthrough`)."""
+        return self._read_through.open(digest, opener)
 
     # -- small documents: configs, manifests ---------------------------------------------
 

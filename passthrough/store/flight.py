@@ -60,6 +60,34 @@ class Flight:
                 with self.lease.hold(name):
                     yield
 
+    def try_hold(self, name: str) -> contextlib.ExitStack | None:
+        """This host's lock of ``name`` if nobody holds it, else None, without waiting:
+        the read-through's leader election. The cross-replica lease is taken later, by
+        the holder (:meth:`hold_lease`), so that a reader never blocks on it."""
+        fd = os.open(self.lock_dir / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        stack = contextlib.ExitStack()
+        stack.callback(os.close, fd)
+        stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
+        return stack
+
+    def hold_lease(self, name: str, stack: contextlib.ExitStack) -> None:
+        """Add the cross-replica lease (with Redis) to a hold from :meth:`try_hold`."""
+        if self.lease is not None:
+            stack.enter_context(self.lease.hold(name))
+
+    def is_held(self, name: str) -> bool:
+        """Whether some thread or process of this host holds ``name``'s lock."""
+        stack = self.try_hold(name)
+        if stack is None:
+            return True
+        stack.close()
+        return False
+
     @contextlib.contextmanager
     def _flock(self, name: str) -> Iterator[None]:
         path = self.lock_dir / f"{name}.lock"

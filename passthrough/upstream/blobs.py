@@ -3,6 +3,7 @@ breaks mid-blob (within the download's retries and deadline)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -19,17 +20,45 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 
 
+def open_blob(client: RegistryClient, digest: str, what: str) -> tuple[int, Iterator[bytes]]:
+    """A blob by digest alone (the /v2 proxy has no descriptor): the GET is sent now, so
+    that its errors (404, 401, 429…) are raised here, before any byte; returns the size
+    its Content-Length announces and the bytes, resumed with Range as
+    :func:`blob_chunks` does."""
+    opened = client.blob(digest, what=what)
+    response = opened.__enter__()
+    length = response.headers.get("Content-Length", "")
+    if not length.isdigit():
+        opened.__exit__(None, None, None)
+        raise UpstreamInvalid(f"{what}: the registry sent the blob without a Content-Length")
+    size = int(length)
+    layer = LayerDescriptor(0, digest, size, "", "none", digest)
+    return size, blob_chunks(client, layer, what, None, first=(opened, response))
+
+
 def blob_chunks(
-    client: RegistryClient, layer: LayerDescriptor, what: str, cancel: threading.Event | None
+    client: RegistryClient,
+    layer: LayerDescriptor,
+    what: str,
+    cancel: threading.Event | None,
+    *,
+    first: tuple[contextlib.AbstractContextManager[Any], Any] | None = None,
 ) -> Iterator[bytes]:
     """The blob's bytes from the registry, in chunks. A connection that breaks mid-blob is
     resumed with a Range request from where it stopped (with backoff, within the
-    download's retries and deadline); stops when ``cancel`` is set."""
+    download's retries and deadline); stops when ``cancel`` is set. ``first`` is a
+    response already opened for the whole blob (with its context manager)."""
     offset = 0
     attempt = 0
     while True:
         try:
-            with client.blob(layer.digest, offset=offset, what=what) as response:
+            opened: contextlib.AbstractContextManager[Any]
+            if first is not None:
+                opened = _entered(*first)
+                first = None
+            else:
+                opened = client.blob(layer.digest, offset=offset, what=what)
+            with opened as response:
                 skip = _resume_skip(response, offset, what)
                 raw: Any = response.raw
                 try:
@@ -59,6 +88,15 @@ def blob_chunks(
             log.info(
                 "%s: %s; resuming at byte %d (attempt %d)", what, exc.message, offset, attempt + 1
             )
+
+
+@contextlib.contextmanager
+def _entered(opened: contextlib.AbstractContextManager[Any], response: Any) -> Iterator[Any]:
+    """A context manager already entered (by :func:`open_blob`), exited at the end."""
+    try:
+        yield response
+    finally:
+        opened.__exit__(None, None, None)
 
 
 def _resume_skip(response: Any, offset: int, what: str) -> int:

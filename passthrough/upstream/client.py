@@ -479,6 +479,15 @@ def raise_for_status(response: requests.Response, what: str) -> None:
         return
     code = _registry_error_code(response)
     detail = f" ({code})" if code else ""
+    try:
+        _raise_mapped(response, status, what, detail)
+    except UpstreamError as exc:
+        # The registry's own code (NAME_UNKNOWN, DENIED…), for the /v2 API to pass on.
+        exc.registry_code = code
+        raise
+
+
+def _raise_mapped(response: requests.Response, status: int, what: str, detail: str) -> None:
     if status == 404:
         raise UpstreamNotFound(f"{what}: not found on the registry{detail}")
     if status == 401:

@@ -1,0 +1,437 @@
+"""Read-through of one blob: streamed to every client while it is fetched once, written
+to the store's staging area and verified (the tee of the /v2 proxy).
+
+One *fetch* per digest on a host, whatever the number of clients, workers or threads:
+
+- the first reader takes the digest's lock without waiting (:meth:`Flight.try_hold`)
+  and starts a fetcher thread; the fetch belongs to nobody's request, so a client that
+  leaves (or a slow one) never stops or slows it for the others;
+- the fetcher writes the blob into a *growing file* in the staging directory and
+  describes it in a small state file (``flight-<hex>.json``: token, part name, size,
+  state), replaced atomically at each step;
+- every reader, the one that started the fetch included, reads the growing file from
+  its own offset as it grows, in its own thread, and does not wait for the end;
+- the last byte of a blob is released to a reader only once the fetcher has verified
+  the whole blob's size and digest (state ``verified`` with the reader's token): a
+  fetch that fails, or a blob whose digest turns out wrong, aborts every transfer
+  before its end, and nothing is committed. Readers of a range that stops short of the
+  end get those bytes unverified, as from any registry (the client checks the digest
+  of what it assembles);
+- with Redis, the fetcher also holds the cross-replica lease: another replica's
+  readers wait for the commit and then read the store.
+
+A fetcher that dies leaves its lock free; readers notice (the lock can be taken) and
+abort. Parts of dead processes are removed as every part is (pid in the name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from passthrough.errors import (
+    PassthroughError,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamInvalid,
+    disk_full,
+    is_disk_full,
+)
+from passthrough.store.base import LayerFile
+
+if TYPE_CHECKING:
+    from passthrough.store.content import ContentStore
+
+log = logging.getLogger(__name__)
+
+#: Opens the blob upstream: its size (from the response's headers) and its bytes.
+#: Raises a :class:`PassthroughError` (404, 401, 429…) before the first byte.
+BlobOpener = Callable[[], tuple[int, Iterator[bytes]]]
+
+READ_CHUNK = 1 << 20
+#: How long a finished fetch's state file stays for readers still behind it.
+STATE_LINGER = 600.0
+STATE_STALE = 24 * 3600.0
+
+
+class TransferAborted(PassthroughError):
+    """A read-through ended badly after headers were sent: the transfer must break."""
+
+    status = 502
+    kind = "transfer_aborted"
+
+
+class FetchFailed(UpstreamError):
+    """Another process's fetch of this blob failed before its first byte; its status
+    and message are passed on."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclass
+class _Fetch:
+    """A fetch run by this process, for the readers of this process."""
+
+    token: str
+    ready: threading.Event
+    error: PassthroughError | None = None
+
+
+class BlobStream:
+    """A blob for one reader: its size, where it comes from, and its bytes by range."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        stored: LayerFile | None = None,
+        tail: Callable[[int, int], Iterator[bytes]] | None = None,
+    ) -> None:
+        self.size = size
+        self._stored = stored
+        self._tail = tail
+        #: "store" (a hit, or committed meanwhile) or "fetch" (read from the growing file).
+        self.source = "store" if stored is not None else "fetch"
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes ``start`` to ``end`` (exclusive). Raises :class:`TransferAborted` when
+        the fetch fails, before the last byte of the blob."""
+        stop = self.size if end is None else min(end, self.size)
+        if self._stored is not None:
+            stored = self._stored
+            offset = start
+            while offset < stop:
+                chunk = stored.read_at(offset, min(READ_CHUNK, stop - offset))
+                if not chunk:
+                    raise TransferAborted("the stored blob ended early")
+                offset += len(chunk)
+                yield chunk
+            return
+        assert self._tail is not None
+        yield from self._tail(start, stop)
+
+    def close(self) -> None:
+        if self._stored is not None:
+            self._stored.close()
+
+
+class ReadThrough:
+    """The read-through of one store (one per :class:`ContentStore`)."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self.store = store
+        self._fetches: dict[str, _Fetch] = {}
+        self._lock = threading.Lock()
+        self._remove_stale_states()
+
+    # -- files -------------------------------------------------------------------------
+
+    def _state_path(self, hex_digest: str) -> Path:
+        return self.store.backend.staging_dir() / f"flight-{hex_digest}.json"
+
+    def _read_state(self, hex_digest: str) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self._state_path(hex_digest).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _write_state(self, hex_digest: str, state: dict[str, Any]) -> None:
+        path = self._state_path(hex_digest)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        temporary.write_bytes(json.dumps(state).encode())
+        os.replace(temporary, path)
+
+    def _remove_stale_states(self) -> None:
+        now = time.time()
+        for path in self.store.backend.staging_dir().glob("flight-*.json*"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STATE_STALE:
+                    path.unlink()
+
+    # -- the reader's side ---------------------------------------------------------------
+
+    def open(self, digest: str, opener: BlobOpener, *, poll: float | None = None) -> BlobStream:
+        """The blob from the store, or read through: the fetch started here when nobody
+        runs it, followed otherwise. Errors before the first byte (the upstream's 404,
+        401, 429…) are raised here, so the client gets them as a status."""
+        from passthrough.store.content import _hex, content_key
+
+        key = content_key("blobs", digest)
+        hex_digest = _hex(digest)
+        backend = self.store.backend
+        interval = poll if poll is not None else (0.2 if backend.name == "s3" else 0.02)
+        began = time.time()
+        while True:
+            stored = backend.open(key, digest)
+            if stored is not None:
+                self.store._count(hits=1)
+                return BlobStream(stored.size, stored=stored)
+            hold = self.store.flight.try_hold(hex_digest)
+            if hold is not None:
+                self._start_fetch(digest, hex_digest, opener, hold)
+            state = self._read_state(hex_digest)
+            mine = self._fetches.get(hex_digest)
+            if mine is not None and state is not None and state.get("token") == mine.token:
+                mine.ready.wait()
+                if mine.error is not None:
+                    raise mine.error
+                state = self._read_state(hex_digest) or state
+            if state is not None:
+                stream = self._follow(digest, hex_digest, state, began)
+                if stream is not None:
+                    return stream
+            time.sleep(interval)
+
+    def _follow(
+        self, digest: str, hex_digest: str, state: dict[str, Any], began: float
+    ) -> BlobStream | None:
+        """A stream over the growing file the state describes; None to look again."""
+        phase = state.get("state")
+        if phase == "failed":
+            if float(state.get("time", 0)) >= began - 1:
+                raise FetchFailed(
+                    int(state.get("status", 502)),
+                    str(state.get("kind", "upstream_error")),
+                    str(state.get("message", "the upstream fetch failed")),
+                )
+            return None  # an old failure: someone may be trying again
+        size = state.get("size")
+        if phase not in ("streaming", "verified", "committed") or not isinstance(size, int):
+            return None
+        try:
+            handle = (self.store.backend.staging_dir() / str(state["part"])).open("rb")
+        except (OSError, KeyError):
+            return None  # committed (renamed or uploaded) meanwhile: the store has it
+        token = str(state.get("token"))
+        return BlobStream(size, tail=self._tailer(digest, hex_digest, handle, size, token))
+
+    def _tailer(
+        self, digest: str, hex_digest: str, handle: Any, size: int, token: str
+    ) -> Callable[[int, int], Iterator[bytes]]:
+        def tail(start: int, stop: int) -> Iterator[bytes]:
+            try:
+                yield from self._tail(digest, hex_digest, handle, size, token, start, stop)
+            finally:
+                handle.close()
+
+        return tail
+
+    def _tail(
+        self,
+        digest: str,
+        hex_digest: str,
+        handle: Any,
+        size: int,
+        token: str,
+        start: int,
+        stop: int,
+    ) -> Iterator[bytes]:
+        fd = handle.fileno()
+        offset = start
+        idle = 0.001
+        idle_since: float | None = None
+        while offset < stop:
+            wanted = min(READ_CHUNK, stop - offset)
+            chunk = os.pread(fd, wanted, offset)
+            if chunk:
+                idle = 0.001
+                idle_since = None
+                if offset + len(chunk) == size:
+                    # The blob's last byte: only once the fetcher proved the digest.
+                    self._await_verified(digest, hex_digest, token)
+                offset += len(chunk)
+                yield chunk
+                continue
+            if idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 0.25:
+                self._check_alive(hex_digest, token)
+                idle_since = time.monotonic()
+            time.sleep(idle)
+            idle = min(idle * 2, 0.02)
+
+    def _check_alive(self, hex_digest: str, token: str) -> None:
+        """Abort when the fetch this reader follows failed or its process died."""
+        state = self._read_state(hex_digest)
+        if state is None or state.get("token") != token:
+            raise TransferAborted("the upstream fetch of this blob was replaced")
+        if state.get("state") == "failed":
+            raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
+        if state.get("state") == "streaming" and not self.store.flight.is_held(hex_digest):
+            raise TransferAborted("the process fetching this blob is gone")
+
+    def _await_verified(self, digest: str, hex_digest: str, token: str) -> None:
+        from passthrough.store.content import content_key
+
+        delay = 0.002
+        while True:
+            state = self._read_state(hex_digest)
+            if state is None or state.get("token") != token:
+                # The state lingers for STATE_LINGER after a success and is kept after a
+                # failure: gone means it succeeded and the store holds the blob.
+                if state is None and self.store.backend.size(content_key("blobs", digest)):
+                    return
+                raise TransferAborted("the upstream fetch of this blob was replaced")
+            phase = state.get("state")
+            if phase in ("verified", "committed"):
+                return
+            if phase == "failed":
+                raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
+            if not self.store.flight.is_held(hex_digest):
+                raise TransferAborted("the process fetching this blob is gone")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    # -- the fetcher's side --------------------------------------------------------------
+
+    def _start_fetch(
+        self,
+        digest: str,
+        hex_digest: str,
+        opener: BlobOpener,
+        hold: contextlib.ExitStack,
+    ) -> None:
+        token = secrets.token_hex(8)
+        part = f"grow-{hex_digest}.{os.getpid()}.{token}.part"
+        fetch = _Fetch(token, threading.Event())
+        with self._lock:
+            self._fetches[hex_digest] = fetch
+        # Written before the thread starts, so no reader mistakes an older state for it.
+        self._write_state(
+            hex_digest,
+            {
+                "token": token,
+                "part": part,
+                "state": "starting",
+                "pid": os.getpid(),
+                "time": time.time(),
+            },
+        )
+        thread = threading.Thread(
+            target=self._fetch,
+            args=(digest, hex_digest, opener, hold, fetch, part),
+            name=f"fetch-{hex_digest[:12]}",
+            daemon=True,
+        )
+        thread.start()
+
+    def _fetch(
+        self,
+        digest: str,
+        hex_digest: str,
+        opener: BlobOpener,
+        hold: contextlib.ExitStack,
+        fetch: _Fetch,
+        part: str,
+    ) -> None:
+        from passthrough.store.content import content_key
+
+        key = content_key("blobs", digest)
+        path = self.store.backend.staging_dir() / part
+        state: dict[str, Any] = {"token": fetch.token, "part": part, "pid": os.getpid()}
+        handle = None
+        try:
+            with hold:
+                self.store.flight.hold_lease(hex_digest, hold)
+                if self.store.backend.size(key) is not None:
+                    # Committed by another replica while we waited for its lease.
+                    self._write_state(
+                        hex_digest, {**state, "state": "committed", "size": 0, "time": time.time()}
+                    )
+                    fetch.ready.set()
+                    return
+                try:
+                    handle = path.open("x+b", buffering=0)
+                except OSError as exc:
+                    raise disk_full() if is_disk_full(exc) else exc from None
+                size, chunks = opener()
+                self._write_state(
+                    hex_digest, {**state, "state": "streaming", "size": size, "time": time.time()}
+                )
+                fetch.ready.set()
+                self.store._count(misses=1)
+                hasher = hashlib.sha256()
+                written = 0
+                try:
+                    for chunk in chunks:
+                        written += len(chunk)
+                        if written > size:
+                            raise UpstreamInvalid(
+                                f"blob {digest[:19]}: more bytes than its Content-Length"
+                            )
+                        hasher.update(chunk)
+                        handle.write(chunk)
+                except OSError as exc:
+                    raise disk_full() if is_disk_full(exc) else exc from None
+                if written != size:
+                    raise UpstreamInvalid(f"blob {digest[:19]}: got {written} of {size} bytes")
+                if "sha256:" + hasher.hexdigest() != digest:
+                    raise UpstreamInvalid(f"blob {digest[:19]}: content does not match its digest")
+                self._write_state(
+                    hex_digest, {**state, "state": "verified", "size": size, "time": time.time()}
+                )
+                self.store._commit((path, handle), "blobs", digest, size)
+                self._write_state(
+                    hex_digest, {**state, "state": "committed", "size": size, "time": time.time()}
+                )
+                self._linger(hex_digest, fetch.token)
+        except BaseException as exc:  # noqa: BLE001 - recorded for every reader
+            error = exc if isinstance(exc, PassthroughError) else _unexpected(exc)
+            fetch.error = error
+            log.warning("fetch of blob %s failed: %s", digest[:19], error.message)
+            with contextlib.suppress(OSError):
+                self._write_state(
+                    hex_digest,
+                    {
+                        **state,
+                        "state": "failed",
+                        "status": error.status,
+                        "kind": error.kind,
+                        "message": error.message,
+                        "time": time.time(),
+                    },
+                )
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            fetch.ready.set()
+            if handle is not None:
+                handle.close()
+            with self._lock:
+                if self._fetches.get(hex_digest) is fetch:
+                    del self._fetches[hex_digest]
+        self.store.evict_if_needed()
+
+    def _linger(self, hex_digest: str, token: str) -> None:
+        """Remove a successful fetch's state once slow readers had time to finish."""
+
+        def remove() -> None:
+            state = self._read_state(hex_digest)
+            if state is not None and state.get("token") == token:
+                with contextlib.suppress(OSError):
+                    self._state_path(hex_digest).unlink()
+
+        timer = threading.Timer(STATE_LINGER, remove)
+        timer.daemon = True
+        timer.start()
+
+
+def _unexpected(exc: BaseException) -> PassthroughError:
+    if isinstance(exc, OSError):
+        return StoreUnavailable(f"the store failed while writing a blob ({exc.strerror or exc})")
+    log.error("unexpected error in a blob fetch", exc_info=exc)
+    return UpstreamError(f"the blob fetch failed ({type(exc).__name__})")
