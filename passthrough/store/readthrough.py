@@ -133,8 +133,6 @@ class ReadThrough:
 
     def __init__(self, store: ContentStore) -> None:
         self.store = store
-        self._fetches: dict[str, _Fetch] = {}
-        self._lock = threading.Lock()
         self._remove_stale_states()
 
     # -- files -------------------------------------------------------------------------
@@ -182,14 +180,13 @@ class ReadThrough:
                 return BlobStream(stored.size, stored=stored)
             hold = self.store.flight.try_hold(hex_digest)
             if hold is not None:
-                self._start_fetch(digest, hex_digest, opener, hold)
-            state = self._read_state(hex_digest)
-            mine = self._fetches.get(hex_digest)
-            if mine is not None and state is not None and state.get("token") == mine.token:
+                # This reader starts the fetch; its errors before the first byte are
+                # this reader's answer (others read them from the state file).
+                mine = self._start_fetch(digest, hex_digest, opener, hold)
                 mine.ready.wait()
                 if mine.error is not None:
                     raise mine.error
-                state = self._read_state(hex_digest) or state
+            state = self._read_state(hex_digest)
             if state is not None:
                 stream = self._follow(digest, hex_digest, state, began)
                 if stream is not None:
@@ -202,7 +199,7 @@ class ReadThrough:
         """A stream over the growing file the state describes; None to look again."""
         phase = state.get("state")
         if phase == "failed":
-            if float(state.get("time", 0)) >= began - 1:
+            if float(state.get("time", 0)) >= began:
                 raise FetchFailed(
                     int(state.get("status", 502)),
                     str(state.get("kind", "upstream_error")),
@@ -304,12 +301,10 @@ class ReadThrough:
         hex_digest: str,
         opener: BlobOpener,
         hold: contextlib.ExitStack,
-    ) -> None:
+    ) -> _Fetch:
         token = secrets.token_hex(8)
         part = f"grow-{hex_digest}.{os.getpid()}.{token}.part"
         fetch = _Fetch(token, threading.Event())
-        with self._lock:
-            self._fetches[hex_digest] = fetch
         # Written before the thread starts, so no reader mistakes an older state for it.
         self._write_state(
             hex_digest,
@@ -328,6 +323,7 @@ class ReadThrough:
             daemon=True,
         )
         thread.start()
+        return fetch
 
     def _fetch(
         self,
@@ -344,15 +340,17 @@ class ReadThrough:
         path = self.store.backend.staging_dir() / part
         state: dict[str, Any] = {"token": fetch.token, "part": part, "pid": os.getpid()}
         handle = None
-        try:
-            with hold:
+        # The lock is held until the outcome is written: a reader that takes it after
+        # a failure must never have its own state overwritten by this one.
+        with hold:
+            try:
                 self.store.flight.hold_lease(hex_digest, hold)
                 if self.store.backend.size(key) is not None:
                     # Committed by another replica while we waited for its lease.
                     self._write_state(
-                        hex_digest, {**state, "state": "committed", "size": 0, "time": time.time()}
+                        hex_digest,
+                        {**state, "state": "committed", "size": 0, "time": time.time()},
                     )
-                    fetch.ready.set()
                     return
                 try:
                     handle = path.open("x+b", buffering=0)
@@ -364,23 +362,7 @@ class ReadThrough:
                 )
                 fetch.ready.set()
                 self.store._count(misses=1)
-                hasher = hashlib.sha256()
-                written = 0
-                try:
-                    for chunk in chunks:
-                        written += len(chunk)
-                        if written > size:
-                            raise UpstreamInvalid(
-                                f"blob {digest[:19]}: more bytes than its Content-Length"
-                            )
-                        hasher.update(chunk)
-                        handle.write(chunk)
-                except OSError as exc:
-                    raise disk_full() if is_disk_full(exc) else exc from None
-                if written != size:
-                    raise UpstreamInvalid(f"blob {digest[:19]}: got {written} of {size} bytes")
-                if "sha256:" + hasher.hexdigest() != digest:
-                    raise UpstreamInvalid(f"blob {digest[:19]}: content does not match its digest")
+                self._copy(digest, chunks, handle, size)
                 self._write_state(
                     hex_digest, {**state, "state": "verified", "size": size, "time": time.time()}
                 )
@@ -389,32 +371,54 @@ class ReadThrough:
                     hex_digest, {**state, "state": "committed", "size": size, "time": time.time()}
                 )
                 self._linger(hex_digest, fetch.token)
-        except BaseException as exc:  # noqa: BLE001 - recorded for every reader
-            error = exc if isinstance(exc, PassthroughError) else _unexpected(exc)
-            fetch.error = error
-            log.warning("fetch of blob %s failed: %s", digest[:19], error.message)
-            with contextlib.suppress(OSError):
-                self._write_state(
-                    hex_digest,
-                    {
-                        **state,
-                        "state": "failed",
-                        "status": error.status,
-                        "kind": error.kind,
-                        "message": error.message,
-                        "time": time.time(),
-                    },
-                )
-            with contextlib.suppress(OSError):
-                path.unlink()
-        finally:
-            fetch.ready.set()
-            if handle is not None:
-                handle.close()
-            with self._lock:
-                if self._fetches.get(hex_digest) is fetch:
-                    del self._fetches[hex_digest]
+            except BaseException as exc:  # noqa: BLE001 - recorded for every reader
+                error = exc if isinstance(exc, PassthroughError) else _unexpected(exc)
+                fetch.error = error
+                log.warning("fetch of blob %s failed: %s", digest[:19], error.message)
+                # The part goes first: once a reader sees the failure, nothing is left.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                with contextlib.suppress(OSError):
+                    self._write_state(
+                        hex_digest,
+                        {
+                            **state,
+                            "state": "failed",
+                            "status": error.status,
+                            "kind": error.kind,
+                            "message": error.message,
+                            "time": time.time(),
+                        },
+                    )
+            finally:
+                fetch.ready.set()
+                if handle is not None:
+                    handle.close()
         self.store.evict_if_needed()
+
+    @staticmethod
+    def _copy(digest: str, chunks: Iterator[bytes], handle: Any, size: int) -> None:
+        """Write the upstream's bytes to the growing file, hashing them; raise unless
+        the size and digest match."""
+        hasher = hashlib.sha256()
+        written = 0
+        try:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > size:
+                    raise UpstreamInvalid(f"blob {digest[:19]}: more bytes than its Content-Length")
+                hasher.update(chunk)
+                handle.write(chunk)
+        except OSError as exc:
+            raise disk_full() if is_disk_full(exc) else exc from None
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        if written != size:
+            raise UpstreamInvalid(f"blob {digest[:19]}: got {written} of {size} bytes")
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise UpstreamInvalid(f"blob {digest[:19]}: content does not match its digest")
 
     def _linger(self, hex_digest: str, token: str) -> None:
         """Remove a successful fetch's state once slow readers had time to finish."""
