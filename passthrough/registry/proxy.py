@@ -252,7 +252,9 @@ class Proxy:
     ) -> Manifest:
         settings = self.settings
         what = self._what(route, f"manifest {tag}")
-        key = ContentStore.tag_key(route.upstream.url, route.repository, tag)
+        # Its own records, apart from the tar routes' (which also note who may be served
+        # stale): each side keeps what its own stale serving needs.
+        key = ContentStore.tag_key("v2 " + route.upstream.url, route.repository, tag)
         record = self.store.recall_tag(key)
         shared = not settings.auth_enabled
         if shared and record is not None and settings.tag_ttl > 0:
