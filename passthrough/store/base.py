@@ -37,6 +37,22 @@ BlobSource = Callable[[threading.Event | None], Iterator[bytes]]
 KINDS = ("blobs", "layers", "manifests")
 
 
+def content_key(kind: str, digest: str) -> str:
+    """``<kind>/sha256/<hex>``; anything but a well-formed sha256 digest is refused, so
+    no request ever names a path."""
+    algorithm, _, value = digest.partition(":")
+    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
+        raise ValueError("only sha256 digests are stored")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    return f"{kind}/sha256/{value}"
+
+
+def hex_of(digest: str) -> str:
+    """The hex part of a sha256 digest (checked as :func:`content_key` does)."""
+    return content_key("blobs", digest).rsplit("/", 1)[1]
+
+
 class LayerFile(ABC):
     """A verified file for one archive entry (the layer tar, or the registry's blob),
     read by offset. The export stage reads it while other downloads may evict or

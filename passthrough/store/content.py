@@ -32,7 +32,15 @@ from typing import BinaryIO
 from passthrough.errors import UpstreamInvalid, disk_full, is_disk_full
 from passthrough.observe import metrics
 from passthrough.oci.manifest import LayerDescriptor
-from passthrough.store.base import KINDS, Backend, BlobSource, LayerFile, LocalFile
+from passthrough.store.base import (
+    KINDS,
+    Backend,
+    BlobSource,
+    LayerFile,
+    LocalFile,
+    content_key,
+    hex_of,
+)
 from passthrough.store.flight import Flight
 from passthrough.store.readthrough import BlobOpener, BlobStream, ReadThrough
 from passthrough.store.verify import READ_CHUNK, fetch_and_verify
@@ -56,19 +64,8 @@ class CacheStats:
     corrupt: int = 0
 
 
-def content_key(kind: str, digest: str) -> str:
-    """``<kind>/sha256/<hex>``; anything but a well-formed sha256 digest is refused, so
-    no request ever names a path."""
-    algorithm, _, value = digest.partition(":")
-    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
-        raise ValueError("only sha256 digests are stored")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}")
-    return f"{kind}/sha256/{value}"
-
-
 def _hex(digest: str) -> str:
-    return content_key("blobs", digest).rsplit("/", 1)[1]
+    return hex_of(digest)
 
 
 class ContentStore:
@@ -87,7 +84,9 @@ class ContentStore:
         self._next_evict_check = 0.0
         backend.on_corrupt = lambda key: self._count(corrupt=1)
         self._remove_stale_parts()
-        self._read_through = ReadThrough(self)
+        self._read_through = ReadThrough(
+            backend, flight, commit=self._commit, count=self._count, evict=self.evict_if_needed
+        )
 
     @classmethod
     def on_filesystem(cls, root: str | os.PathLike[str], max_bytes: int) -> ContentStore:

@@ -34,10 +34,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO
 
 from passthrough.errors import (
     PassthroughError,
@@ -47,10 +47,8 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import LayerFile
-
-if TYPE_CHECKING:
-    from passthrough.store.content import ContentStore
+from passthrough.store.base import Backend, LayerFile, content_key, hex_of
+from passthrough.store.flight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ class BlobStream:
         #: "store" (a hit, or committed meanwhile) or "fetch" (read from the growing file).
         self.source = "store" if stored is not None else "fetch"
 
-    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def chunks(self, start: int = 0, end: int | None = None) -> Generator[bytes, None, None]:
         """Bytes ``start`` to ``end`` (exclusive). Raises :class:`TransferAborted` when
         the fetch fails, before the last byte of the blob."""
         stop = self.size if end is None else min(end, self.size)
@@ -129,16 +127,30 @@ class BlobStream:
 
 
 class ReadThrough:
-    """The read-through of one store (one per :class:`ContentStore`)."""
+    """The read-through of one store (one per
+    :class:`~passthrough.store.content.ContentStore`, which hands it its backend, lock,
+    commit and counters: it never imports the content store)."""
 
-    def __init__(self, store: ContentStore) -> None:
-        self.store = store
+    def __init__(
+        self,
+        backend: Backend,
+        flight: Flight,
+        *,
+        commit: Callable[[tuple[Path, BinaryIO], str, str, int], None],
+        count: Callable[..., None],
+        evict: Callable[[], object],
+    ) -> None:
+        self.backend = backend
+        self.flight = flight
+        self._commit = commit
+        self._count = count
+        self._evict = evict
         self._remove_stale_states()
 
     # -- files -------------------------------------------------------------------------
 
     def _state_path(self, hex_digest: str) -> Path:
-        return self.store.backend.staging_dir() / f"flight-{hex_digest}.json"
+        return self.backend.staging_dir() / f"flight-{hex_digest}.json"
 
     def _read_state(self, hex_digest: str) -> dict[str, Any] | None:
         try:
@@ -155,7 +167,7 @@ class ReadThrough:
 
     def _remove_stale_states(self) -> None:
         now = time.time()
-        for path in self.store.backend.staging_dir().glob("flight-*.json*"):
+        for path in self.backend.staging_dir().glob("flight-*.json*"):
             with contextlib.suppress(OSError):
                 if now - path.stat().st_mtime > STATE_STALE:
                     path.unlink()
@@ -166,19 +178,17 @@ class ReadThrough:
         """The blob from the store, or read through: the fetch started here when nobody
         runs it, followed otherwise. Errors before the first byte (the upstream's 404,
         401, 429…) are raised here, so the client gets them as a status."""
-        from passthrough.store.content import _hex, content_key
-
         key = content_key("blobs", digest)
-        hex_digest = _hex(digest)
-        backend = self.store.backend
+        hex_digest = hex_of(digest)
+        backend = self.backend
         interval = poll if poll is not None else (0.2 if backend.name == "s3" else 0.02)
         began = time.time()
         while True:
             stored = backend.open(key, digest)
             if stored is not None:
-                self.store._count(hits=1)
+                self._count(hits=1)
                 return BlobStream(stored.size, stored=stored)
-            hold = self.store.flight.try_hold(hex_digest)
+            hold = self.flight.try_hold(hex_digest)
             if hold is not None:
                 # This reader starts the fetch; its errors before the first byte are
                 # this reader's answer (others read them from the state file).
@@ -210,7 +220,7 @@ class ReadThrough:
         if phase not in ("streaming", "verified", "committed") or not isinstance(size, int):
             return None
         try:
-            handle = (self.store.backend.staging_dir() / str(state["part"])).open("rb")
+            handle = (self.backend.staging_dir() / str(state["part"])).open("rb")
         except (OSError, KeyError):
             return None  # committed (renamed or uploaded) meanwhile: the store has it
         token = str(state.get("token"))
@@ -268,19 +278,17 @@ class ReadThrough:
             raise TransferAborted("the upstream fetch of this blob was replaced")
         if state.get("state") == "failed":
             raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
-        if state.get("state") == "streaming" and not self.store.flight.is_held(hex_digest):
+        if state.get("state") == "streaming" and not self.flight.is_held(hex_digest):
             raise TransferAborted("the process fetching this blob is gone")
 
     def _await_verified(self, digest: str, hex_digest: str, token: str) -> None:
-        from passthrough.store.content import content_key
-
         delay = 0.002
         while True:
             state = self._read_state(hex_digest)
             if state is None or state.get("token") != token:
                 # The state lingers for STATE_LINGER after a success and is kept after a
                 # failure: gone means it succeeded and the store holds the blob.
-                if state is None and self.store.backend.size(content_key("blobs", digest)):
+                if state is None and self.backend.size(content_key("blobs", digest)):
                     return
                 raise TransferAborted("the upstream fetch of this blob was replaced")
             phase = state.get("state")
@@ -288,7 +296,7 @@ class ReadThrough:
                 return
             if phase == "failed":
                 raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
-            if not self.store.flight.is_held(hex_digest):
+            if not self.flight.is_held(hex_digest):
                 raise TransferAborted("the process fetching this blob is gone")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -334,18 +342,16 @@ class ReadThrough:
         fetch: _Fetch,
         part: str,
     ) -> None:
-        from passthrough.store.content import content_key
-
         key = content_key("blobs", digest)
-        path = self.store.backend.staging_dir() / part
+        path = self.backend.staging_dir() / part
         state: dict[str, Any] = {"token": fetch.token, "part": part, "pid": os.getpid()}
         handle = None
         # The lock is held until the outcome is written: a reader that takes it after
         # a failure must never have its own state overwritten by this one.
         with hold:
             try:
-                self.store.flight.hold_lease(hex_digest, hold)
-                if self.store.backend.size(key) is not None:
+                self.flight.hold_lease(hex_digest, hold)
+                if self.backend.size(key) is not None:
                     # Committed by another replica while we waited for its lease.
                     self._write_state(
                         hex_digest,
@@ -361,12 +367,12 @@ class ReadThrough:
                     hex_digest, {**state, "state": "streaming", "size": size, "time": time.time()}
                 )
                 fetch.ready.set()
-                self.store._count(misses=1)
+                self._count(misses=1)
                 self._copy(digest, chunks, handle, size)
                 self._write_state(
                     hex_digest, {**state, "state": "verified", "size": size, "time": time.time()}
                 )
-                self.store._commit((path, handle), "blobs", digest, size)
+                self._commit((path, handle), "blobs", digest, size)
                 self._write_state(
                     hex_digest, {**state, "state": "committed", "size": size, "time": time.time()}
                 )
@@ -394,7 +400,7 @@ class ReadThrough:
                 fetch.ready.set()
                 if handle is not None:
                     handle.close()
-        self.store.evict_if_needed()
+        self._evict()
 
     @staticmethod
     def _copy(digest: str, chunks: Iterator[bytes], handle: Any, size: int) -> None:

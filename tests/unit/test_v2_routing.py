@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from passthrough.config import ConfigError, load_settings
+from passthrough.config import ConfigError, Settings, load_settings
 from passthrough.registry.routing import NameInvalid, route_name, upstream_credentials
 
 ENV = {
@@ -18,7 +18,7 @@ ENV = {
 }
 
 
-def settings(**extra: str):  # type: ignore[no-untyped-def]
+def settings(**extra: str) -> Settings:
     return load_settings({**ENV, **extra}, env_file="/nonexistent")
 
 
