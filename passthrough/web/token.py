@@ -25,7 +25,6 @@ from passthrough.config import Settings
 from passthrough.errors import BadRequest, PassthroughError
 from passthrough.export.pipeline import Services
 from passthrough.oci.reference import quote_input
-from passthrough.registry.access import Identity, check_access
 from passthrough.registry.tokens import (
     SERVICE,
     TokenService,
@@ -56,17 +55,6 @@ def tokens_of(app: Flask) -> TokenService | None:
 def _settings() -> Settings:
     services: Services = current_app.extensions["passthrough"]
     return services.settings
-
-
-def request_identity(repository: str | None, action: str = "pull") -> Identity:
-    """:func:`check_access` for the current request: the /v2 routes' one call."""
-    return check_access(
-        _settings(),
-        tokens_of(current_app),
-        request.headers.get("Authorization"),
-        repository,
-        action,
-    )
 
 
 class OAuthError(BadRequest):

@@ -8,13 +8,14 @@ import base64
 import logging
 
 import pytest
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, jsonify, request
 
 from passthrough import create_app
 from passthrough.config import ConfigError, load_settings
+from passthrough.registry.access import check_access
 from passthrough.registry.tokens import TokenService
 from passthrough.upstream.auth import Credentials
-from passthrough.web.token import request_identity, tokens_of
+from passthrough.web.token import tokens_of
 
 SECRET = "the replicas' shared token secret"
 PUBLIC = "https://mirror.example:5443"
@@ -224,47 +225,52 @@ def test_transparent_tokens_carry_no_credentials(tmp_path):
 # -- the token in use, and the route order ------------------------------------------------------
 
 
-def add_v2_catch_all(app: Flask) -> None:
-    """What web/v2.py will register after the token blueprint: /v2/<path:name>/… routes
-    and a catch-all, each calling the access check."""
-    bp = Blueprint("fake_v2", __name__)
-
-    @bp.get("/v2/")
-    def base():
-        identity = request_identity(None)
-        return jsonify(via=identity.via, subject=identity.subject)
-
-    @bp.get("/v2/<path:name>/manifests/<reference>")
-    def manifest(name, reference):
-        identity = request_identity(name)
-        has_credentials = identity.credentials is not None
-        return jsonify(via=identity.via, subject=identity.subject, credentials=has_credentials)
+def add_probes(app: Flask) -> None:
+    """A /v2 catch-all (which the token route must win over) and a probe outside /v2 that
+    shows what identity check_access gives a request."""
+    bp = Blueprint("probes", __name__)
 
     @bp.route("/v2/<path:rest>", methods=["GET", "POST"])
     def catch_all(rest):
         return jsonify(caught=rest)
 
+    @bp.get("/probe/<path:name>")
+    def probe(name):
+        identity = check_access(
+            app.extensions["passthrough"].settings,
+            tokens_of(app),
+            request.headers.get("Authorization"),
+            name,
+        )
+        has_credentials = identity.credentials is not None
+        return jsonify(via=identity.via, subject=identity.subject, credentials=has_credentials)
+
     app.register_blueprint(bp)
 
 
-def test_v2_token_wins_over_a_catch_all(app):
-    add_v2_catch_all(app)
+def test_v2_token_wins_over_a_catch_all_and_the_v2_routes(app):
+    add_probes(app)
     client = app.test_client()
-    assert client.get("/v2/other/thing").get_json() == {"caught": "other/thing"}
+    assert client.get("/v2/other/thing/x").get_json() == {"caught": "other/thing/x"}
     assert_token_answer(client.get("/v2/token?scope=repository:a:pull"))
     assert_token_answer(
         client.post("/v2/token", data={"grant_type": "password", "username": "u", "password": "p"})
     )
+    # A repository called "token" is still a repository.
+    challenged = client.get("/v2/token/manifests/latest")
+    assert challenged.status_code == 401
+    assert 'scope="repository:token:pull"' in challenged.headers["WWW-Authenticate"]
 
 
 def test_challenge_token_pull_flow(app, caplog):
     caplog.set_level(logging.DEBUG)
-    add_v2_catch_all(app)
+    add_probes(app)
     client = app.test_client()
     challenged = client.get("/v2/")
     assert challenged.status_code == 401
     realm = f'Bearer realm="{PUBLIC}/v2/token",service="passthrough"'
     assert challenged.headers["WWW-Authenticate"] == realm
+    assert challenged.get_json()["errors"][0]["code"] == "UNAUTHORIZED"
     # The realm is PUBLIC_URL, whatever Host the client sent.
     spoofed = client.get("/v2/library/busybox/manifests/latest", headers={"Host": "evil.test"})
     assert spoofed.status_code == 401
@@ -279,22 +285,28 @@ def test_challenge_token_pull_flow(app, caplog):
         )
     )
     bearer = {"Authorization": f"Bearer {token}"}
-    assert client.get("/v2/", headers=bearer).get_json() == {"via": "bearer", "subject": "erin"}
-    assert client.get("/v2/library/busybox/manifests/latest", headers=bearer).get_json() == {
+    base = client.get("/v2/", headers=bearer)
+    assert (base.status_code, base.get_json()) == (200, {})
+    assert client.get("/probe/library/busybox", headers=bearer).get_json() == {
         "via": "bearer",
         "subject": "erin",
         "credentials": True,
     }
-    other = client.get("/v2/library/alpine/manifests/latest", headers=bearer)
-    assert other.status_code == 401
-    assert 'error="insufficient_scope"' in other.headers["WWW-Authenticate"]
+    for path in (
+        "/v2/library/alpine/manifests/latest",
+        "/v2/library/alpine/blobs/sha256:" + "a" * 64,
+    ):
+        other = client.get(path, headers=bearer)
+        assert other.status_code == 401
+        assert other.headers["WWW-Authenticate"] == (
+            realm + ',scope="repository:library/alpine:pull",error="insufficient_scope"'
+        )
     tampered = client.get("/v2/", headers={"Authorization": f"Bearer {token[:-4]}AAAA"})
     assert tampered.status_code == 401
     assert tampered.headers["WWW-Authenticate"] == realm + ',error="invalid_token"'
     # Basic straight to /v2 works too.
-    direct = client.get(
-        "/v2/library/alpine/manifests/latest", headers={"Authorization": basic("erin", PASSWORD)}
-    )
+    assert client.get("/v2/", headers={"Authorization": basic("erin", PASSWORD)}).status_code == 200
+    direct = client.get("/probe/library/alpine", headers={"Authorization": basic("erin", PASSWORD)})
     assert direct.get_json() == {"via": "basic", "subject": "erin", "credentials": True}
 
     assert PASSWORD not in caplog.text
@@ -303,21 +315,23 @@ def test_challenge_token_pull_flow(app, caplog):
 
 def test_a_replica_with_the_same_secret_accepts_the_token(app, tmp_path):
     replica = make_app(tmp_path, PROXY_MODE="authenticated", PUBLIC_URL=PUBLIC, TOKEN_SECRET=SECRET)
-    add_v2_catch_all(replica)
-    token = assert_token_answer(app.test_client().get("/v2/token?scope=repository:a:pull"))
-    answer = replica.test_client().get(
-        "/v2/a/manifests/latest", headers={"Authorization": f"Bearer {token}"}
+    foreign = make_app(
+        tmp_path, PROXY_MODE="authenticated", PUBLIC_URL=PUBLIC, TOKEN_SECRET=SECRET + "-other"
     )
-    assert answer.status_code == 200
-    assert answer.get_json()["via"] == "bearer"
+    token = assert_token_answer(app.test_client().get("/v2/token?scope=repository:a:pull"))
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert replica.test_client().get("/v2/", headers=bearer).status_code == 200
+    refused = foreign.test_client().get("/v2/", headers=bearer)
+    assert refused.status_code == 401
+    assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
 
 
 def test_with_auth_off_v2_needs_no_token(tmp_path):
     app = make_app(tmp_path)
-    add_v2_catch_all(app)
-    answer = app.test_client().get("/v2/", headers={"Authorization": "Bearer garbage"})
-    assert answer.status_code == 200
-    assert answer.get_json() == {"via": "none", "subject": None}
+    for headers in ({}, {"Authorization": "Bearer garbage"}):
+        answer = app.test_client().get("/v2/", headers=headers)
+        assert answer.status_code == 200
+        assert "WWW-Authenticate" not in answer.headers
 
 
 # -- settings ---------------------------------------------------------------------------------
