@@ -8,6 +8,7 @@ TOKEN_SECRET but not on one with another secret."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -262,6 +263,72 @@ def test_docker_login_and_pull(server, public, images, docker_engine: DockerEngi
         assert private.image.marker in ran.stdout.splitlines()
     finally:
         docker(docker_engine.host, config, "rmi", "-f", private_ref, public_ref)
+    assert_no_secret_in(server.log_text())
+
+
+class MirrorEngine(DockerEngine):
+    """A dockerd of its own whose daemon.json names passthrough as its Docker Hub mirror
+    (the session's engine must stay mirror-free for the other tests)."""
+
+    def __init__(self, mirror: str) -> None:
+        super().__init__()
+        self.mirror_config = self.base / "mirror-daemon.json"
+        self.mirror_config.write_text(json.dumps({"registry-mirrors": [mirror]}))
+
+    @property
+    def dockerd_argv(self) -> list[str]:
+        argv = super().dockerd_argv
+        return [
+            f"--config-file={self.mirror_config}" if a.startswith("--config-file=") else a
+            for a in argv
+        ]
+
+
+def hub_credentials(config: Path, username: str, password: str) -> None:
+    """A client config logged in to Docker Hub (written, since the rig has no Hub): the
+    docker CLI sends these with every docker.io pull, and dockerd offers them to the
+    mirror's token service."""
+    auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+    config.mkdir(exist_ok=True)
+    (config / "config.json").write_text(
+        json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": auth}}})
+    )
+
+
+def test_dockerd_mirror_anonymous_and_with_hub_credentials(
+    authenticated, registry_token, images, token_issuer, tmp_path
+):
+    server, public_url = authenticated
+    private = fresh_private(registry_token)
+    with MirrorEngine(public_url) as engine:
+        anonymous = tmp_path / "anonymous"
+        anonymous.mkdir()
+        (anonymous / "config.json").write_text("{}")
+        # No credentials: dockerd follows the Bearer challenge anonymously (with a Basic
+        # one it would drop the mirror and go to Docker Hub, which the rig cannot reach).
+        name = f"{images.public.repository}:{images.public.tag}"
+        pulled = docker(engine.host, anonymous, "pull", name)
+        assert pulled.returncode == 0, pulled.stderr + engine.logs()
+        assert f"GET /v2/{images.public.repository}/manifests/" in server.log_text()
+        denied = docker(engine.host, anonymous, "pull", f"{private.repository}:{private.tag}")
+        assert denied.returncode != 0
+
+        logged_in = tmp_path / "hub"
+        hub_credentials(logged_in, ALICE.username, ALICE.password)
+        pulled = docker(engine.host, logged_in, "pull", f"{private.repository}:{private.tag}")
+        assert pulled.returncode == 0, pulled.stderr + engine.logs()
+        inspected = docker(
+            engine.host,
+            logged_in,
+            "image",
+            "inspect",
+            "-f",
+            "{{json .RootFS.Layers}}",
+            f"{private.repository}:{private.tag}",
+        )
+        assert json.loads(inspected.stdout) == private.image.diff_ids
+    # Upstream saw alice: her Hub credentials went through passthrough's token.
+    assert f"repository:{private.repository}:pull" in scopes_asked_by(token_issuer, "alice")
     assert_no_secret_in(server.log_text())
 
 
