@@ -14,6 +14,7 @@ clients that always ask keep working.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from passthrough.registry.tokens import (
     rfc3339,
 )
 from passthrough.upstream.auth import Credentials, parse_basic_authorization
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("token", __name__)
 
@@ -67,7 +70,9 @@ class OAuthError(BadRequest):
 
 @bp.errorhandler(PassthroughError)
 def token_error(error: PassthroughError) -> Response:
-    # Token clients read JSON errors (RFC 6749 §5.2); the message is safe to show.
+    # Token clients read JSON errors (RFC 6749 §5.2); the message is safe to show (and
+    # to log: it never holds a credential).
+    log.info("token request refused: %s %s", error.status, error.message)
     if isinstance(error, OAuthError):
         code = error.error
     elif isinstance(error, BadRequest):
