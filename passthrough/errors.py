@@ -45,6 +45,31 @@ class ClientAuthRequired(PassthroughError):
         super().__init__(message, headers={"WWW-Authenticate": self.CHALLENGE})
 
 
+class TokenRequired(PassthroughError):
+    """/v2 needs a Bearer token from passthrough's token service, or Basic credentials
+    (401). The response carries the Bearer challenge naming the realm (PUBLIC_URL), the
+    service and the scope to ask for, so a client knows where to get one."""
+
+    status = 401
+    kind = "unauthorized"
+
+
+class TokenInvalid(PassthroughError):
+    """A Bearer token that passthrough did not issue with its key, was altered, is
+    malformed or has expired (401). The message never quotes the token."""
+
+    status = 401
+    kind = "token_invalid"
+
+
+class InsufficientScope(PassthroughError):
+    """A valid token that does not grant the action on the repository asked (401 with
+    ``error="insufficient_scope"``, so the client fetches a token for that scope)."""
+
+    status = 401
+    kind = "insufficient_scope"
+
+
 class ClientAuthDisabled(PassthroughError):
     """Client credentials are switched off (REGISTRY_CLIENT_AUTH=off) (403)."""
 
