@@ -1,12 +1,18 @@
 """gunicorn settings for passthrough: `gunicorn -c gunicorn.conf.py` from the repo root.
 
 Every value can be overridden on the command line (`--bind 127.0.0.1:9000`) or with
-GUNICORN_CMD_ARGS; the environment variables below are the documented knobs.
+GUNICORN_CMD_ARGS; the environment variables below are the documented knobs. TLS
+(TLS_CERT_FILE/TLS_KEY_FILE, or TLS_SELF_SIGNED) is set up in on_starting, from the
+validated settings.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from passthrough.config import Settings
 
 wsgi_app = "passthrough:create_app()"
 
@@ -67,9 +73,11 @@ def on_starting(server: object) -> None:
     from passthrough.store import check_store
 
     try:
+        settings = load_settings()
         # The store too: an unreachable S3 endpoint or a missing bucket stops start-up
         # here, once, naming the variable and the endpoint.
-        check_store(load_settings())
+        check_store(settings)
+        _configure_tls(server, settings)
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
     try:
@@ -80,6 +88,45 @@ def on_starting(server: object) -> None:
         ) from None
     if created:
         _metrics_dir_created.append(directory)
+
+
+def _configure_tls(server: Any, settings: Settings) -> None:
+    """TLS_CERT_FILE/TLS_KEY_FILE become gunicorn's certfile/keyfile; TLS_SELF_SIGNED
+    makes a CA and a certificate for TLS_NAMES first. on_starting runs before the
+    master opens its sockets (and reads certfile for them), so setting them here
+    counts, and .env values apply as well as the environment's.
+
+    With TLS_SELF_SIGNED the CA is logged once (it is public: clients must be given
+    it) with how to trust it, and its path goes to the workers, for GET /ca.crt, in
+    an environment variable set before they are forked."""
+    from passthrough import tls
+
+    # Only this master says where the CA is: never a value inherited from outside.
+    os.environ.pop(tls.CA_FILE_ENV, None)
+    cfg = server.cfg
+    if settings.tls_cert_file and settings.tls_key_file:
+        cfg.set("certfile", settings.tls_cert_file)
+        cfg.set("keyfile", settings.tls_key_file)
+        return
+    if not settings.tls_self_signed:
+        return
+    files = tls.make_self_signed(settings.tls_names, settings.tls_dir)
+    cfg.set("certfile", str(files.cert))
+    cfg.set("keyfile", str(files.key))
+    os.environ[tls.CA_FILE_ENV] = str(files.ca_cert)
+    port = _bound_port(cfg.bind)
+    server.log.info(
+        "%s\n%s", tls.trust_instructions(files, settings.tls_names, port), files.ca_pem().rstrip()
+    )
+
+
+def _bound_port(binds: list[str]) -> int | None:
+    """The TCP port of the first ``host:port`` bind (None for a unix socket)."""
+    for address in binds:
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit() and not address.startswith(("unix:", "fd:")):
+            return int(port)
+    return None
 
 
 def post_fork(server: object, worker: object) -> None:

@@ -130,6 +130,9 @@ class Settings:
     tls_key_file: str | None = None
     tls_self_signed: bool = False
     tls_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    #: TLS_DIR: where TLS_SELF_SIGNED keeps its CA and certificate (None: a private
+    #: directory under TMPDIR); on a volume, the CA outlives restarts.
+    tls_dir: str | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -524,6 +527,7 @@ def load_settings(
         tls_key_file=tls_key,
         tls_self_signed=tls_self_signed,
         tls_names=tls_names,
+        tls_dir=_optional(env, "TLS_DIR"),
         registry=registry,
         registry_auth_url=auth_url,
         registry_service=service,
