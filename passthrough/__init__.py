@@ -38,12 +38,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             telemetry.setup_tracing(environ=env)
     telemetry.instrument_app(app)
 
-    from passthrough.web import downloads, errors, health, token
+    from passthrough.web import downloads, errors, health, tls, token
 
     # One TokenService per app: every worker derives the same key from TOKEN_SECRET.
     app.extensions[token.EXTENSION] = token.make_token_service(settings)
     app.register_blueprint(errors.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(tls.bp)
     # Before any other /v2 blueprint: /v2/token is this service, never a repository name.
     app.register_blueprint(token.bp)
     app.register_blueprint(downloads.bp)

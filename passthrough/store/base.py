@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from passthrough.errors import StoreUnavailable
 from passthrough.oci.manifest import LayerDescriptor
 
 #: The bytes of a blob from wherever it comes (the registry, usually), in chunks. The
@@ -175,6 +176,24 @@ class Backend(ABC):
     def presigned_url(self, key: str, expires: int = 900) -> str | None:
         """A URL a client may GET the object from directly, where the backend has one."""
         return None
+
+    def probe(self) -> None:
+        """Whether the store is usable right now, cheaply (GET /ready asks every few
+        seconds): raise :class:`~passthrough.errors.StoreUnavailable` naming the cause.
+        Here: the staging directory, where every fill starts, takes a new file."""
+        directory = self.staging_dir()
+        path = directory / f".ready.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+            path.unlink()
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"the {self.describe()} cannot write to {directory}: {exc.strerror}"
+            ) from None
 
     def check(self) -> None:  # noqa: B027 - optional: a directory is checked by config
         """Fail with :class:`~passthrough.config.ConfigError` (naming the variable)

@@ -42,6 +42,8 @@ MULTIPART_THRESHOLD = 32 << 20
 MULTIPART_CHUNK = 16 << 20
 READ_AHEAD = 1 << 20
 LIFECYCLE_RULE_ID = "passthrough-expiry"
+#: Seconds probe() waits for the bucket (connect and read each).
+PROBE_TIMEOUT = 2.0
 
 #: What botocore raises when S3 cannot be reached or answers wrongly.
 _S3_ERRORS = (
@@ -69,7 +71,10 @@ class S3Backend(Backend):
         self.prefix = prefix
         self.endpoint_url = endpoint_url
         self.lifecycle_days = lifecycle_days
+        self.region = region
         self.client = make_client(endpoint_url, region)
+        #: For probe(): short timeouts and no retries (made on first use).
+        self._probe_client: Any = None
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_CHUNK,
@@ -205,6 +210,17 @@ class S3Backend(Backend):
         if self.lifecycle_days:
             self._put_lifecycle_rule()
 
+    def probe(self) -> None:
+        """The local staging directory takes a file and the bucket answers a HEAD, within
+        about PROBE_TIMEOUT (a readiness probe must not outwait its own timeout)."""
+        super().probe()
+        if self._probe_client is None:
+            self._probe_client = make_client(self.endpoint_url, self.region, quick=True)
+        try:
+            self._probe_client.head_bucket(Bucket=self.bucket)
+        except _S3_ERRORS as exc:
+            raise self._unavailable(exc, "answering HEAD bucket") from None
+
     def _put_lifecycle_rule(self) -> None:
         rule = {
             "ID": LIFECYCLE_RULE_ID + (f"-{self.prefix.strip('/')}" if self.prefix else ""),
@@ -233,6 +249,8 @@ class S3Backend(Backend):
 
     def close(self) -> None:
         self.client.close()
+        if self._probe_client is not None:
+            self._probe_client.close()
 
 
 class S3Object(LayerFile):
@@ -288,14 +306,22 @@ class S3Object(LayerFile):
         self._close_body()
 
 
-def make_client(endpoint_url: str | None, region: str | None) -> Any:
-    """A boto3 S3 client with timeouts and retries fit for a request path."""
+def make_client(endpoint_url: str | None, region: str | None, *, quick: bool = False) -> Any:
+    """A boto3 S3 client with timeouts and retries fit for a request path; ``quick``:
+    for a health probe (PROBE_TIMEOUT, one attempt, one connection)."""
     options: dict[str, Any] = {
         "connect_timeout": 5,
         "read_timeout": 60,
         "retries": {"max_attempts": 3, "mode": "standard"},
         "max_pool_connections": 50,
     }
+    if quick:
+        options.update(
+            connect_timeout=PROBE_TIMEOUT,
+            read_timeout=PROBE_TIMEOUT,
+            retries={"max_attempts": 1, "mode": "standard"},
+            max_pool_connections=1,
+        )
     if endpoint_url is not None:
         # S3-compatible services want path-style addressing, and many reject the
         # CRC32 trailers that current botocore sends by default.
