@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -76,9 +77,13 @@ def wait_for_port(
         delay = min(delay * 2, 0.2)
 
 
-def http_status(url: str, timeout: float = 2.0) -> int:
-    """Status of a GET, without following redirects or using any proxy."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def http_status(url: str, timeout: float = 2.0, *, context: ssl.SSLContext | None = None) -> int:
+    """Status of a GET, without following redirects or using any proxy; an https URL is
+    verified with `context` (default: the system's trust store)."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as response:
             status: int = response.status
@@ -98,6 +103,7 @@ def wait_for_http(
     *,
     ok: Container[int] | Callable[[int], bool] = (200,),
     process: ManagedProcess | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> int:
     """Poll `url` with GET until its status is accepted by `ok`; return that status.
 
@@ -110,7 +116,7 @@ def wait_for_http(
     while True:
         _check_alive(process, url)
         try:
-            status = http_status(url, timeout=2.0)
+            status = http_status(url, timeout=2.0, context=context)
             if accept(status):
                 return status
             last = f"status {status}"

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.support.procs import LOOPBACK, ManagedProcess, StartupError, free_port, wait_for_http
+from tests.support.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    StartupError,
+    free_port,
+    wait_for_http,
+    wait_for_port,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # from whoever runs the suite.
 SCRUBBED_PREFIXES = (
     "REGISTRY_", "OTEL_", "CACHE_", "LOG_", "UPSTREAM_", "MAX_", "PROMETHEUS_", "S3_", "AWS_",
-    "REDIS_",
+    "REDIS_", "TLS_", "PASSTHROUGH_TLS_", "PROXY_", "TOKEN_",
 )
 SCRUBBED_NAMES = frozenset(
     {
@@ -40,6 +48,9 @@ SCRUBBED_NAMES = frozenset(
         "DOWNLOAD_DEADLINE",
         "SERVE_STALE",
         "STORE",
+        "UPSTREAMS",
+        "PUBLIC_URL",
+        "TAG_TTL",
         # The registries are on loopback: a proxy from the environment would break them.
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -70,8 +81,15 @@ def _gunicorn() -> str:
     return found
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class PassthroughServer:
-    """One gunicorn master with its workers. `url` is http://127.0.0.1:PORT."""
+    """One gunicorn master with its workers. `url` is http://127.0.0.1:PORT, or
+    https://127.0.0.1:PORT when the environment turns TLS on (TLS_SELF_SIGNED, or
+    TLS_CERT_FILE with `ca_file` the CA that signed it); `ca_file` is then what
+    clients verify against (`requests.get(url, verify=server.ca_file)`)."""
 
     def __init__(
         self,
@@ -83,8 +101,10 @@ class PassthroughServer:
         repo_root: Path = REPO_ROOT,
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 30.0,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.overrides = dict(env or {})
+        self._ca_file = Path(ca_file) if ca_file is not None else None
         self.workers = workers
         self.threads = threads
         self.repo_root = repo_root
@@ -97,8 +117,40 @@ class PassthroughServer:
         self.process: ManagedProcess | None = None
 
     @property
+    def self_signed(self) -> bool:
+        return _truthy(self.overrides.get("TLS_SELF_SIGNED"))
+
+    @property
+    def scheme(self) -> str:
+        tls = self.self_signed or bool(self.overrides.get("TLS_CERT_FILE"))
+        return "https" if tls else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where TLS_SELF_SIGNED puts its files: TLS_DIR, else the private directory
+        the service makes under its TMPDIR."""
+        chosen = self.overrides.get("TLS_DIR")
+        return Path(chosen) if chosen else self.tmpdir / f"passthrough-tls-{os.getuid()}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA an https client verifies this server with (None over plain HTTP)."""
+        if self.scheme != "https":
+            return None
+        if self._ca_file is not None:
+            return self._ca_file
+        if self.self_signed:
+            return self.tls_dir / "ca.crt"
+        raise RuntimeError("TLS_CERT_FILE is set: pass ca_file= (the CA that signed it)")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context that trusts only `ca_file` (None over plain HTTP)."""
+        ca_file = self.ca_file
+        return None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
 
     @property
     def pid(self) -> int:
@@ -139,7 +191,15 @@ class PassthroughServer:
             )
             proc.start()
             try:
-                wait_for_http(f"{self.url}/health", self.startup_timeout, process=proc)
+                context = None
+                if self.scheme == "https":
+                    # The master makes the certificate before it listens: once the port
+                    # answers, the CA is there to verify with.
+                    wait_for_port(LOOPBACK, self.port, self.startup_timeout, process=proc)
+                    context = self.ssl_context()
+                wait_for_http(
+                    f"{self.url}/health", self.startup_timeout, process=proc, context=context
+                )
             except StartupError:
                 proc.stop()
                 if attempt < 2 and "Address already in use" in proc.log_text():
@@ -169,6 +229,8 @@ class PassthroughServer:
         found = []
         for path in sorted(self.tmpdir.rglob("*")):
             relative = path.relative_to(self.tmpdir).parts
+            if relative[0].startswith("passthrough-tls-"):
+                continue  # TLS_SELF_SIGNED's CA and certificate: kept for the next start
             if relative[0].startswith("passthrough-s3-"):
                 if len(relative) == 1 or relative[1:] in (("tmp",), ("locks",)):
                     continue
