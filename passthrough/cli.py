@@ -5,14 +5,37 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 import urllib.request
 
 
+def tls_enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether the local server speaks TLS (TLS_SELF_SIGNED, or TLS_CERT_FILE)."""
+    env = dict(os.environ if environ is None else environ)
+    self_signed = env.get("TLS_SELF_SIGNED", "").strip().lower() in ("1", "true", "yes", "on")
+    return self_signed or bool(env.get("TLS_CERT_FILE", "").strip())
+
+
+def default_health_url(environ: dict[str, str] | None = None) -> str:
+    env = dict(os.environ if environ is None else environ)
+    scheme = "https" if tls_enabled(env) else "http"
+    return f"{scheme}://127.0.0.1:{env.get('PORT', '8080')}/health"
+
+
 def healthcheck(url: str, timeout: float) -> int:
-    """Exit 0 when /health answers 200, 1 otherwise (Docker HEALTHCHECK semantics)."""
+    """Exit 0 when /health answers 200, 1 otherwise (Docker HEALTHCHECK semantics).
+
+    Over https the certificate is not checked: this probes the server's liveness from
+    inside its own container, where the certificate names the host clients use (not
+    127.0.0.1) and its CA may be trusted nowhere here."""
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we build
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - loopback URL we build
             return 0 if response.status == 200 else 1
     except OSError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
@@ -39,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     health = commands.add_parser("healthcheck", help="probe /health of the local server")
     health.add_argument(
         "--url",
-        default=f"http://127.0.0.1:{os.environ.get('PORT', '8080')}/health",
-        help="health URL (default: http://127.0.0.1:$PORT/health, PORT defaults to 8080)",
+        default=default_health_url(),
+        help="health URL (default: http://127.0.0.1:$PORT/health, https with TLS_SELF_SIGNED "
+        "or TLS_CERT_FILE; PORT defaults to 8080)",
     )
     health.add_argument("--timeout", type=float, default=3.0)
     commands.add_parser("check-config", help="validate the environment and .env, then exit")

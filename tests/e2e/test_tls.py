@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import urllib3
 from tests.support.fixtures_matrix import s3_env
 from tests.support.procs import LOOPBACK, StartupError, free_port
 from tests.support.seaweed import SeaweedS3
-from tests.support.server import PassthroughServer
+from tests.support.server import PassthroughServer, scrubbed_environment
 
 ServerFactory = Callable[..., PassthroughServer]
 
@@ -71,6 +72,19 @@ def test_self_signed_certificate_verifies_against_the_ca_it_serves(
     # Plain HTTP on the TLS port gets nowhere.
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://{LOOPBACK}:{server.port}/health", timeout=10)
+    # The container's health command follows TLS_SELF_SIGNED to https.
+    assert container_healthcheck(server.port, {"TLS_SELF_SIGNED": "true"}).returncode == 0
+    plain = container_healthcheck(server.port, {})
+    assert plain.returncode == 1 and "unhealthy" in plain.stderr
+
+
+def container_healthcheck(port: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`passthrough healthcheck` as the image's HEALTHCHECK runs it (PORT, no --url)."""
+    command = Path(sys.executable).with_name("passthrough")
+    environment = {**scrubbed_environment(), "PORT": str(port), **env}
+    return subprocess.run(
+        [str(command), "healthcheck"], env=environment, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_self_signed_ca_outlives_a_restart_in_tls_dir(
@@ -133,6 +147,8 @@ def test_operator_certificate_from_tls_cert_file(
     assert "BEGIN CERTIFICATE" not in server.log_text()
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(f"{server.url}/health", timeout=10)
+    tls_env = {"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+    assert container_healthcheck(server.port, tls_env).returncode == 0
 
 
 def test_a_missing_key_file_stops_start_up_with_one_message(
