@@ -170,20 +170,20 @@ def test_a_probe_storm_costs_one_round_of_checks(tmp_path: Path, stubs: Any) -> 
 
 
 def test_ready_goes_through_the_outbound_policy(tmp_path: Path, stubs: Any) -> None:
-    default, other = stubs(200), stubs(200)
+    default = stubs(200)
     app = app_with(
         tmp_path,
         REGISTRY_URL=default.url,
-        UPSTREAMS=f"other={other.url}",
+        # A cloud metadata address: refused before any connection, trusted or not.
+        UPSTREAMS="meta=http://169.254.169.254",
         REGISTRY_ALLOWLIST="ghcr.io",
         CACHE_DIR="",
     )
     _, report = get_ready(app)
     by_name = {u["name"]: u for u in report["upstreams"]}
     assert by_name["default"]["ok"] is True, "REGISTRY_URL's host is always allowed"
-    assert by_name["other"]["ok"] is False and by_name["other"]["status"] is None
-    assert "REGISTRY_ALLOWLIST" in by_name["other"]["detail"]
-    assert other.count() == 0
+    assert by_name["meta"]["ok"] is False and by_name["meta"]["status"] is None
+    assert "link-local" in by_name["meta"]["detail"]
 
 
 def test_ready_never_sends_or_shows_credentials(tmp_path: Path, stubs: Any) -> None:
