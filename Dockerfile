@@ -43,14 +43,16 @@ LABEL org.opencontainers.image.title="passthrough" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # The account (uid/gid 10001) exists so tools that look the user up work. The cache
-# directory exists, owned by it, so a fresh named volume mounted there inherits that
-# owner. Temp files go to /var/tmp (TEMP_DIR): world-writable in the base image, and
-# compose and the Helm chart mount a volume there.
+# and TLS directories exist, owned by it, so a fresh named volume mounted there
+# inherits that owner (the TLS one 0700: TLS_SELF_SIGNED's keys are private). Temp
+# files go to /var/tmp (TEMP_DIR): world-writable in the base image, and compose and
+# the Helm chart mount a volume there.
 RUN groupadd --gid 10001 passthrough \
     && useradd --uid 10001 --gid 10001 \
        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin passthrough \
-    && mkdir -p /var/cache/passthrough \
-    && chown 10001:10001 /var/cache/passthrough
+    && mkdir -p /var/cache/passthrough /var/lib/passthrough/tls \
+    && chown 10001:10001 /var/cache/passthrough /var/lib/passthrough/tls \
+    && chmod 0700 /var/lib/passthrough/tls
 
 COPY --from=builder /opt/venv /opt/venv
 

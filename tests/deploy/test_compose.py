@@ -17,6 +17,7 @@ from tests.deploy import (
     REPO,
     S3_SECRET_VARS,
     SECRET_VARS,
+    V2_SECRET_VARS,
     env_vars_read_by_app,
     graceful_timeout_default,
     is_dockerignored,
@@ -182,7 +183,7 @@ def test_env_example_covers_what_the_code_reads() -> None:
 
 def test_env_example_holds_no_credentials() -> None:
     for name, value, _ in env_example():
-        if name in SECRET_VARS or name in S3_SECRET_VARS:
+        if name in (*SECRET_VARS, *S3_SECRET_VARS, *V2_SECRET_VARS):
             assert value == "", f"{name} has an example value; leave it empty"
         if name == "REDIS_URL":
             assert "@" not in value, "the example Redis URL holds no password"
@@ -322,7 +323,31 @@ def test_s3_profile_holds_only_marked_demo_keys(
     assert "@" not in env["REDIS_URL"], "no password in the Redis URL"
     for svc in compose["services"].values():
         environment = svc.get("environment") or {}
-        for name in (*SECRET_VARS, *S3_SECRET_VARS):
+        for name in (*SECRET_VARS, *S3_SECRET_VARS, *V2_SECRET_VARS):
             value = str(environment.get(name, ""))
             assert not value or "demo" in value, f"{name} hard-coded in compose.yaml"
     assert not set(S3_SECRET_VARS) & set(service["environment"]), "not for the default service"
+
+
+# --- TLS and the /v2 API --------------------------------------------------------------
+
+
+def test_tls_dir_is_a_volume_the_image_prepares(
+    compose: dict[str, Any], service: dict[str, Any]
+) -> None:
+    env = service["environment"]
+    writable = mounts(service)
+    assert writable.get(env["TLS_DIR"]) in (compose.get("volumes") or {}), "a named volume"
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(rf"mkdir -p [^\n]*{re.escape(env['TLS_DIR'])}", dockerfile)
+    assert re.search(rf"chown 10001:10001 [^\n]*{re.escape(env['TLS_DIR'])}", dockerfile)
+    # Not inside the cache directory: the store owns that one.
+    assert env["TLS_DIR"] != env["CACHE_DIR"]
+
+
+def test_compose_shows_how_to_turn_tls_and_v2_on() -> None:
+    text = (REPO / "compose.yaml").read_text(encoding="utf-8")
+    for name in ("TLS_SELF_SIGNED=true", "TLS_NAMES=", "TLS_CERT_FILE=", "TLS_KEY_FILE=",
+                 "UPSTREAMS=", "TAG_TTL=", "PROXY_MODE=", "REGISTRY_AUTH_FILE=", "/ca.crt",
+                 "certs.d"):  # fmt: skip
+        assert name in text, f"compose.yaml does not show {name}"
