@@ -61,6 +61,19 @@ ENV_VARS: tuple[str, ...] = (
     "GRACEFUL_TIMEOUT",
     "BIND",
     "PORT",
+    "UPSTREAMS",
+    "REGISTRY_AUTH_FILE",
+    "PROXY_MODE",
+    "PUBLIC_URL",
+    "TOKEN_SECRET",
+    "TOKEN_TTL",
+    "TAG_TTL",
+    "PROXY_SERVE_STALE",
+    "S3_REDIRECT",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "TLS_SELF_SIGNED",
+    "TLS_NAMES",
 )
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.
@@ -69,6 +82,10 @@ SECRET_VARS: tuple[str, ...] = ("REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGIS
 # The S3 store's access keys: from an existing Secret (or the AWS chain: instance role,
 # IRSA), never a literal value. REDIS_URL comes from a Secret when it holds a password.
 S3_SECRET_VARS: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+# The /v2 API's token key: from a Secret in Kubernetes (given, existing or generated),
+# never a literal value anywhere.
+V2_SECRET_VARS: tuple[str, ...] = ("TOKEN_SECRET",)
 
 # Aliases the application accepts for a variable above; documented next to it.
 ALIASES: dict[str, str] = {"REGISTRY_TOKEN": "REGISTRY_BEARER_TOKEN"}

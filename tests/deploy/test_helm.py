@@ -24,6 +24,13 @@ SENTINEL = "s3cr3t-Sentinel-value"
 
 Obj = dict[str, Any]
 
+# REGISTRY_AUTH_FILE content with the sentinel as its credential.
+AUTH_FILE = (
+    '{"auths": {"ghcr.io": {"auth": "'
+    + base64.b64encode(f"puller:{SENTINEL}".encode()).decode()
+    + '"}}}'
+)
+
 # Every option on: each optional object, each setting, each extra hook. Several replicas
 # and an autoscaler need the shared store, so this is the s3 store; ALL_ON_FILESYSTEM
 # below is the same with the per-pod store and its persistence volume.
@@ -153,10 +160,32 @@ ALL_ON: Obj = {
     "priorityClassName": "tools-high",
     "extraVolumes": [{"name": "ca", "configMap": {"name": "site-ca"}}],
     "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/site", "readOnly": True}],
+    "v2": {
+        "upstreams": {"hub": "https://registry-1.docker.io", "ghcr": "https://ghcr.io"},
+        "proxyMode": "authenticated",
+        "publicUrl": "https://passthrough.example.com",
+        "tokenTtl": 600,
+        "tagTtl": 60,
+        "serveStale": False,
+        "s3Redirect": True,
+        # No tokenSecret: the chart generates one.
+        "authFile": {"dockerConfigJson": AUTH_FILE},
+    },
+    # Two replicas: one certificate for all, from a Secret.
+    "tls": {"existingSecret": "passthrough-cert"},
 }
 
 ALL_ON_FILESYSTEM: Obj = {
     **{k: v for k, v in ALL_ON.items() if k not in {"replicaCount", "autoscaling", "store"}},
+    # One replica: the certificate made at start-up, with the names clients use.
+    "tls": {"selfSigned": True, "names": ["passthrough.example.com", "10.20.0.5"]},
+    # The token key from an existing Secret; no blob redirects without S3.
+    "v2": {
+        **ALL_ON["v2"],
+        "s3Redirect": False,
+        "tokenSecret": {"existingSecret": "pt-token", "key": "secret"},
+        "authFile": {"existingSecret": "pull-secret"},
+    },
     "persistence": {
         "enabled": True,
         "accessModes": ["ReadWriteMany"],
@@ -228,12 +257,38 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "AWS_SECRET_ACCESS_KEY": ("store.s3.existingSecret", "s3-keys", "existing-secret"),
     "REDIS_URL": ("redis.url", "redis://redis.tools:6379/0", "redis://redis.tools:6379/0"),
     "REDIS_LOCK_LEASE": ("redis.lockLease", 45, "45"),
+    "UPSTREAMS": (
+        "v2.upstreams",
+        {"lab": "http://10.1.2.3:5000", "hub": "https://registry-1.docker.io"},
+        "hub=https://registry-1.docker.io,lab=http://10.1.2.3:5000",
+    ),
+    "REGISTRY_AUTH_FILE": (
+        "v2.authFile.existingSecret",
+        "pull-secret",
+        "/etc/passthrough/registry-auth/auth.json",
+    ),
+    "PROXY_MODE": ("v2.proxyMode", "transparent", "transparent"),
+    "PUBLIC_URL": ("v2.publicUrl", "https://pt.lab:8443", "https://pt.lab:8443"),
+    "TOKEN_SECRET": ("v2.tokenSecret.value", SENTINEL, "secret"),
+    "TOKEN_TTL": ("v2.tokenTtl", 900, "900"),
+    "TAG_TTL": ("v2.tagTtl", 30, "30"),
+    "PROXY_SERVE_STALE": ("v2.serveStale", False, "false"),
+    "S3_REDIRECT": ("v2.s3Redirect", True, "true"),
+    "TLS_SELF_SIGNED": ("tls.selfSigned", True, "true"),
+    "TLS_NAMES": (
+        "tls.names",
+        ["pt.lab", "10.0.0.5"],
+        "demo-passthrough,demo-passthrough.tools,demo-passthrough.tools.svc,"
+        "demo-passthrough.tools.svc.cluster.local,localhost,127.0.0.1,pt.lab,10.0.0.5",
+    ),
+    "TLS_CERT_FILE": ("tls.existingSecret", "pt-tls", "/etc/passthrough/tls/tls.crt"),
+    "TLS_KEY_FILE": ("tls.existingSecret", "pt-tls", "/etc/passthrough/tls/tls.key"),
 }
 
 # Settings that only apply with the s3 store: rendered on top of S3.
 S3_ONLY = {
     "STORE", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT_URL", "S3_LIFECYCLE_DAYS", "AWS_REGION",
-    *S3_SECRET_VARS,
+    "S3_REDIRECT", *S3_SECRET_VARS,
 }  # fmt: skip
 
 
@@ -348,6 +403,7 @@ def check_service_monitor(monitor: Obj, objects: list[Obj]) -> None:
         "port",
         "path",
         "scheme",
+        "tlsConfig",
         "interval",
         "scrapeTimeout",
         "relabelings",
@@ -436,7 +492,12 @@ def test_defaults_render_only_the_core_objects(defaults: list[Obj]) -> None:
 def test_every_option_renders_its_object(all_on: list[Obj], all_on_filesystem: list[Obj]) -> None:
     for kind, api_version in OPTIONAL_KINDS.items():
         objects = all_on_filesystem if kind == "PersistentVolumeClaim" else all_on
-        assert one(objects, kind)["apiVersion"] == api_version
+        found = [o for o in objects if o["kind"] == kind]
+        assert found and all(o["apiVersion"] == api_version for o in found), kind
+    # The registry credentials, the generated token key and the auth file.
+    assert sorted(o["metadata"]["name"] for o in all_on if o["kind"] == "Secret") == [
+        "demo-passthrough-registry", "demo-passthrough-registry-auth", "demo-passthrough-token"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -463,15 +524,20 @@ def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
 
 
 @pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
-def test_probes_hit_health_on_the_served_port(values: Obj | None) -> None:
+def test_probes_hit_health_and_ready_on_the_served_port(values: Obj | None) -> None:
     objects = render(values)
     ctr = container(objects)
+    env = effective_env(objects)
+    tls = "TLS_SELF_SIGNED" in env or "TLS_CERT_FILE" in env
     port_names = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):
         get = ctr[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path
         assert get["port"] in port_names
-        assert str(port_names[get["port"]]) == effective_env(objects)["PORT"]
+        assert str(port_names[get["port"]]) == env["PORT"]
+        assert get.get("scheme", "HTTP") == ("HTTPS" if tls else "HTTP")
+    # /ready gives each check 2 s (and waits 3.5 s in all): the probe waits longer.
+    assert ctr["readinessProbe"]["timeoutSeconds"] >= 4
     assert one(objects, "Service")["spec"]["ports"][0]["targetPort"] in port_names
 
 
@@ -641,6 +707,8 @@ def test_every_setting_is_reachable_from_values(name: str) -> None:
         values = nested("registry.credentials", {"username": value, "password": "p"})
     elif name == "REGISTRY_PASSWORD":
         values = nested("registry.credentials", {"username": "u", "password": value})
+    elif name == "TLS_NAMES":
+        values = {"tls": {"selfSigned": True, "names": value}}
     objects = render(values)
     env = effective_env(objects)
     assert name in env, f"{path} does not set {name}"
@@ -656,8 +724,14 @@ def test_every_setting_is_reachable_from_values(name: str) -> None:
         assert env[name] == expected
 
 
+def registry_secret(objects: list[Obj]) -> Obj:
+    """The Secret the chart makes for registry.credentials."""
+    [secret] = [o for o in objects if o["metadata"]["name"] == f"{RELEASE}-passthrough-registry"]
+    return secret
+
+
 def test_credentials_only_through_secret_key_refs(all_on: list[Obj]) -> None:
-    secret = one(all_on, "Secret")
+    secret = registry_secret(all_on)
     env = effective_env(all_on)
     for name in SECRET_VARS:
         kind, secret_name, key = env[name]
@@ -713,9 +787,11 @@ def test_s3_and_redis_credentials_only_through_secret_key_refs(all_on: list[Obj]
     for item in container(all_on)["env"]:
         if item["name"] in {*S3_SECRET_VARS, "REDIS_URL"}:
             assert "value" not in item and "secretKeyRef" in item["valueFrom"]
-    # The chart never creates a Secret for them: the one Secret is the registry's.
-    [secret] = [o for o in all_on if o["kind"] == "Secret"]
-    assert set(secret["data"]) == {"username", "password", "token"}
+    # The chart never creates a Secret for them: its Secrets are the registry's
+    # credentials, the token key and the auth file.
+    assert set(registry_secret(all_on)["data"]) == {"username", "password", "token"}
+    for secret in (o for o in all_on if o["kind"] == "Secret"):
+        assert not {*S3_SECRET_VARS, "REDIS_URL"} & set(secret["data"])
 
 
 def test_s3_secret_key_names_can_be_overridden() -> None:
@@ -1052,3 +1128,206 @@ def test_values_document_every_registry_and_store_variable(prefix: str) -> None:
     assert names
     for name in names:
         assert name in text, f"values.yaml does not name {name}"
+
+
+# --- the /v2 API and TLS -------------------------------------------------------------
+
+
+def secret_named(objects: list[Obj], name: str) -> Obj:
+    [secret] = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == name]
+    return secret
+
+
+def test_v2_settings_render(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    assert env["UPSTREAMS"] == "ghcr=https://ghcr.io,hub=https://registry-1.docker.io"
+    assert env["PROXY_MODE"] == "authenticated"
+    assert env["PUBLIC_URL"] == "https://passthrough.example.com"
+    assert (env["TOKEN_TTL"], env["TAG_TTL"]) == ("600", "60")
+    assert (env["PROXY_SERVE_STALE"], env["S3_REDIRECT"]) == ("false", "true")
+    defaults = effective_env(render())
+    assert defaults["PROXY_MODE"] == "transparent" and "UPSTREAMS" not in defaults
+    assert "TOKEN_SECRET" not in defaults and "REGISTRY_AUTH_FILE" not in defaults
+    assert not {k for k in defaults if k.startswith("TLS_")}, "TLS is off by default"
+
+
+def test_authenticated_mode_generates_a_token_secret(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    assert env["TOKEN_SECRET"] == ("secret", f"{RELEASE}-passthrough-token", "TOKEN_SECRET")
+    secret = secret_named(all_on, f"{RELEASE}-passthrough-token")
+    generated = base64.b64decode(secret["data"]["TOKEN_SECRET"]).decode()
+    assert len(generated) >= 32 and generated.isalnum()
+    for configmap in (o for o in all_on if o["kind"] == "ConfigMap"):
+        assert "TOKEN_SECRET" not in configmap["data"]
+        assert generated not in yaml.safe_dump(configmap)
+    item = next(i for i in container(all_on)["env"] if i["name"] == "TOKEN_SECRET")
+    assert "value" not in item
+
+
+def test_token_secret_from_an_existing_secret(all_on_filesystem: list[Obj]) -> None:
+    env = effective_env(all_on_filesystem)
+    assert env["TOKEN_SECRET"] == ("secret", "pt-token", "secret")
+    names = {o["metadata"]["name"] for o in all_on_filesystem if o["kind"] == "Secret"}
+    assert f"{RELEASE}-passthrough-token" not in names
+
+
+def test_auth_file_is_a_read_only_secret_mount(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    path = env["REGISTRY_AUTH_FILE"]
+    volumes = {v["name"]: v for v in deployment_pod(all_on)["volumes"]}
+    [mount] = [m for m in container(all_on)["volumeMounts"] if path.startswith(m["mountPath"])]
+    assert mount["readOnly"] is True
+    source = volumes[mount["name"]]["secret"]
+    secret = secret_named(all_on, source["secretName"])
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    [item] = source["items"]
+    assert f"{mount['mountPath']}/{item['path']}" == path
+    assert base64.b64decode(secret["data"][item["key"]]).decode() == AUTH_FILE
+    assert source["defaultMode"] == 0o440
+    assert annotation(all_on, "checksum/registry-auth")
+    assert "REGISTRY_AUTH_FILE" not in {i["name"] for i in container(all_on)["env"]}
+
+
+def test_auth_file_from_an_existing_pull_secret(all_on_filesystem: list[Obj]) -> None:
+    volumes = {v["name"]: v for v in deployment_pod(all_on_filesystem)["volumes"]}
+    source = volumes["registry-auth"]["secret"]
+    assert source["secretName"] == "pull-secret"
+    assert source["items"] == [{"key": ".dockerconfigjson", "path": "auth.json"}]
+    assert annotation(all_on_filesystem, "checksum/registry-auth") is None
+
+
+def test_tls_from_an_existing_secret(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    volumes = {v["name"]: v for v in deployment_pod(all_on)["volumes"]}
+    mounts = {m["mountPath"]: m for m in container(all_on)["volumeMounts"]}
+    for name, key in (("TLS_CERT_FILE", "tls.crt"), ("TLS_KEY_FILE", "tls.key")):
+        directory, _, filename = env[name].rpartition("/")
+        mount = mounts[directory]
+        assert mount["readOnly"] is True
+        source = volumes[mount["name"]]["secret"]
+        assert source["secretName"] == "passthrough-cert"
+        assert {"key": key, "path": filename} in source["items"]
+        assert source["defaultMode"] == 0o440, "the key: owner and fsGroup only"
+    assert "TLS_SELF_SIGNED" not in env
+    monitor = one(all_on, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert monitor["scheme"] == "https" and monitor["tlsConfig"] == {"insecureSkipVerify": True}
+
+
+def test_tls_self_signed_covers_the_service_names(all_on_filesystem: list[Obj]) -> None:
+    env = effective_env(all_on_filesystem)
+    assert env["TLS_SELF_SIGNED"] == "true"
+    names = env["TLS_NAMES"].split(",")
+    service = one(all_on_filesystem, "Service")["metadata"]["name"]
+    assert {service, f"{service}.{NAMESPACE}.svc", "localhost", "127.0.0.1"} <= set(names)
+    assert names[-2:] == ["passthrough.example.com", "10.20.0.5"]
+    assert len(names) == len(set(names))
+    assert "TLS_CERT_FILE" not in env
+    test_pod = one(all_on_filesystem, "Pod")["spec"]["containers"][0]
+    assert test_pod["command"][-1].startswith(f"https://{service}:")
+    text = notes({"tls": {"selfSigned": True}})
+    assert "https://127.0.0.1:8080/docker/nginx_latest.tar" in text
+    assert "/ca.crt" in text and "certs.d" in text and "hosts.toml" in text
+    assert "TLS is off" in notes() and "TLS is off" not in text
+
+
+def test_notes_show_the_v2_pull() -> None:
+    text = notes({"v2": {"upstreams": {"hub": "https://registry-1.docker.io"}}})
+    assert "docker pull <host>:8080/<alias>/<repository>:<tag>" in text
+    assert "aliases: hub" in text
+    assert "needs a content store" in notes({"config": {"cacheDir": ""}})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"v2": {"proxyMode": "authenticated"}},
+            "v2.proxyMode=authenticated needs v2.publicUrl: the token realm clients are sent "
+            "to (never taken from the Host header)",
+        ),
+        (
+            {"v2": {"proxyMode": "open"}},
+            'v2.proxyMode must be transparent or authenticated, not "open"',
+        ),
+        ({"v2": {"publicUrl": "pt.lab"}}, "v2.publicUrl must be http(s)://host[:port][/path]"),
+        (
+            {"v2": {"tokenSecret": {"existingSecret": "t", "value": SENTINEL}}},
+            "v2.tokenSecret: set either existingSecret or value, not both",
+        ),
+        (
+            {"v2": {"tokenSecret": {"value": "short"}}},
+            "v2.tokenSecret.value must be at least 16 characters",
+        ),
+        (
+            {"v2": {"authFile": {"existingSecret": "p", "dockerConfigJson": AUTH_FILE}}},
+            "v2.authFile: set either existingSecret or dockerConfigJson, not both",
+        ),
+        (
+            {"v2": {"s3Redirect": True}},
+            "v2.s3Redirect needs store.type=s3: it redirects blob reads to the bucket",
+        ),
+        (
+            {"v2": {"upstreams": {"Hub": "https://registry-1.docker.io"}}},
+            'v2.upstreams: alias "Hub" must be a lowercase name such as hub or ghcr',
+        ),
+        (
+            {"v2": {"upstreams": {"lab": f"https://puller:{SENTINEL}@lab.example"}}},
+            "v2.upstreams.lab must be a registry URL without credentials (use v2.authFile)",
+        ),
+        (
+            {"tls": {"selfSigned": True, "existingSecret": "c"}},
+            "tls: set either selfSigned or existingSecret, not both",
+        ),
+        (
+            merged(S3, {"tls": {"selfSigned": True}, "replicaCount": 2}),
+            "tls.selfSigned makes a CA per pod: with more than one replica use "
+            "tls.existingSecret (one certificate for all, e.g. from cert-manager)",
+        ),
+        (
+            merged(S3, {"tls": {"selfSigned": True}, "autoscaling": {"enabled": True}}),
+            "tls.selfSigned makes a CA per pod: with more than one replica use "
+            "tls.existingSecret (one certificate for all, e.g. from cert-manager)",
+        ),
+    ],
+    ids=[
+        "authenticated-no-public-url",
+        "bad-mode",
+        "bad-public-url",
+        "token-both",
+        "token-short",
+        "auth-file-both",
+        "s3-redirect-filesystem",
+        "bad-alias",
+        "upstream-credentials",
+        "tls-both",
+        "self-signed-replicas",
+        "self-signed-hpa",
+    ],
+)
+def test_v2_and_tls_values_that_cannot_work_fail_with_one_line(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError) as failure:
+        render(values)
+    reason = str(failure.value).split("): ", 1)[-1].strip()
+    assert reason == message
+    assert "\n" not in reason and SENTINEL not in reason
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"tls": {"selfSigned": True}},
+        {"tls": {"existingSecret": "c"}, "serviceMonitor": {"enabled": True}},
+        {"v2": {"proxyMode": "authenticated", "publicUrl": "https://pt.lab"}},
+        {"v2": {"authFile": {"existingSecret": "pull"}, "tokenSecret": {"value": SENTINEL}}},
+    ],
+    ids=["self-signed", "tls-secret", "authenticated", "auth-file-and-token"],
+)
+def test_each_v2_and_tls_option_alone_is_valid(values: Obj) -> None:
+    objects = render(values)
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":
+            check_service_monitor(obj, objects)
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["messages"] == [] and report["errors"] == []

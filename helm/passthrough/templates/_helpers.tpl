@@ -102,6 +102,73 @@ Name of the Secret holding the registry credentials.
 {{- end }}
 
 {{/*
+Does the service speak TLS? "true" or empty.
+*/}}
+{{- define "passthrough.tlsEnabled" -}}
+{{- if or .Values.tls.selfSigned .Values.tls.existingSecret -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/*
+TLS_NAMES for tls.selfSigned: the Service's DNS names, loopback, then tls.names.
+*/}}
+{{- define "passthrough.tlsNames" -}}
+{{- $svc := include "passthrough.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost" "127.0.0.1" }}
+{{- range .Values.tls.names }}
+{{- $names = append $names (toString .) }}
+{{- end }}
+{{- join "," (uniq $names) }}
+{{- end }}
+
+{{/*
+Does the pod get TOKEN_SECRET? "true" or empty: an existing Secret, a value, or
+proxyMode=authenticated (which needs one: the chart then generates it).
+*/}}
+{{- define "passthrough.tokenSecretUsed" -}}
+{{- $t := .Values.v2.tokenSecret -}}
+{{- if or $t.existingSecret $t.value (eq .Values.v2.proxyMode "authenticated") -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/*
+Does the chart create the TOKEN_SECRET Secret? "true" or empty.
+*/}}
+{{- define "passthrough.createTokenSecret" -}}
+{{- if and (include "passthrough.tokenSecretUsed" .) (not .Values.v2.tokenSecret.existingSecret) -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/*
+Name of the Secret holding TOKEN_SECRET.
+*/}}
+{{- define "passthrough.tokenSecretName" -}}
+{{- .Values.v2.tokenSecret.existingSecret | default (printf "%s-token" (include "passthrough.fullname" .)) }}
+{{- end }}
+
+{{/*
+Name of the Secret holding REGISTRY_AUTH_FILE, or empty when there is none.
+*/}}
+{{- define "passthrough.authFileSecretName" -}}
+{{- $a := .Values.v2.authFile -}}
+{{- if $a.existingSecret -}}
+{{- $a.existingSecret -}}
+{{- else if $a.dockerConfigJson -}}
+{{- printf "%s-registry-auth" (include "passthrough.fullname" .) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Where the pod finds REGISTRY_AUTH_FILE and the TLS certificate.
+*/}}
+{{- define "passthrough.authFileDir" -}}/etc/passthrough/registry-auth{{- end }}
+{{- define "passthrough.tlsDir" -}}/etc/passthrough/tls{{- end }}
+
+{{/*
 Seconds in-flight downloads need after the pod starts terminating.
 */}}
 {{- define "passthrough.minGracePeriod" -}}
@@ -182,6 +249,49 @@ Checks of values that would otherwise fail only at run time.
 {{- if regexMatch "^[^/]*//[^/@]*:[^/@]*@" (toString $redis.url) }}
 {{- fail "redis.url holds a password: put the URL in a Secret and set redis.existingSecret" }}
 {{- end }}
+{{- $v2 := .Values.v2 }}
+{{- if not (has $v2.proxyMode (list "transparent" "authenticated")) }}
+{{- fail (printf "v2.proxyMode must be transparent or authenticated, not %q" (toString $v2.proxyMode)) }}
+{{- end }}
+{{- if and (eq $v2.proxyMode "authenticated") (not $v2.publicUrl) }}
+{{- fail "v2.proxyMode=authenticated needs v2.publicUrl: the token realm clients are sent to (never taken from the Host header)" }}
+{{- end }}
+{{- if and $v2.publicUrl (not (regexMatch "^https?://[^/?#@]+(/[^?#]*)?$" (toString $v2.publicUrl))) }}
+{{- fail "v2.publicUrl must be http(s)://host[:port][/path]" }}
+{{- end }}
+{{- if and $v2.tokenSecret.existingSecret $v2.tokenSecret.value }}
+{{- fail "v2.tokenSecret: set either existingSecret or value, not both" }}
+{{- end }}
+{{- if and $v2.tokenSecret.existingSecret (not $v2.tokenSecret.key) }}
+{{- fail "v2.tokenSecret.existingSecret needs v2.tokenSecret.key" }}
+{{- end }}
+{{- if and $v2.tokenSecret.value (lt (len (toString $v2.tokenSecret.value)) 16) }}
+{{- fail "v2.tokenSecret.value must be at least 16 characters" }}
+{{- end }}
+{{- if and $v2.authFile.existingSecret $v2.authFile.dockerConfigJson }}
+{{- fail "v2.authFile: set either existingSecret or dockerConfigJson, not both" }}
+{{- end }}
+{{- if and $v2.authFile.existingSecret (not $v2.authFile.key) }}
+{{- fail "v2.authFile.existingSecret needs v2.authFile.key" }}
+{{- end }}
+{{- if and $v2.s3Redirect (ne $store.type "s3") }}
+{{- fail "v2.s3Redirect needs store.type=s3: it redirects blob reads to the bucket" }}
+{{- end }}
+{{- range $alias, $url := $v2.upstreams }}
+{{- if not (regexMatch "^[a-z0-9]+([._-][a-z0-9]+)*$" $alias) }}
+{{- fail (printf "v2.upstreams: alias %q must be a lowercase name such as hub or ghcr" $alias) }}
+{{- end }}
+{{- if or (not $url) (contains "@" (toString $url)) (contains "," (toString $url)) }}
+{{- fail (printf "v2.upstreams.%s must be a registry URL without credentials (use v2.authFile)" $alias) }}
+{{- end }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.selfSigned $tls.existingSecret }}
+{{- fail "tls: set either selfSigned or existingSecret, not both" }}
+{{- end }}
+{{- if and $tls.selfSigned (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- fail "tls.selfSigned makes a CA per pod: with more than one replica use tls.existingSecret (one certificate for all, e.g. from cert-manager)" }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -210,5 +320,20 @@ Environment variables read from Secrets: a list of (name, secret, key), key neve
 {{- if .Values.redis.existingSecret }}
 {{- $refs = append $refs (list "REDIS_URL" .Values.redis.existingSecret .Values.redis.urlKey) }}
 {{- end }}
+{{- if include "passthrough.tokenSecretUsed" . }}
+{{- $refs = append $refs (list "TOKEN_SECRET" (include "passthrough.tokenSecretName" .) (ternary .Values.v2.tokenSecret.key "TOKEN_SECRET" (not (empty .Values.v2.tokenSecret.existingSecret)))) }}
+{{- end }}
 {{- toJson $refs }}
+{{- end }}
+
+{{/*
+A probe from values, its httpGet switched to HTTPS when the service speaks TLS (the
+kubelet does not verify the certificate). Called with (list probe tlsEnabled).
+*/}}
+{{- define "passthrough.probe" -}}
+{{- $probe := deepCopy (index . 0) }}
+{{- if and (index . 1) (hasKey $probe "httpGet") }}
+{{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
+{{- end }}
+{{- toYaml $probe }}
 {{- end }}
