@@ -134,10 +134,24 @@ class Settings:
     #: directory under TMPDIR); on a volume, the CA outlives restarts.
     tls_dir: str | None = None
 
+    # -- the hosted area --------------------------------------------------------------------
+    #: HOSTED_REPOSITORIES: glob patterns (``*`` one component, ``**`` any depth) of the
+    #: repositories pushed into passthrough; never fetched from any upstream.
+    hosted_repositories: tuple[str, ...] = ()
+    #: HTPASSWD_FILE: passthrough's own users (bcrypt, ``htpasswd -B``).
+    htpasswd_file: str | None = None
+    #: ACCESS_FILE: YAML narrowing who may pull, push and delete which repositories.
+    access_file: str | None = None
+    #: Anonymous clients may pull hosted repositories.
+    hosted_anonymous_pull: bool = False
+    #: The largest manifest a push may PUT.
+    hosted_manifest_max_bytes: int = 4 << 20
+
     @property
     def auth_enabled(self) -> bool:
-        """Whether /v2 asks clients to authenticate (the Bearer challenge)."""
-        return self.proxy_mode == "authenticated"
+        """Whether /v2 asks clients to authenticate (the Bearer challenge): with
+        PROXY_MODE=authenticated, or when passthrough has users of its own."""
+        return self.proxy_mode == "authenticated" or self.htpasswd_file is not None
 
     @property
     def tls_enabled(self) -> bool:
@@ -298,6 +312,27 @@ def parse_upstreams(text: str | None) -> tuple[tuple[str, RegistryEndpoint], ...
         seen.add(alias)
         found.append((alias, normalize_registry(url, variable=f"UPSTREAMS ({alias})")))
     return tuple(found)
+
+
+_PATTERN_COMPONENT_RE = re.compile(r"^(?:\*\*|\*|[a-z0-9*]+(?:(?:[._]|__|[-]+)[a-z0-9*]+)*)$")
+
+
+def parse_hosted_patterns(text: str | None) -> tuple[str, ...]:
+    """HOSTED_REPOSITORIES: comma-separated globs over repository names, ``*`` one path
+    component (or part of one), ``**`` any number of components (``team/*``,
+    ``apps/**``)."""
+    patterns: list[str] = []
+    for item in (text or "").replace(" ", ",").split(","):
+        pattern = item.strip().strip("/")
+        if not pattern:
+            continue
+        components = pattern.split("/")
+        if not all(_PATTERN_COMPONENT_RE.fullmatch(c) for c in components):
+            raise ConfigError(
+                f"HOSTED_REPOSITORIES: {pattern!r} is not a pattern such as team/* or apps/**"
+            )
+        patterns.append(pattern)
+    return tuple(patterns)
 
 
 def auth_file_host(key: str) -> str:
@@ -481,15 +516,27 @@ def load_settings(
             raise ConfigError("PUBLIC_URL must be scheme://host[:port][/path], nothing more")
         public_url = public_url.rstrip("/")
     token_secret = env.get("TOKEN_SECRET") or None
-    if proxy_mode == "authenticated":
+    hosted = parse_hosted_patterns(env.get("HOSTED_REPOSITORIES"))
+    htpasswd_file = _optional(env, "HTPASSWD_FILE")
+    if htpasswd_file is not None and not os.path.isfile(htpasswd_file):
+        raise ConfigError(f"HTPASSWD_FILE {htpasswd_file!r} is not a file")
+    access_file = _optional(env, "ACCESS_FILE")
+    if access_file is not None and not os.path.isfile(access_file):
+        raise ConfigError(f"ACCESS_FILE {access_file!r} is not a file")
+    if hosted and htpasswd_file is None:
+        raise ConfigError(
+            "HOSTED_REPOSITORIES needs HTPASSWD_FILE: a push needs one of passthrough's users"
+        )
+    if proxy_mode == "authenticated" or htpasswd_file is not None:
+        why = "PROXY_MODE=authenticated" if proxy_mode == "authenticated" else "HTPASSWD_FILE"
         if public_url is None:
             raise ConfigError(
-                "PUBLIC_URL is required with PROXY_MODE=authenticated: it is the token "
+                f"PUBLIC_URL is required with {why}: it is the token "
                 "realm clients are sent to (never taken from the Host header)"
             )
         if token_secret is None:
             raise ConfigError(
-                "TOKEN_SECRET is required with PROXY_MODE=authenticated: every worker and "
+                f"TOKEN_SECRET is required with {why}: every worker and "
                 "replica signs tokens with it"
             )
     if token_secret is not None and len(token_secret) < 16:
@@ -514,6 +561,11 @@ def load_settings(
             raise ConfigError(f"TLS_NAMES has an invalid name {tls_name!r}")
 
     return Settings(
+        hosted_repositories=hosted,
+        htpasswd_file=htpasswd_file,
+        access_file=access_file,
+        hosted_anonymous_pull=_boolean(env, "HOSTED_ANONYMOUS_PULL", False),
+        hosted_manifest_max_bytes=_size(env, "HOSTED_MANIFEST_MAX_BYTES", 4 << 20),
         upstreams=upstreams,
         upstream_credentials=upstream_credentials,
         proxy_mode=proxy_mode,

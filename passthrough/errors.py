@@ -17,6 +17,8 @@ class PassthroughError(Exception):
     status: int = 500
     #: A short, stable name for logs, metrics and traces (``error.type``).
     kind: str = "internal"
+    #: The OCI Distribution error code this error is on /v2, when it fixes one.
+    code: str | None = None
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -117,6 +119,93 @@ class Cancelled(PassthroughError):
 
     status = 499
     kind = "cancelled"
+
+
+# -- the hosted area: the push half of the OCI Distribution API ----------------------------
+
+
+class RegistryRequestError(PassthroughError):
+    """A /v2 request the hosted area refuses, with the spec's code (400 unless a leaf
+    says otherwise)."""
+
+    status = 400
+    kind = "registry_request"
+    code = "UNSUPPORTED"
+
+
+class Denied(RegistryRequestError):
+    """The client may not do this to this repository (403 DENIED)."""
+
+    status = 403
+    kind = "denied"
+    code = "DENIED"
+
+
+class NameUnknown(RegistryRequestError):
+    status = 404
+    kind = "name_unknown"
+    code = "NAME_UNKNOWN"
+
+
+class ManifestUnknown(RegistryRequestError):
+    status = 404
+    kind = "manifest_unknown"
+    code = "MANIFEST_UNKNOWN"
+
+
+class BlobUnknown(RegistryRequestError):
+    status = 404
+    kind = "blob_unknown"
+    code = "BLOB_UNKNOWN"
+
+
+class UploadUnknown(RegistryRequestError):
+    """No such upload session, or it belongs to another repository (404)."""
+
+    status = 404
+    kind = "blob_upload_unknown"
+    code = "BLOB_UPLOAD_UNKNOWN"
+
+
+class UploadInvalid(RegistryRequestError):
+    """A chunk that does not fit the session: out of order (416), or malformed (400)."""
+
+    kind = "blob_upload_invalid"
+    code = "BLOB_UPLOAD_INVALID"
+
+    def __init__(self, message: str, *, status: int = 400, headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
+        self.status = status
+
+
+class DigestMismatch(RegistryRequestError):
+    """The content does not hash to the digest given, or the digest is malformed (400)."""
+
+    kind = "digest_invalid"
+    code = "DIGEST_INVALID"
+
+
+class SizeInvalid(RegistryRequestError):
+    """The content's length is not the one declared, or over a limit."""
+
+    kind = "size_invalid"
+    code = "SIZE_INVALID"
+
+    def __init__(self, message: str, *, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ManifestInvalid(RegistryRequestError):
+    kind = "manifest_invalid"
+    code = "MANIFEST_INVALID"
+
+
+class ManifestBlobUnknown(RegistryRequestError):
+    """A pushed manifest references a blob or child manifest the repository lacks."""
+
+    kind = "manifest_blob_unknown"
+    code = "MANIFEST_BLOB_UNKNOWN"
 
 
 # -- the content store -------------------------------------------------------------------

@@ -18,6 +18,7 @@ The environment's credentials follow the environment's registry only
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -56,6 +57,30 @@ class ProxyRoute:
     @property
     def is_default(self) -> bool:
         return self.via == "default"
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    for component in pattern.split("/"):
+        if component == "**":
+            parts.append(r"[^/]+(?:/[^/]+)*")
+        else:
+            parts.append("[^/]*".join(re.escape(piece) for piece in component.split("*")))
+    return re.compile("/".join(parts))
+
+
+def is_hosted(settings: Settings, name: str) -> bool:
+    """Whether HOSTED_REPOSITORIES names this repository (``*`` one path component or
+    part of one, ``**`` one or more components), whatever its first component: a hosted
+    name is never looked up upstream."""
+    return any(_pattern_regex(p).fullmatch(name) for p in settings.hosted_repositories)
+
+
+def check_name(name: str) -> str:
+    """A repository name by the distribution grammar, or NAME_INVALID."""
+    _check_components(name.split("/") if name else [], name)
+    return name
 
 
 def looks_like_host(component: str) -> bool:

@@ -43,6 +43,7 @@ from passthrough.store.base import (
 )
 from passthrough.store.flight import Flight
 from passthrough.store.readthrough import BlobOpener, BlobStream, ReadThrough
+from passthrough.store.uploads import Uploads, open_uploads
 from passthrough.store.verify import READ_CHUNK, fetch_and_verify
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class ContentStore:
         self._next_evict_check = 0.0
         backend.on_corrupt = lambda key: self._count(corrupt=1)
         self._remove_stale_parts()
+        self._uploads: Uploads | None = None
         self._read_through = ReadThrough(
             backend, flight, commit=self._commit, count=self._count, evict=self.evict_if_needed
         )
@@ -233,6 +235,17 @@ class ContentStore:
         # committed (the open handle still reads it).
         path.unlink(missing_ok=True)
         self._count(bytes_written=size)
+
+    # -- upload sessions of the hosted area ---------------------------------------------------
+
+    @property
+    def uploads(self) -> Uploads:
+        """The backend's upload sessions (made on first use)."""
+        if self._uploads is None:
+            with self._stats_lock:
+                if self._uploads is None:
+                    self._uploads = open_uploads(self.backend, self.flight)
+        return self._uploads
 
     # -- blobs for the /v2 API -------------------------------------------------------------
 

@@ -63,8 +63,10 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return response
 
 
-def v2_code(status: int, kind: str, registry_code: str | None) -> str:
+def v2_code(status: int, kind: str, registry_code: str | None, code: str | None = None) -> str:
     """The spec's error code for an error met on a /v2 route."""
+    if code is not None:
+        return code
     if registry_code in PASSED_ON_CODES and status < 500:
         return registry_code
     if kind in CODES_BY_KIND:
@@ -109,7 +111,7 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
         if status == 499:
             status = 502
         return v2_error_response(
-            status, v2_code(status, error.kind, registry_code), error.message, headers
+            status, v2_code(status, error.kind, registry_code, error.code), error.message, headers
         )
     return error_response(error.status, error.message, error.headers)
 

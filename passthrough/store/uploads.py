@@ -1,0 +1,268 @@
+"""Blob upload sessions of the hosted area, kept in the store so that they survive a
+restart and, on a shared store, work from any replica: a session's state and bytes are
+never in one process's memory only.
+
+An upload is a sequence of appends at the session's current size (a chunk that does
+not start there is refused, the spec's 416), then a commit that names the digest: the
+bytes are hashed (a hash carried along by this process when it saw every append, else a
+pass over the stored bytes), and only when they match do they become the blob, through
+the backend's commit (a rename on disk): nothing unverified is ever visible.
+
+Implementations: :class:`FilesystemUploads` (``uploads/<id>/`` in CACHE_DIR) and the S3
+one in :mod:`passthrough.store.s3_uploads` (a multipart upload per session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from passthrough.errors import (
+    DigestMismatch,
+    UploadInvalid,
+    UploadUnknown,
+    disk_full,
+    is_disk_full,
+)
+from passthrough.store.base import Backend, content_key
+from passthrough.store.flight import Flight
+
+UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UploadState:
+    """One session: its repository, how many bytes it holds, when it began."""
+
+    id: str
+    repository: str
+    size: int
+    started: float
+    #: When the last chunk arrived (gc leaves sessions in progress alone).
+    updated: float
+
+
+class Uploads(ABC):
+    """Upload sessions over one backend."""
+
+    #: The smallest chunk a client may send (OCI-Chunk-Min-Length), 0 for any.
+    min_chunk: int = 0
+
+    def __init__(self, backend: Backend, flight: Flight) -> None:
+        self.backend = backend
+        self.flight = flight
+        #: Hashes this process carried along: id → (size hashed, hasher).
+        self._hashes: dict[str, tuple[int, hashlib._Hash]] = {}
+        self._hashes_lock = threading.Lock()
+
+    @staticmethod
+    def check_id(upload_id: str) -> str:
+        if not UPLOAD_ID_RE.fullmatch(upload_id):
+            raise UploadUnknown("no such upload session")
+        return upload_id
+
+    @contextlib.contextmanager
+    def session(self, upload_id: str) -> Iterator[None]:
+        """One request at a time per session (a flock, and the Redis lease across
+        replicas)."""
+        with self.flight.hold(f"upload-{self.check_id(upload_id)}"):
+            yield
+
+    # -- the hash carried along ---------------------------------------------------------
+
+    def _hash_continue(self, upload_id: str, offset: int) -> hashlib._Hash | None:
+        with self._hashes_lock:
+            known = self._hashes.pop(upload_id, None)
+        if known is None:
+            return hashlib.sha256() if offset == 0 else None
+        size, hasher = known
+        return hasher if size == offset else None
+
+    def _hash_keep(self, upload_id: str, size: int, hasher: hashlib._Hash | None) -> None:
+        if hasher is None:
+            return
+        with self._hashes_lock:
+            if len(self._hashes) > 1000:
+                self._hashes.clear()
+            self._hashes[upload_id] = (size, hasher)
+
+    def _hash_take(self, upload_id: str, size: int) -> str | None:
+        with self._hashes_lock:
+            known = self._hashes.pop(upload_id, None)
+        if known is None or known[0] != size:
+            return None
+        return "sha256:" + known[1].hexdigest()
+
+    # -- what each backend does -----------------------------------------------------------
+
+    @abstractmethod
+    def create(self, repository: str) -> UploadState: ...
+
+    @abstractmethod
+    def get(self, upload_id: str) -> UploadState | None: ...
+
+    @abstractmethod
+    def append(self, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
+        """Add bytes at ``offset``, which must be the session's size (else 416)."""
+
+    @abstractmethod
+    def commit(self, upload_id: str, digest: str) -> int:
+        """Verify the session's bytes against ``digest`` and make them that blob;
+        returns the size. The session is gone afterwards, whatever the outcome."""
+
+    @abstractmethod
+    def cancel(self, upload_id: str) -> None: ...
+
+    @abstractmethod
+    def list(self) -> Iterator[UploadState]: ...
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _check_offset(state: UploadState, offset: int) -> None:
+    if offset != state.size:
+        end = max(state.size - 1, 0)
+        raise UploadInvalid(
+            f"the chunk starts at byte {offset}, the session holds {state.size}",
+            status=416,
+            headers={"Range": f"0-{end}", "Docker-Upload-UUID": state.id},
+        )
+
+
+class FilesystemUploads(Uploads):
+    """``uploads/<id>/state.json`` and ``uploads/<id>/data`` beside the store's other
+    directories (the same filesystem: the commit is a rename)."""
+
+    def __init__(self, backend: Backend, flight: Flight, root: Path) -> None:
+        super().__init__(backend, flight)
+        self.root = root / "uploads"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, upload_id: str) -> Path:
+        return self.root / self.check_id(upload_id)
+
+    def _write_state(self, state: UploadState) -> None:
+        path = self._dir(state.id) / "state.json"
+        temporary = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        temporary.write_text(json.dumps(asdict(state)))
+        os.replace(temporary, path)
+
+    def create(self, repository: str) -> UploadState:
+        upload_id = new_upload_id()
+        now = time.time()
+        state = UploadState(upload_id, repository, 0, now, now)
+        try:
+            directory = self._dir(upload_id)
+            directory.mkdir()
+            (directory / "data").touch()
+            self._write_state(state)
+        except OSError as exc:
+            shutil.rmtree(self._dir(upload_id), ignore_errors=True)
+            raise disk_full() if is_disk_full(exc) else exc from None
+        return state
+
+    def get(self, upload_id: str) -> UploadState | None:
+        try:
+            document = json.loads((self._dir(upload_id) / "state.json").read_text())
+            state = UploadState(**document)
+            state = UploadState(
+                state.id,
+                state.repository,
+                (self._dir(upload_id) / "data").stat().st_size,
+                state.started,
+                state.updated,
+            )
+        except (OSError, ValueError, TypeError):
+            return None
+        return state
+
+    def append(self, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
+        state = self.get(upload_id)
+        if state is None:
+            raise UploadUnknown("no such upload session")
+        _check_offset(state, offset)
+        hasher = self._hash_continue(upload_id, offset)
+        path = self._dir(upload_id) / "data"
+        size = offset
+        try:
+            with path.open("r+b") as handle:
+                handle.seek(offset)
+                try:
+                    for chunk in chunks:
+                        handle.write(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        size += len(chunk)
+                except BaseException:
+                    # A chunk that did not arrive whole leaves the session as it was.
+                    handle.truncate(offset)
+                    raise
+                handle.truncate(size)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(path, offset)
+            raise disk_full() if is_disk_full(exc) else exc from None
+        updated = UploadState(state.id, state.repository, size, state.started, time.time())
+        self._write_state(updated)
+        self._hash_keep(upload_id, size, hasher)
+        return updated
+
+    def commit(self, upload_id: str, digest: str) -> int:
+        state = self.get(upload_id)
+        if state is None:
+            raise UploadUnknown("no such upload session")
+        path = self._dir(upload_id) / "data"
+        try:
+            actual = self._hash_take(upload_id, state.size)
+            with path.open("rb") as handle:
+                if actual is None:
+                    hasher = hashlib.sha256()
+                    while chunk := handle.read(4 * READ_CHUNK):
+                        hasher.update(chunk)
+                    actual = "sha256:" + hasher.hexdigest()
+                if actual != digest:
+                    raise DigestMismatch(
+                        f"the uploaded content is {actual}, not the digest given {digest}"
+                    )
+                self.backend.commit_file(content_key("blobs", digest), handle, path, state.size)
+        finally:
+            self.cancel(upload_id)
+        return state.size
+
+    def cancel(self, upload_id: str) -> None:
+        with self._hashes_lock:
+            self._hashes.pop(upload_id, None)
+        shutil.rmtree(self._dir(upload_id), ignore_errors=True)
+
+    def list(self) -> Iterator[UploadState]:
+        for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if UPLOAD_ID_RE.fullmatch(entry.name):
+                state = self.get(entry.name)
+                if state is not None:
+                    yield state
+
+
+def open_uploads(backend: Backend, flight: Flight) -> Uploads:
+    """The upload sessions of a backend: in its directory, or in its bucket."""
+    if backend.name == "s3":
+        from passthrough.store.s3_uploads import S3Uploads
+
+        return S3Uploads(backend, flight)
+    root = getattr(backend, "root", None)
+    if not isinstance(root, Path):
+        raise TypeError(f"no upload sessions for the {backend.name} backend")
+    return FilesystemUploads(backend, flight, root)
