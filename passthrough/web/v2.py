@@ -1,26 +1,38 @@
-"""The /v2 API (OCI Distribution, read half): each route maps the request to
-:class:`passthrough.registry.proxy.Proxy` and turns its answer into the spec's
-headers. Errors become the spec's JSON bodies in :mod:`passthrough.web.errors`.
+"""The /v2 API (OCI Distribution): each route maps the request to the hosted area
+(:class:`passthrough.registry.hosted.Hosted`, for names HOSTED_REPOSITORIES matches) or
+to the pull-through proxy (:class:`passthrough.registry.proxy.Proxy`, every other name)
+and turns the answer into the spec's headers. Errors become the spec's JSON bodies in
+:mod:`passthrough.web.errors`.
 
 - ``GET /v2/``: 200 ``{}``, or the Bearer challenge when authentication is on;
-- ``GET|HEAD /v2/<name>/manifests/<tag|digest>``;
-- ``GET|HEAD /v2/<name>/blobs/<digest>`` (Range: 206, also on a miss);
-- ``GET /v2/<name>/tags/list`` (n, last);
+- ``GET|HEAD|PUT|DELETE /v2/<name>/manifests/<tag|digest>`` (PUT, DELETE: hosted);
+- ``GET|HEAD|DELETE /v2/<name>/blobs/<digest>`` (Range: 206, also on a miss);
+- ``POST /v2/<name>/blobs/uploads/`` (``?digest=`` monolithic, ``?mount=&from=``) and
+  ``GET|PATCH|PUT|DELETE /v2/<name>/blobs/uploads/<id>``: hosted uploads;
+- ``GET /v2/<name>/tags/list``, ``GET /v2/_catalog`` (n, last, Link);
 - ``GET /v2/<name>/referrers/<digest>`` (artifactType).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
-from passthrough.errors import BadRequest, PassthroughError
+from passthrough.errors import BadRequest, Denied, PassthroughError, UploadInvalid
 from passthrough.export.pipeline import Services
 from passthrough.observe import metrics
+from passthrough.oci.manifest import OCI_INDEX
 from passthrough.oci.reference import DIGEST_RE, TAG_RE, quote_input
+from passthrough.registry.access import ANONYMOUS, Identity, check_access
+from passthrough.registry.hosted import Hosted, check_digest, page
 from passthrough.registry.proxy import BlobAnswer, Manifest, Proxy
-from passthrough.registry.routing import ProxyRoute, route_name
+from passthrough.registry.routing import ProxyRoute, check_name, is_hosted, route_name
+from passthrough.store.readthrough import BlobStream
+from passthrough.store.uploads import UploadState
 from passthrough.upstream.auth import Credentials
 from passthrough.web.downloads import RangeNotSatisfiable, drop_idle_clients, parse_range
 
@@ -63,19 +75,99 @@ def _proxy() -> Proxy:
     return proxy
 
 
-def _authorize(name: str | None) -> Credentials | None:
-    """The client's upstream identity: None in transparent mode (the service's own is
-    used), the credentials from its token or Basic header in authenticated mode."""
+def _hosted() -> Hosted:
+    hosted: Hosted | None = current_app.extensions.get("passthrough.hosted")
+    if hosted is None:
+        services = _services()
+        if services.store is None:
+            raise StoreRequired(
+                "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
+            )
+        hosted = Hosted(services.settings, services.store)
+        current_app.extensions["passthrough.hosted"] = hosted
+    return hosted
+
+
+def _identity(name: str | None, action: str = "pull") -> Identity:
+    """Who the client is, checked for ``action`` on ``name`` (a 401 with the Bearer
+    challenge, or 403, when it may not)."""
     settings = _services().settings
     if not settings.auth_enabled:
-        return None
-    from passthrough.registry.access import check_access
+        return ANONYMOUS
     from passthrough.web.token import tokens_of
 
-    identity = check_access(
-        settings, tokens_of(current_app), request.headers.get("Authorization"), name, "pull"
+    return check_access(
+        settings, tokens_of(current_app), request.headers.get("Authorization"), name, action
     )
-    return identity.credentials
+
+
+def _authorize(name: str | None) -> Credentials | None:
+    """The client's upstream identity for a proxied read: None in transparent mode (the
+    service's own is used), the credentials from its token or Basic header in
+    authenticated mode."""
+    return _identity(name).credentials
+
+
+def _is_hosted(name: str) -> bool:
+    return is_hosted(_services().settings, check_name(name))
+
+
+def _writable(name: str, action: str) -> Identity:
+    """A push or delete: only on a hosted name, by a client that may."""
+    if not _is_hosted(name):
+        patterns = ", ".join(_services().settings.hosted_repositories)
+        where = f"pushes go to {patterns}" if patterns else "this registry hosts no repositories"
+        raise Denied(f"{quote_input(name)} is not a hosted repository: {where}")
+    return _identity(name, action)
+
+
+def _body() -> Iterator[bytes]:
+    stream = request.stream
+    while chunk := stream.read(1 << 20):
+        yield chunk
+
+
+_CONTENT_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+def _content_range() -> int | None:
+    """The start of a chunk's ``Content-Range: <start>-<end>``; None for a streamed
+    PATCH. The end must agree with the Content-Length."""
+    header = request.headers.get("Content-Range")
+    if header is None:
+        return None
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if match is None:
+        raise UploadInvalid(f"invalid Content-Range {quote_input(header)}", status=416)
+    start, end = int(match.group(1)), int(match.group(2))
+    length = request.content_length
+    if end < start or (length is not None and end - start + 1 != length):
+        raise UploadInvalid(
+            f"Content-Range {quote_input(header)} does not match the body's length", status=416
+        )
+    return start
+
+
+def _upload_headers(name: str, state: UploadState) -> dict[str, str]:
+    headers = {
+        "Location": f"/v2/{name}/blobs/uploads/{state.id}",
+        "Range": f"0-{max(state.size - 1, 0)}",
+        "Docker-Upload-UUID": state.id,
+        "Content-Length": "0",
+    }
+    minimum = _hosted().store.uploads.min_chunk
+    if minimum:
+        headers["OCI-Chunk-Min-Length"] = str(minimum)
+    return headers
+
+
+def _paged(items: list[str], base: str) -> tuple[list[str], dict[str, str]]:
+    n, last = request.args.get("n"), request.args.get("last")
+    chosen, more = page(items, n, last)
+    headers = {"Cache-Control": "no-cache"}
+    if more and chosen:
+        headers["Link"] = f'<{base}?{urlencode({"n": n or "", "last": chosen[-1]})}>; rel="next"'
+    return chosen, headers
 
 
 def _route(name: str) -> ProxyRoute:
@@ -104,7 +196,7 @@ def base() -> Response:
     return Response("{}", mimetype="application/json", headers={"Cache-Control": "no-store"})
 
 
-@bp.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
+@bp.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD", "PUT", "DELETE"])
 def manifest(name: str, reference: str) -> Response:
     is_digest = bool(DIGEST_RE.fullmatch(reference))
     if not is_digest:
@@ -112,16 +204,48 @@ def manifest(name: str, reference: str) -> Response:
             raise DigestInvalid(f"invalid digest {quote_input(reference)}")
         if not TAG_RE.fullmatch(reference):
             raise TagInvalid(f"invalid tag {quote_input(reference)}")
-    route = _route(name)
-    credentials = _authorize(name)
+    if request.method == "PUT":
+        return _put_manifest(name, reference)
+    if request.method == "DELETE":
+        _writable(name, "delete")
+        _hosted().delete_manifest(name, reference)
+        metrics.v2_request("manifest_delete", "hosted", 202)
+        return Response(status=202, headers={"Content-Length": "0"})
     want_body = request.method == "GET"
-    found = _proxy().manifest(route, reference, credentials, want_body=want_body)
+    if _is_hosted(name):
+        _identity(name, "pull")
+        found = _hosted().manifest(name, reference)
+    else:
+        route = _route(name)
+        credentials = _authorize(name)
+        found = _proxy().manifest(route, reference, credentials, want_body=want_body)
     headers = _manifest_headers(found, immutable=is_digest)
     metrics.v2_request("manifest", found.source, 200)
     if not want_body or found.body is None:
         return _head_response(headers, found.size)
     metrics.v2_sent(found.source, len(found.body))
     return Response(found.body, status=200, headers=headers)
+
+
+def _put_manifest(name: str, reference: str) -> Response:
+    _writable(name, "push")
+    limit = _services().settings.hosted_manifest_max_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        from passthrough.errors import SizeInvalid
+
+        raise SizeInvalid(f"the manifest is larger than {limit >> 10} KiB", status=413)
+    body = request.stream.read(limit + 1)
+    pushed = _hosted().put_manifest(name, reference, body, request.content_type or "")
+    headers = {
+        "Location": f"/v2/{name}/manifests/{pushed.digest}",
+        "Docker-Content-Digest": pushed.digest,
+        "Content-Length": "0",
+    }
+    if pushed.subject is not None:
+        headers["OCI-Subject"] = pushed.subject
+    metrics.v2_request("manifest_push", "hosted", 201)
+    return Response(status=201, headers=headers)
 
 
 def _manifest_headers(found: Manifest, *, immutable: bool) -> dict[str, str]:
@@ -143,15 +267,26 @@ def _head_response(headers: dict[str, str], size: int) -> Response:
     return response
 
 
-@bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
+@bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD", "DELETE"])
 def blob(name: str, digest: str) -> Response:
     if not DIGEST_RE.fullmatch(digest):
         raise DigestInvalid(f"invalid digest {quote_input(digest)}")
-    route = _route(name)
-    credentials = _authorize(name)
+    if request.method == "DELETE":
+        _writable(name, "delete")
+        _hosted().delete_blob(name, digest)
+        return Response(status=202, headers={"Content-Length": "0"})
     want_body = request.method == "GET"
-    range_header = request.headers.get("Range")
-    answer = _proxy().blob(route, digest, credentials, want_body=want_body, allow_redirect=True)
+    if _is_hosted(name):
+        _identity(name, "pull")
+        opened = _hosted().open_blob(name, digest)
+        answer = BlobAnswer(opened.size, "hosted", stream=BlobStream(opened.size, stored=opened))
+        if not want_body:
+            opened.close()
+            answer.stream = None
+    else:
+        route = _route(name)
+        credentials = _authorize(name)
+        answer = _proxy().blob(route, digest, credentials, want_body=want_body, allow_redirect=True)
     headers = {
         "Docker-Content-Digest": digest,
         "Content-Type": "application/octet-stream",
@@ -167,7 +302,7 @@ def blob(name: str, digest: str) -> Response:
         metrics.v2_request("blob", answer.source, 200)
         return _head_response(headers, answer.size)
     try:
-        wanted = parse_range(range_header, answer.size)
+        wanted = parse_range(request.headers.get("Range"), answer.size)
     except RangeNotSatisfiable:
         answer.stream.close()
         metrics.v2_request("blob", answer.source, 416)
@@ -184,6 +319,93 @@ def blob(name: str, digest: str) -> Response:
     return Response(_send(answer, start, end), status=status, headers=headers)
 
 
+@bp.post("/v2/<path:name>/blobs/uploads/")
+def start_upload(name: str) -> Response:
+    identity = _writable(name, "push")
+    hosted = _hosted()
+    mount, source = request.args.get("mount"), request.args.get("from")
+    if mount and source:
+        check_digest(mount)
+        if _may_pull(identity, source):
+            size = hosted.mount(name, source, mount)
+            if size is not None:
+                metrics.v2_request("blob_mount", "hosted", 201)
+                return Response(
+                    status=201,
+                    headers={
+                        "Location": f"/v2/{name}/blobs/{mount}",
+                        "Docker-Content-Digest": mount,
+                        "Content-Length": "0",
+                    },
+                )
+    digest = request.args.get("digest")
+    if digest:
+        hosted.monolithic(name, digest, _body(), request.content_length)
+        metrics.v2_request("blob_push", "hosted", 201)
+        return Response(
+            status=201,
+            headers={
+                "Location": f"/v2/{name}/blobs/{digest}",
+                "Docker-Content-Digest": digest,
+                "Content-Length": "0",
+            },
+        )
+    state = hosted.start_upload(name)
+    return Response(status=202, headers=_upload_headers(name, state))
+
+
+def _may_pull(identity: Identity, repository: str) -> bool:
+    """Whether the client may read the source of a cross-repository mount (else the
+    spec's answer is a new session, never the blob)."""
+    try:
+        if not _is_hosted(repository):
+            return False
+    except BadRequest:
+        return False
+    settings = _services().settings
+    if not settings.auth_enabled:
+        return True
+    from passthrough.registry import access
+
+    may = getattr(access, "may", None)
+    if may is None:
+        return identity.subject is not None
+    return bool(may(settings, identity, repository, "pull"))
+
+
+@bp.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET", "PATCH", "PUT", "DELETE"])
+def upload(name: str, upload_id: str) -> Response:
+    _writable(name, "push")
+    hosted = _hosted()
+    if request.method == "GET":
+        state = hosted.upload(name, upload_id)
+        headers = _upload_headers(name, state)
+        return Response(status=204, headers=headers)
+    if request.method == "DELETE":
+        hosted.cancel(name, upload_id)
+        return Response(status=204, headers={"Content-Length": "0"})
+    if request.method == "PATCH":
+        start = _content_range()
+        state = hosted.append(name, upload_id, _body(), start=start, length=request.content_length)
+        metrics.v2_request("blob_chunk", "hosted", 202)
+        return Response(status=202, headers=_upload_headers(name, state))
+    digest = request.args.get("digest")
+    if not digest:
+        raise DigestInvalid("the closing PUT of an upload needs ?digest=")
+    start = _content_range()
+    length = request.content_length
+    hosted.finish(name, upload_id, digest, _body(), start=start, length=length)
+    metrics.v2_request("blob_push", "hosted", 201)
+    return Response(
+        status=201,
+        headers={
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": digest,
+            "Content-Length": "0",
+        },
+    )
+
+
 def _send(answer: BlobAnswer, start: int, end: int) -> Iterator[bytes]:
     """The body: a failure after the first byte raises, so the server breaks the
     transfer instead of ending it cleanly."""
@@ -198,8 +420,29 @@ def _send(answer: BlobAnswer, start: int, end: int) -> Iterator[bytes]:
         metrics.v2_sent(answer.source, sent)
 
 
+@bp.get("/v2/_catalog")
+def catalog() -> Response:
+    identity = _identity(None, "pull")
+    settings = _services().settings
+    names = _hosted().repositories()
+    if settings.auth_enabled:
+        names = [n for n in names if _may_pull(identity, n)]
+    chosen, headers = _paged(names, "/v2/_catalog")
+    return Response(
+        json.dumps({"repositories": chosen}), mimetype="application/json", headers=headers
+    )
+
+
 @bp.get("/v2/<path:name>/tags/list")
 def tags(name: str) -> Response:
+    if _is_hosted(name):
+        _identity(name, "pull")
+        chosen, headers = _paged(_hosted().tags(name), f"/v2/{name}/tags/list")
+        return Response(
+            json.dumps({"name": name, "tags": chosen}),
+            mimetype="application/json",
+            headers=headers,
+        )
     route = _route(name)
     credentials = _authorize(name)
     query = {k: v for k, v in request.args.items() if k in ("n", "last")}
@@ -218,6 +461,15 @@ def tags(name: str) -> Response:
 def referrers(name: str, digest: str) -> Response:
     if not DIGEST_RE.fullmatch(digest):
         raise DigestInvalid(f"invalid digest {quote_input(digest)}")
+    if _is_hosted(name):
+        _identity(name, "pull")
+        artifact_type = request.args.get("artifactType")
+        found = _hosted().referrers(name, digest, artifact_type)
+        headers = {"Cache-Control": "no-cache"}
+        if artifact_type:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return Response(json.dumps(index), mimetype=OCI_INDEX, headers=headers)
     route = _route(name)
     credentials = _authorize(name)
     listing = _proxy().referrers(route, digest, credentials, request.args.get("artifactType"))
