@@ -352,24 +352,28 @@ def test_ctr_pull_through_a_hosts_toml_mirror_and_run(
 # --- podman -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kind", "compression"), [("docker", "gzip"), ("oci", "zstd")], ids=["gzip", "zstd"]
-)
+@pytest.mark.parametrize("shape", ["gzip", "zstd", "index"])
 def test_podman_pull_through_an_alias_and_run(
-    kind: ManifestKind,
-    compression: Compression,
-    front: FaultFront,
-    proxy: PassthroughServer,
+    shape: str, front: FaultFront, proxy: PassthroughServer
 ) -> None:
     marker = f"v2-podman-{secrets.token_hex(6)}"
-    image = own_image(marker, kind=kind, compression=compression)
+    content: Image | Index
+    if shape == "index":
+        content = own_index(marker)
+        # podman picks the host's platform from the index.
+        image = content.image_for("linux", "amd64")
+    else:
+        # zstd layers exist only in OCI manifests.
+        kind: ManifestKind = "docker" if shape == "gzip" else "oci"
+        compression: Compression = "gzip" if shape == "gzip" else "zstd"
+        content = image = own_image(marker, kind=kind, compression=compression)
     name = unique("pod")
-    push(front, name, image)
+    push(front, name, content)
 
-    pulled = podman_pull(f"{host_of(proxy)}/{ALIAS}/{name}:1.0", run_marker=marker)
+    pulled = podman_pull(f"{host_of(proxy)}/{ALIAS}/{name}:1.0", run_marker=image.marker)
     assert pulled.layers == image.diff_ids
     assert pulled.image_id == image.config_digest.removeprefix("sha256:")
-    assert pulled.inspect["Digest"] == image.digest
+    assert pulled.inspect["Digest"] == content.digest
     assert_fetched_once(front, image)
 
 
