@@ -158,6 +158,12 @@ def proxy(
     env = proxy_env(front, tmp_path_factory.mktemp("v2-cache"))
     with running_server(tmp_path_factory, env, workers=2) as server:
         yield server
+        # The module's log is long; a failure's cause is among the lines that are not
+        # access-log lines of successful requests (pytest shows them for a failed test).
+        print(f"--- passthrough server {server.url}: warnings, errors and failed requests ---")
+        for line in server.log_text().splitlines():
+            if not re.match(r'\S+ "[A-Z]+ [^"]*" [23]\d\d ', line):
+                print(line)
 
 
 @pytest.fixture
@@ -220,6 +226,21 @@ def test_docker_pull_through_the_registry_mirror(
     before = blob_gets(front)
     docker_pull_and_run(docker_engine, f"{name}@{image.digest}", marker)
     assert blob_gets(front) == before
+    assert_fetched_once(front, image)
+
+
+def test_docker_pull_of_an_official_name_through_the_mirror(
+    docker_engine: DockerEngine, mirror: TcpRelay, front: FaultFront, proxy: PassthroughServer
+) -> None:
+    marker = f"v2-library-{secrets.token_hex(6)}"
+    image = own_image(marker)
+    short = f"v2lib{secrets.token_hex(4)}"
+    push(front, f"library/{short}", image)
+
+    # A one-component name is docker.io/library/<name>: the mirror sees /v2/library/….
+    inspect = docker_pull_and_run(docker_engine, f"{short}:1.0", marker)
+    assert inspect["Id"] == image.config_digest
+    assert f"/v2/library/{short}/manifests/1.0" in proxy.log_text()
     assert_fetched_once(front, image)
 
 
