@@ -19,7 +19,7 @@ import re
 import secrets
 import shlex
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -517,12 +517,11 @@ def download_tar(server: PassthroughServer, name: str, dest: Path) -> None:
 
 @pytest.fixture
 def shared_store(
-    passthrough_server: Any, fault_front: FaultFront, tmp_path: Path
+    passthrough_server: Callable[..., PassthroughServer], fault_front: FaultFront, tmp_path: Path
 ) -> PassthroughServer:
     """A server of the test's own: its own counting front and CACHE_DIR, which the tar
     route and /v2 share."""
-    server: PassthroughServer = passthrough_server(proxy_env(fault_front, tmp_path / "cache"))
-    return server
+    return passthrough_server(proxy_env(fault_front, tmp_path / "cache"))
 
 
 def test_tar_download_after_a_docker_pull_costs_no_blob_get(
