@@ -15,7 +15,8 @@ from tests.support.fixtures_store import *  # noqa: F403
 RIG_FIXTURES = {
     "token_issuer_session", "token_issuer", "registry_anon", "registry_basic", "registry_token",
     "redirect_front_anon", "redirect_front_token", "fault_front", "fault_front_token",
-    "passthrough_server", "docker_engine", "docker_host", "seaweed", "s3_bucket", "redis_server",
+    "passthrough_server", "docker_engine", "docker_host", "docker_mirror", "seaweed", "s3_bucket",
+    "redis_server",
 }
 
 

@@ -279,6 +279,14 @@ class ReadThrough:
         if state.get("state") == "failed":
             raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
         if state.get("state") == "streaming" and not self.flight.is_held(hex_digest):
+            # The fetcher may have verified, committed and let go between the read of the
+            # state and the lock test: look again before calling it dead.
+            again = self._read_state(hex_digest)
+            if again is None:
+                if self.backend.size(content_key("blobs", f"sha256:{hex_digest}")):
+                    return  # committed, and its state already removed
+            elif again.get("token") == token and again.get("state") in ("verified", "committed"):
+                return
             raise TransferAborted("the process fetching this blob is gone")
 
     def _await_verified(self, digest: str, hex_digest: str, token: str) -> None:
@@ -297,6 +305,14 @@ class ReadThrough:
             if phase == "failed":
                 raise TransferAborted(f"the upstream fetch failed: {state.get('message', '')}")
             if not self.flight.is_held(hex_digest):
+                # Not held may also mean done: the fetcher verifies, commits and lets go
+                # between our read of the state and the lock test. Look once more.
+                again = self._read_state(hex_digest)
+                if again is not None and again.get("token") == token:
+                    if again.get("state") in ("verified", "committed"):
+                        return
+                elif again is None and self.backend.size(content_key("blobs", digest)):
+                    return
                 raise TransferAborted("the process fetching this blob is gone")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)

@@ -18,18 +18,21 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar
 
-__all__ = ["CONTAINERD", "DOCKERD", "DOCKER_CLI", "RUNC", "DockerEngine", "DockerEngineError"]
+__all__ = ["CONTAINERD", "CTR", "DOCKERD", "DOCKER_CLI", "RUNC", "DockerEngine",
+           "DockerEngineError"]
 
 DOCKERD = "/usr/sbin/dockerd"
 CONTAINERD = "/usr/bin/containerd"
 # /usr/local/bin/docker is a newer client earlier on PATH; the rig pins the
 # Debian client that matches the 20.10 daemon.
 DOCKER_CLI = "/usr/bin/docker"
+# containerd's own client, from the same docker.io package; it talks to our containerd.
+CTR = "/usr/bin/ctr"
 # The OCI runtime, named by path for dockerd here and for podman in loaders.py, never
 # left to a lookup: Debian's podman depends on "crun | runc" and prefers crun when apt
 # picked it, and crun refuses this rig's hosts, which mount cgroups in hybrid mode (v1
@@ -124,11 +127,15 @@ class DockerEngine:
     docker CLI; `docker(...)` runs /usr/bin/docker against this engine.
     """
 
-    def __init__(self, base_dir: Path | None = None, *, start_timeout: float = 60.0) -> None:
+    def __init__(self, base_dir: Path | None = None, *, start_timeout: float = 60.0,
+                 registry_mirrors: Sequence[str] = ()) -> None:
         # Short path: unix socket paths (plus containerd's ".ttrpc" suffix) must
         # stay under 108 bytes, which pytest's tmp_path can exceed.
         self.base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="pt-dockerd-"))
         self.start_timeout = start_timeout
+        # dockerd reads its mirrors only at start; they apply to docker.io names alone
+        # (`docker pull acc/plain:1.0`), so other tests' pulls never meet them.
+        self.registry_mirrors = tuple(registry_mirrors)
         self.containerd_sock = self.base / "ctd" / "containerd.sock"
         self.socket = self.base / "docker.sock"
         self.host = f"unix://{self.socket}"
@@ -171,6 +178,7 @@ class DockerEngine:
             f"--host={self.host}",
             f"--add-runtime={_RUNTIME_NAME}={RUNC}",
             f"--default-runtime={_RUNTIME_NAME}",
+            *(f"--registry-mirror={url}" for url in self.registry_mirrors),
         ]
 
     def start(self) -> DockerEngine:
@@ -208,6 +216,25 @@ class DockerEngine:
         if check and proc.returncode != 0:
             raise DockerEngineError(
                 f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def ctr(self, namespace: str, *args: str, check: bool = True, timeout: float = 300.0
+            ) -> subprocess.CompletedProcess[str]:
+        """`ctr --address <our containerd> -n <namespace> ...`; dockerd's own namespace is
+        "moby", so tests use namespaces of their own."""
+        if not os.access(CTR, os.X_OK):
+            raise DockerEngineError(f"{CTR} is missing (apt-get install docker.io)")
+        env = dict(os.environ)
+        # A proxy from the environment would swallow the loopback registries.
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                     "all_proxy"):
+            env.pop(name, None)
+        proc = subprocess.run([CTR, "--address", str(self.containerd_sock), "-n", namespace,
+                               *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise DockerEngineError(
+                f"ctr -n {namespace} {' '.join(args)} exited {proc.returncode}: "
+                f"{proc.stderr.strip()}\n{proc.stdout.strip()[-2000:]}")
         return proc
 
     def info(self) -> dict[str, object]:

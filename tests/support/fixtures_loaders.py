@@ -13,14 +13,25 @@ import pytest
 
 from tests.support.docker_engine import DockerEngine
 from tests.support.images import Image, runnable_image
+from tests.support.relay import TcpRelay
 
-__all__ = ["busybox_marker_image", "docker_engine", "docker_host"]
+__all__ = ["busybox_marker_image", "docker_engine", "docker_host", "docker_mirror"]
 
 
 @pytest.fixture(scope="session")
-def docker_engine() -> Iterator[DockerEngine]:
-    """A started DockerEngine (own containerd + dockerd, vfs); stopped and deleted after."""
-    engine = DockerEngine()
+def docker_mirror() -> Iterator[TcpRelay]:
+    """The session dockerd's registry mirror: a relay on a port held from before dockerd
+    starts; a test attaches its own passthrough server (`docker_mirror.attached(...)`).
+    Unattached it refuses connections, so docker.io pulls fail as they would without it."""
+    with TcpRelay() as relay:
+        yield relay
+
+
+@pytest.fixture(scope="session")
+def docker_engine(docker_mirror: TcpRelay) -> Iterator[DockerEngine]:
+    """A started DockerEngine (own containerd + dockerd, vfs) whose registry mirror is
+    `docker_mirror`; stopped and deleted after."""
+    engine = DockerEngine(registry_mirrors=[docker_mirror.url])
     try:
         engine.start()
         yield engine

@@ -9,12 +9,13 @@ missing; nothing is mocked.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ __all__ = [
     "docker_rmi",
     "familiar",
     "podman_load",
+    "podman_pull",
     "skopeo",
     "skopeo_copy",
     "skopeo_copy_to_archive",
@@ -191,13 +193,10 @@ class PodmanLoad:
     inspect: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
-def podman_load(archive: Path | str, *, run_marker: str | None = None) -> PodmanLoad:
-    """`podman load` into a fresh vfs store (deleted after); inspect the first image.
-
-    names are the references podman printed (an untagged image gives its ID);
-    layers are RootFS.Layers of the loaded image. With run_marker, the image is
-    also run (`podman run --rm --network none`) and must print that line.
-    """
+@contextlib.contextmanager
+def _podman_store() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A throw-away podman (argv prefix, environment): vfs storage, runc, no system
+    configuration; every image in it removed and the directory deleted afterwards."""
     store = Path(tempfile.mkdtemp(prefix="pt-podman-"))
     root, runroot, tmp = store / "root", store / "run", store / "tmp"
     for d in (root, runroot, tmp):
@@ -206,34 +205,73 @@ def podman_load(archive: Path | str, *, run_marker: str | None = None) -> Podman
     # Our own storage.conf so /etc/containers/storage.conf (overlay options,
     # other graphroots) cannot leak in; podman still takes the flags below.
     conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{root}"\nrunroot = "{runroot}"\n')
+    # No short-name search, mirrors or blocked registries from /etc/containers, and no
+    # credentials from root's auth.json: pulls name their registry and go anonymously.
+    registries = store / "registries.conf"
+    registries.write_text("unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n")
+    auth = store / "auth.json"
+    auth.write_text("{}")
     env = dict(os.environ)
-    env.update(CONTAINERS_STORAGE_CONF=str(conf), TMPDIR=str(tmp))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        env.pop(name, None)
+    env.update(CONTAINERS_STORAGE_CONF=str(conf), CONTAINERS_REGISTRIES_CONF=str(registries),
+               REGISTRY_AUTH_FILE=str(auth), TMPDIR=str(tmp))
     # --runtime: podman's default is crun whenever apt installed crun, and crun fails
     # on hybrid-cgroup hosts; see RUNC in docker_engine.py.
     base = [PODMAN, "--root", str(root), "--runroot", str(runroot), "--tmpdir", str(tmp),
             "--runtime", RUNC, "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
             "--events-backend", "file", "--log-level", "error"]
     try:
+        yield base, env
+    finally:
+        _run([*base, "rmi", "-a", "-f"], env=env, check=False, timeout=120)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _podman_inspect_and_run(base: list[str], env: dict[str, str], names: list[str],
+                            run_marker: str | None) -> PodmanLoad:
+    inspect = json.loads(_run([*base, "image", "inspect", names[0]], env=env).stdout)[0]
+    if run_marker is not None:
+        # podman asks runc for RLIMIT_NOFILE 1048576 / NPROC 32768 (even with
+        # --ulimit host); this sandbox lacks CAP_SYS_RESOURCE and refuses
+        # that, so ask for limits that are always below the current ones.
+        run = _run([*base, "run", "--rm", "--network", "none", "--ulimit",
+                    "nofile=1024:1024", "--ulimit", "nproc=1024:1024", inspect["Id"]],
+                   env=env, check=False, timeout=300)
+        if run.returncode != 0 or run_marker not in run.stdout.splitlines():
+            raise LoaderError(f"podman run exited {run.returncode} without "
+                              f"{run_marker!r}: {run.stdout!r} {run.stderr!r}")
+    return PodmanLoad(names=names, image_id=inspect["Id"],
+                      layers=list(inspect["RootFS"]["Layers"]), inspect=inspect)
+
+
+def podman_load(archive: Path | str, *, run_marker: str | None = None) -> PodmanLoad:
+    """`podman load` into a fresh vfs store (deleted after); inspect the first image.
+
+    names are the references podman printed (an untagged image gives its ID);
+    layers are RootFS.Layers of the loaded image. With run_marker, the image is
+    also run (`podman run --rm --network none`) and must print that line.
+    """
+    with _podman_store() as (base, env):
         proc = _run([*base, "load", "-i", str(archive)], env=env)
         names = _loaded(proc.stdout)
         if not names:
             raise LoaderError(f"podman load printed no image: {proc.stdout!r} {proc.stderr!r}")
-        inspect = json.loads(_run([*base, "image", "inspect", names[0]], env=env).stdout)[0]
-        if run_marker is not None:
-            # podman asks runc for RLIMIT_NOFILE 1048576 / NPROC 32768 (even with
-            # --ulimit host); this sandbox lacks CAP_SYS_RESOURCE and refuses
-            # that, so ask for limits that are always below the current ones.
-            run = _run([*base, "run", "--rm", "--network", "none", "--ulimit",
-                        "nofile=1024:1024", "--ulimit", "nproc=1024:1024", inspect["Id"]],
-                       env=env, check=False, timeout=300)
-            if run.returncode != 0 or run_marker not in run.stdout.splitlines():
-                raise LoaderError(f"podman run exited {run.returncode} without "
-                                  f"{run_marker!r}: {run.stdout!r} {run.stderr!r}")
-        return PodmanLoad(names=names, image_id=inspect["Id"],
-                          layers=list(inspect["RootFS"]["Layers"]), inspect=inspect)
-    finally:
-        _run([*base, "rmi", "-a", "-f"], env=env, check=False, timeout=120)
-        shutil.rmtree(store, ignore_errors=True)
+        return _podman_inspect_and_run(base, env, names, run_marker)
+
+
+def podman_pull(ref: str, *, tls_verify: bool = False, run_marker: str | None = None,
+                platform: str | None = None) -> PodmanLoad:
+    """`podman pull <ref>` (a fully qualified registry reference, anonymously) into a
+    fresh vfs store (deleted after), then inspect it and, with run_marker, run it as
+    podman_load does. names is [ref]; platform is podman's --platform (os/arch)."""
+    with _podman_store() as (base, env):
+        args = [*base, "pull", "--quiet", f"--tls-verify={'true' if tls_verify else 'false'}"]
+        if platform is not None:
+            args += ["--platform", platform]
+        _run([*args, ref], env=env)
+        return _podman_inspect_and_run(base, env, [ref], run_marker)
 
 
 # --- skopeo ------------------------------------------------------------------

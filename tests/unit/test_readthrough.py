@@ -8,7 +8,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -183,3 +183,58 @@ def test_a_range_of_a_miss_comes_from_the_growing_file(store: ContentStore) -> N
     tail = store.read_through(digest_of(data), upstream)
     assert read_all(tail, len(data) - 10) == data[-10:]
     assert upstream.opened == 1
+
+
+class _FinishesWhileAsked:
+    """A lock that is let go just as a reader asks: the fetcher verified and committed
+    between the reader's read of the state ("streaming") and its lock test."""
+
+    def __init__(self, finish: Callable[[], None]) -> None:
+        self.finish = finish
+
+    def is_held(self, name: str) -> bool:
+        self.finish()
+        return False
+
+
+@pytest.mark.parametrize("then", ["verified", "committed", "gone"])
+def test_a_fetch_that_ends_while_a_reader_checks_the_lock_is_not_an_abort(
+    store: ContentStore, then: str
+) -> None:
+    data = os.urandom(CHUNK * 3)
+    digest = digest_of(data)
+    hex_digest = digest.removeprefix("sha256:")
+    through = store._read_through
+    token = "t0ken"
+    part = through.backend.staging_dir() / f"grow-{hex_digest}.test.part"
+    part.write_bytes(data)
+    streaming = {"token": token, "part": part.name, "state": "streaming", "size": len(data)}
+    through._write_state(hex_digest, streaming)
+
+    def finish() -> None:
+        if then == "gone":
+            # Committed, and its state already removed: the store has the blob.
+            store.put_document("blobs", digest, data)
+            through._state_path(hex_digest).unlink()
+        else:
+            through._write_state(hex_digest, {**streaming, "state": then})
+
+    through.flight = _FinishesWhileAsked(finish)  # type: ignore[assignment]
+    # Neither the reader waiting for the last byte nor an idle one may abort.
+    through._await_verified(digest, hex_digest, token)
+    through._write_state(hex_digest, streaming)
+    through._check_alive(hex_digest, token)
+
+
+def test_a_fetcher_that_died_still_aborts_its_readers(store: ContentStore) -> None:
+    data = os.urandom(CHUNK)
+    digest = digest_of(data)
+    hex_digest = digest.removeprefix("sha256:")
+    through = store._read_through
+    streaming = {"token": "t0ken", "part": "none.part", "state": "streaming", "size": len(data)}
+    through._write_state(hex_digest, streaming)
+    through.flight = _FinishesWhileAsked(lambda: None)  # type: ignore[assignment]
+    with pytest.raises(TransferAborted, match="is gone"):
+        through._await_verified(digest, hex_digest, "t0ken")
+    with pytest.raises(TransferAborted, match="is gone"):
+        through._check_alive(hex_digest, "t0ken")
