@@ -25,7 +25,10 @@ from urllib.parse import urlsplit
 from passthrough.config import Settings
 from passthrough.errors import (
     BadRequest,
+    BlobUnknown,
+    ClientAuthRequired,
     NotAcceptable,
+    PassthroughError,
     TooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -71,6 +74,9 @@ from passthrough.oci.reference import (
     qualify,
     synthetic_tag,
 )
+from passthrough.registry.access import check_access
+from passthrough.registry.hosted import Hosted
+from passthrough.registry.routing import is_hosted
 from passthrough.store import open_store
 from passthrough.store.base import BlobSource, LayerFile, LayerStore
 from passthrough.store.content import ContentStore
@@ -175,6 +181,9 @@ class Selection:
 
     reference: ImageReference
     target: Target
+    #: A repository of the hosted area (HOSTED_REPOSITORIES): read from the store only,
+    #: never from any upstream.
+    hosted: bool = False
 
     @property
     def repo_tag(self) -> str:
@@ -208,6 +217,12 @@ def select(services: Services, request: DownloadRequest) -> Selection:
             reference = parse_reference_path(request.reference_path)
         else:
             reference = parse_filename(request.filename or "")
+    if request.route is Route.ENVIRONMENT and is_hosted(settings, reference.repository):
+        # The hosted area answers for its names whatever REGISTRY_URL is: no upstream
+        # is ever asked for them (nothing public can shadow a team's image).
+        target = Target(hosted_endpoint(settings), "hosted", AuthKind.ANONYMOUS)
+        annotate_reference(reference, target)
+        return Selection(reference, target, hosted=True)
     with telemetry.span("extract_registry_client_credentials"):
         annotate_credentials(settings, request.client_credentials)
         registry: RegistryEndpoint | None = None
@@ -225,6 +240,43 @@ def select(services: Services, request: DownloadRequest) -> Selection:
     reference = qualify(reference, target.registry, namespace)
     annotate_reference(reference, target)
     return Selection(reference, target)
+
+
+def hosted_endpoint(settings: Settings) -> RegistryEndpoint:
+    """How archives name the hosted area's images: PUBLIC_URL's host (``localhost``
+    without one), as ``docker pull`` from this service would."""
+    if settings.public_url:
+        parts = urlsplit(settings.public_url)
+        return RegistryEndpoint(f"{parts.scheme}://{parts.netloc}", parts.netloc.lower())
+    return RegistryEndpoint("http://localhost", "localhost")
+
+
+def _resolve_hosted(
+    services: Services, selection: Selection, request: DownloadRequest, client: RegistryClient
+) -> ResolvedImage:
+    """A hosted image, from the store: the client must be allowed to pull it, as on /v2."""
+    settings = services.settings
+    if services.store is None:
+        raise UpstreamUnavailable("the hosted area needs a content store (CACHE_DIR or STORE=s3)")
+    repository = selection.reference.repository
+    if settings.auth_enabled:
+        credentials = request.client_credentials
+        authorization = credentials.basic_header() if credentials is not None else None
+        try:
+            check_access(settings, None, authorization, repository, "pull")
+        except PassthroughError as exc:
+            if exc.status == 401:
+                raise ClientAuthRequired(
+                    "this hosted repository needs a passthrough user (HTTP Basic)"
+                ) from None
+            raise
+    reference = selection.reference
+    found = Hosted(settings, services.store).manifest(
+        repository, reference.digest or reference.tag or "latest"
+    )
+    return resolve_image(
+        client, reference, request.platform, services.store, offline_digest=found.digest
+    )
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -379,8 +431,15 @@ class Download:
         return future
 
     def _source(self, layer: LayerDescriptor) -> BlobSource:
-        """The layer's blob from this download's registry and credentials."""
+        """The layer's blob from this download's registry and credentials (for a hosted
+        image, the store holds it: there is nowhere else to fetch it from)."""
         client, what = self.client, layer_what(layer)
+        if self.selection.hosted:
+
+            def missing(cancel: threading.Event | None) -> Iterator[bytes]:
+                raise BlobUnknown(f"{what} is missing from the hosted area's store")
+
+            return missing
         return lambda cancel: blob_chunks(client, layer, what, cancel)
 
     def start_fetching(self, start: int = 0, end: int | None = None) -> None:
@@ -617,7 +676,10 @@ def prepare_download(
     )
     try:
         with telemetry.span("resolve_manifest") as span:
-            image = _resolve(services, selection, client, request.platform)
+            if selection.hosted:
+                image = _resolve_hosted(services, selection, request, client)
+            else:
+                image = _resolve(services, selection, client, request.platform)
             annotate_image(image, span)
         annotate_image(image)
         if request.platform_explicit:
@@ -639,7 +701,9 @@ def prepare_download(
             layer = image.layers[slot.index]
             if download.stored_sizes[slot.index] is None:
                 needed += layer.size
-                client.blob_exists(layer.digest, what=f"layer {slot.index + 1} of {plan.repo_tag}")
+                if not selection.hosted:
+                    what = f"layer {slot.index + 1} of {plan.repo_tag}"
+                    client.blob_exists(layer.digest, what=what)
         # The space needed is local: the cache directory, or (S3, no store) the temp
         # directory that layers are spooled in before they are verified.
         local = settings.cache_dir if settings.store == "filesystem" else None

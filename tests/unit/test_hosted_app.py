@@ -250,3 +250,39 @@ def test_deletes(client: FlaskClient) -> None:
     layer = digest(b"layer-x")
     assert client.delete(f"/v2/team/app/blobs/{layer}").status_code == 202
     assert client.head(f"/v2/team/app/blobs/{layer}").status_code == 404
+
+
+def test_the_tar_routes_read_hosted_repositories_from_the_store(client: FlaskClient) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"hello"))
+    layer_tar = buffer.getvalue()
+    layer = gzip.compress(layer_tar, mtime=0)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": [digest(layer_tar)]},
+        }
+    ).encode()
+    push_blob(client, "team/app", config)
+    push_blob(client, "team/app", layer)
+    body = manifest_for(config, [layer])
+    client.put("/v2/team/app/manifests/1.0", data=body, headers={"Content-Type": MANIFEST_TYPE})
+    for url in ("/docker/team__app_1.0.tar", "/ref/team/app:1.0.tar"):
+        response = client.get(url)
+        assert response.status_code == 200, response.data
+        with tarfile.open(fileobj=io.BytesIO(response.data)) as archive:
+            manifest = json.load(archive.extractfile("manifest.json"))  # type: ignore[arg-type]
+            assert manifest[0]["RepoTags"] == ["localhost/team/app:1.0"]
+            layer_name = manifest[0]["Layers"][0]
+            assert archive.extractfile(layer_name).read() == layer_tar  # type: ignore[union-attr]
+    missing = client.get("/docker/team__absent_1.0.tar")
+    assert missing.status_code == 404
