@@ -69,12 +69,12 @@ def test_bad_input_is_a_4xx_with_the_spec_code(
     assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
 
-def test_a_push_is_unsupported(tmp_path: Path) -> None:
-    response = app_with(tmp_path).test_client().put(
-        "/v2/acc/plain/manifests/latest", data=MANIFEST
-    )
-    assert response.status_code == 405
-    assert errors_of(response) == ["UNSUPPORTED"]
+def test_a_push_to_a_proxied_name_is_denied(tmp_path: Path) -> None:
+    client = app_with(tmp_path).test_client()
+    response = client.put("/v2/acc/plain/manifests/latest", data=MANIFEST)
+    assert response.status_code == 403
+    assert errors_of(response) == ["DENIED"]
+    assert client.patch("/v2/acc/plain/blobs/uploads/x", data=b"x").status_code == 403
 
 
 def test_no_store_is_a_503_naming_the_settings(tmp_path: Path) -> None:
