@@ -116,6 +116,19 @@ class _Metrics:
             "Blob and manifest bytes sent by the /v2 API, by where they came from",
             ["source"],
         )
+        self.v2_errors = Counter(
+            "passthrough_v2_errors",
+            "/v2 requests answered with an error, by operation and the spec's error code",
+            ["operation", "code", "status"],
+        )
+        self.push_bytes = Counter(
+            "passthrough_push_bytes", "Blob bytes received by the hosted area's uploads"
+        )
+        self.uploads = Counter(
+            "passthrough_uploads",
+            "Hosted blob uploads finished, by outcome (committed, mounted, failed)",
+            ["outcome"],
+        )
         self.cache: dict[str, Any] = {
             field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
             for field, name in CACHE_COUNTERS.items()
@@ -169,6 +182,19 @@ def upstream_response(operation: str, method: str, status: str) -> None:
 def v2_request(operation: str, source: str, status: int) -> None:
     """One /v2 answer: ``source`` is store, upstream, stale, redirect or error."""
     _metrics().v2_requests.labels(operation, source, str(status)).inc()
+
+
+def v2_error(operation: str, code: str, status: int) -> None:
+    _metrics().v2_errors.labels(operation, code, str(status)).inc()
+
+
+def push_received(received_bytes: int) -> None:
+    if received_bytes > 0:
+        _metrics().push_bytes.inc(received_bytes)
+
+
+def upload_finished(outcome: str) -> None:
+    _metrics().uploads.labels(outcome).inc()
 
 
 def v2_sent(source: str, sent_bytes: int) -> None:

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
 from passthrough.errors import PassthroughError, UpstreamError
+from passthrough.observe import metrics
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,12 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
             status, registry_code = 403, "DENIED"
         if status == 499:
             status = 502
-        return v2_error_response(
-            status, v2_code(status, error.kind, registry_code, error.code), error.message, headers
-        )
+        code = v2_code(status, error.kind, registry_code, error.code)
+        operation = (request.endpoint or "unknown").removeprefix("v2.")
+        metrics.v2_error(operation, code, status)
+        if operation in ("upload", "start_upload") and request.method in ("PUT", "POST"):
+            metrics.upload_finished("failed")
+        return v2_error_response(status, code, error.message, headers)
     return error_response(error.status, error.message, error.headers)
 
 

@@ -24,7 +24,7 @@ from flask import Blueprint, Response, current_app, request
 
 from passthrough.errors import BadRequest, Denied, PassthroughError, UploadInvalid
 from passthrough.export.pipeline import Services
-from passthrough.observe import metrics
+from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import OCI_INDEX
 from passthrough.oci.reference import DIGEST_RE, TAG_RE, quote_input
 from passthrough.registry.access import ANONYMOUS, Identity, check_access
@@ -123,8 +123,13 @@ def _writable(name: str, action: str) -> Identity:
 
 def _body() -> Iterator[bytes]:
     stream = request.stream
-    while chunk := stream.read(1 << 20):
-        yield chunk
+    received = 0
+    try:
+        while chunk := stream.read(1 << 20):
+            received += len(chunk)
+            yield chunk
+    finally:
+        metrics.push_received(received)
 
 
 _CONTENT_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
@@ -236,7 +241,9 @@ def _put_manifest(name: str, reference: str) -> Response:
 
         raise SizeInvalid(f"the manifest is larger than {limit >> 10} KiB", status=413)
     body = request.stream.read(limit + 1)
-    pushed = _hosted().put_manifest(name, reference, body, request.content_type or "")
+    with telemetry.span("hosted_manifest_push", {"oci.repository": name}):
+        pushed = _hosted().put_manifest(name, reference, body, request.content_type or "")
+        telemetry.set_attributes({"oci.manifest.digest": pushed.digest})
     headers = {
         "Location": f"/v2/{name}/manifests/{pushed.digest}",
         "Docker-Content-Digest": pushed.digest,
@@ -330,6 +337,7 @@ def start_upload(name: str) -> Response:
             size = hosted.mount(name, source, mount)
             if size is not None:
                 metrics.v2_request("blob_mount", "hosted", 201)
+                metrics.upload_finished("mounted")
                 return Response(
                     status=201,
                     headers={
@@ -340,8 +348,13 @@ def start_upload(name: str) -> Response:
                 )
     digest = request.args.get("digest")
     if digest:
-        hosted.monolithic(name, digest, _body(), request.content_length)
+        with telemetry.span(
+            "hosted_blob_upload", {"oci.blob.digest": digest, "oci.repository": name}
+        ):
+            size = hosted.monolithic(name, digest, _body(), request.content_length)
+            telemetry.set_attributes({"oci.blob.size": size})
         metrics.v2_request("blob_push", "hosted", 201)
+        metrics.upload_finished("committed")
         return Response(
             status=201,
             headers={
@@ -394,8 +407,11 @@ def upload(name: str, upload_id: str) -> Response:
         raise DigestInvalid("the closing PUT of an upload needs ?digest=")
     start = _content_range()
     length = request.content_length
-    hosted.finish(name, upload_id, digest, _body(), start=start, length=length)
+    with telemetry.span("hosted_blob_commit", {"oci.blob.digest": digest, "oci.repository": name}):
+        size = hosted.finish(name, upload_id, digest, _body(), start=start, length=length)
+        telemetry.set_attributes({"oci.blob.size": size})
     metrics.v2_request("blob_push", "hosted", 201)
+    metrics.upload_finished("committed")
     return Response(
         status=201,
         headers={

@@ -286,3 +286,30 @@ def test_the_tar_routes_read_hosted_repositories_from_the_store(client: FlaskCli
             assert archive.extractfile(layer_name).read() == layer_tar  # type: ignore[union-attr]
     missing = client.get("/docker/team__absent_1.0.tar")
     assert missing.status_code == 404
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in metric for k, v in labels.items()):
+            if metric.split("{")[0] == name:
+                return float(value)
+    return 0.0
+
+
+def test_pushes_are_counted(client: FlaskClient) -> None:
+    before = client.get("/metrics").data.decode()
+    push_image(client, "team/app", "m", marker=b"metrics")
+    client.post(f"/v2/team/app/blobs/uploads/?digest={digest(b'no')}", data=b"yes")
+    after = client.get("/metrics").data.decode()
+
+    def delta(name: str, **labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert delta("passthrough_uploads_total", outcome="committed") == 2
+    assert delta("passthrough_uploads_total", outcome="failed") == 1
+    assert delta("passthrough_push_bytes_total") >= len(b'{"marker": "metrics"}') + 3
+    assert delta("passthrough_v2_errors_total", code="DIGEST_INVALID") == 1
+    assert delta("passthrough_v2_requests_total", operation="manifest_push") == 1
