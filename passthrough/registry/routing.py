@@ -1,6 +1,7 @@
 """Which upstream serves a /v2 name, and under which repository.
 
-In order (the first that applies wins):
+A name HOSTED_REPOSITORIES matches (:func:`is_hosted`) is the hosted area's and goes to
+no upstream. Any other, in order (the first that applies wins):
 
 1. the first component is an alias from UPSTREAMS: that upstream, the rest of the
    name as the repository (``ghcr/org/app`` is ``ghcr.io/org/app``);
