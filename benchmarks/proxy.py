@@ -38,6 +38,7 @@ from benchmarks.measure import (
     Timed,
     Transfer,
     cpu_seconds,
+    download,
     median,
     run_timed,
     tree,
@@ -263,7 +264,9 @@ class ProxyBench:
             time.sleep(0.05)
         return server
 
-    def timed_pull(self, served: Served, phase: str, repository: str) -> dict[str, Any]:
+    def timed_pull(
+        self, served: Served, phase: str, repository: str, *, beside: str | None = None
+    ) -> dict[str, Any]:
         """One pull through `served` (a proxy, or the front for a direct pull), with the
         CPU time of everyone involved and the server's peak RSS."""
         blobs = self.blobs if repository == REPOSITORY else self.big
@@ -283,6 +286,7 @@ class ProxyBench:
         prefix = "" if repository == REPOSITORY else "big_"
         return self.record(
             f"{prefix}{served.kind}_{phase}",
+            beside=beside,
             seconds=timed.seconds,
             skopeo_cpu=timed.cpu_seconds,
             server_cpu=cpu,
@@ -344,23 +348,23 @@ class ProxyBench:
         self.big = [layer, Blob(config_digest, len(config))]
 
     def round(self, rep: int) -> None:
-        """One pull straight from the upstream, and a cold then a warm pull through each
-        proxy on a fresh store; the order rotates from round to round."""
-        # Rotated from round to round, so that no kind always runs first (or right after
-        # another one filled the page cache).
-        kinds = ("direct", *self.args.proxies)
-        order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
-        for kind in order:
-            if kind == "direct":
-                run = self.timed_pull(self.direct(), "pull", REPOSITORY)
-                log(f"  direct: {run['seconds']:.2f} s")
-                continue
+        """For each proxy, on a fresh store: a pull straight from the upstream, then a
+        cold and a warm pull through the proxy. The proxies take turns to go first."""
+        proxies = list(self.args.proxies)
+        if rep % 2:
+            proxies.reverse()
+        for kind in proxies:
             with self.server(kind) as served:
+                # The direct pull goes right before the proxy's (the proxy idle meanwhile):
+                # the paired ratios compare pulls seconds apart, on a machine whose load
+                # from other work drifts from minute to minute.
+                direct = self.timed_pull(self.direct(), "pull", REPOSITORY, beside=kind)
                 cold = self.timed_pull(served, "cold", REPOSITORY)
                 warm = self.timed_pull(served, "warm", REPOSITORY)
             log(
-                f"  {kind}: cold {cold['seconds']:.2f} s ({cold['blob_gets_max']} GET per blob"
-                f" at most), warm {warm['seconds']:.2f} s ({warm['blob_gets_total']} blob GETs)"
+                f"  {kind}: direct {direct['seconds']:.2f} s, cold {cold['seconds']:.2f} s "
+                f"({cold['blob_gets_max']} GET per blob at most), warm {warm['seconds']:.2f} s"
+                f" ({warm['blob_gets_total']} blob GETs)"
             )
 
     def concurrent(self, kind: str, count: int) -> None:
@@ -403,6 +407,42 @@ class ProxyBench:
     def big_direct(self) -> None:
         run = self.timed_pull(self.direct(), "pull", BIG_REPOSITORY)
         log(f"  direct: {run['seconds']:.2f} s")
+
+    def big_get(self, served: Served, phase: str) -> dict[str, Any]:
+        """The big layer alone, one GET read at full speed by the benchmarks' client (no
+        skopeo): what the server itself sustains, with its peak RSS."""
+        layer = self.big[0]
+        if phase == "warm":
+            self.settle(served, [layer])
+        self.front.reset()
+        url = f"http://{served.host}/v2/{BIG_REPOSITORY}/blobs/{layer.digest}"
+        with MemoryWatch(served.pids[0]) as memory:
+            cpu0 = cpu_seconds(tree(served.pids[0]))
+            transfer = download(url)
+            cpu = cpu_seconds(tree(served.pids[0])) - cpu0
+        if transfer.size != layer.size:
+            raise BenchmarkError(f"GET {url}: {transfer.size} of {layer.size} bytes")
+        return self.record(
+            f"get_{served.kind}_{phase}",
+            seconds=transfer.seconds,
+            ttfb=transfer.ttfb,
+            throughput=transfer.throughput,
+            longest_gap=transfer.longest_gap,
+            server_cpu=cpu,
+            peak_rss=memory.peak,
+            peak_rss_total=memory.peak_total,
+            **self.upstream_counts([layer]),
+        )
+
+    def big_gets(self, kind: str) -> None:
+        """A cold then a warm GET of the big layer through `kind`, on a fresh store."""
+        with self.server(kind) as served:
+            cold = self.big_get(served, "cold")
+            warm = self.big_get(served, "warm")
+        log(
+            f"  {kind} GET: cold {cold['throughput'] / MB:.0f} MB/s, warm "
+            f"{warm['throughput'] / MB:.0f} MB/s"
+        )
 
     def profile(self) -> dict[str, Any]:
         """One cold and one warm pull through passthrough with py-spy recording every
@@ -448,6 +488,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     def paired(top: str, bottom: str) -> float:
         tops, bottoms = runs.get(top, []), runs.get(bottom, [])
+        if bottom == "direct_pull":
+            # The direct pull taken just before this proxy's pulls, in the same round.
+            beside = top.split("_", 1)[0]
+            bottoms = [run for run in bottoms if run.get("beside") == beside]
         if len(tops) != len(bottoms):  # a kind left out (--proxies)
             return float("nan")
         return median([a["seconds"] / b["seconds"] for a, b in zip(tops, bottoms, strict=True)])
@@ -472,7 +516,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         s[f"{kind}_concurrent_blob_gets"] = concurrent.get("blob_gets", [])
         s[f"{kind}_concurrent_blob_gets_max"] = concurrent.get("blob_gets_max", float("nan"))
         s[f"{kind}_concurrent_seconds"] = concurrent.get("seconds", float("nan"))
-        s[f"{kind}_big_peak_rss"] = peak(f"big_{kind}_cold", f"big_{kind}_warm")
+        s[f"{kind}_big_peak_rss"] = peak(
+            f"big_{kind}_cold", f"big_{kind}_warm", f"get_{kind}_cold", f"get_{kind}_warm"
+        )
+        for phase in ("cold", "warm"):
+            s[f"{kind}_get_{phase}_throughput"] = m(f"get_{kind}_{phase}", "throughput")
+            s[f"{kind}_get_{phase}_server_cpu"] = m(f"get_{kind}_{phase}", "server_cpu")
+            s[f"{kind}_get_{phase}_peak_rss"] = peak(f"get_{kind}_{phase}")
         s[f"{kind}_big_cold_peak_rss"] = peak(f"big_{kind}_cold")
         s[f"{kind}_big_warm_peak_rss"] = peak(f"big_{kind}_warm")
         s[f"{kind}_big_peak_rss_total"] = peak(
@@ -482,6 +532,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         s[f"{kind}_big_warm_seconds"] = m(f"big_{kind}_warm")
         s[f"{kind}_image_peak_rss"] = peak(f"{kind}_cold", f"{kind}_warm", f"{kind}_concurrent")
     s["big_direct_seconds"] = m("big_direct_pull")
+    s["direct_get_throughput"] = m("get_direct_pull", "throughput")
     return s
 
 
@@ -615,6 +666,20 @@ def report(result: dict[str, Any]) -> str:
             f"{s[f'{kind}_big_peak_rss_total'] / MB:.0f} MB"
         )
 
+    lines.append(
+        f"one GET of the big layer, read at full speed: direct "
+        f"{s['direct_get_throughput'] / MB:.0f} MB/s"
+    )
+    for kind, label in (("cncf", "CNCF proxy"), ("passthrough", "passthrough")):
+        lines.append(
+            f"  {label:<12} cold {s[f'{kind}_get_cold_throughput'] / MB:.0f} MB/s (server CPU "
+            f"{s[f'{kind}_get_cold_server_cpu']:.2f} s, peak RSS "
+            f"{s[f'{kind}_get_cold_peak_rss'] / MB:.0f} MB); warm "
+            f"{s[f'{kind}_get_warm_throughput'] / MB:.0f} MB/s (server CPU "
+            f"{s[f'{kind}_get_warm_server_cpu']:.2f} s, peak RSS "
+            f"{s[f'{kind}_get_warm_peak_rss'] / MB:.0f} MB)"
+        )
+
     lines += ["", f"{'goal':<44}{'value':>10}{'goal':>10}   met"]
     for goal in result["goals"]:
         g = Goal(
@@ -690,6 +755,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             pb.big_direct()
             for kind in args.proxies:
                 pb.big_blob(kind)
+            direct = pb.big_get(pb.direct(), "pull")
+            log(f"  direct GET: {direct['throughput'] / MB:.0f} MB/s")
+            for kind in args.proxies:
+                pb.big_gets(kind)
             profiles = pb.profile() if args.profile else None
     found: dict[str, Any] = {
         "image": image.to_json(),
