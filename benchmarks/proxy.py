@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -446,7 +447,7 @@ class ProxyBench:
 
     def profile(self) -> dict[str, Any]:
         """One cold and one warm pull through passthrough with py-spy recording every
-        server process."""
+        server process; then, on a fresh store, one cold GET of the big layer."""
         from benchmarks.profile import profile_download
 
         found: dict[str, Any] = {}
@@ -468,6 +469,20 @@ class ProxyBench:
                     rate=self.args.profile_rate,
                     root=self.args.repo_root,
                 )
+        finally:
+            server.cleanup()
+            shutil.rmtree(cache, ignore_errors=True)
+        cache = self.fresh_dir("profile-store")
+        server = self.passthrough(cache)
+        url = f"http://127.0.0.1:{server.port}/v2/{BIG_REPOSITORY}/blobs/{self.big[0].digest}"
+        try:
+            found["big_get_cold"] = profile_download(
+                server.pid,
+                functools.partial(download, url),
+                self.args.results / "proxy-profile-big-get-cold",
+                rate=self.args.profile_rate,
+                root=self.args.repo_root,
+            )
         finally:
             server.cleanup()
             shutil.rmtree(cache, ignore_errors=True)
@@ -814,8 +829,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "profile" in found:
         from benchmarks.profile import describe
 
+        profiles = found["profile"]
         print()
-        print(describe(found["profile"]))
+        print(describe({"cold": profiles["cold"], "warm": profiles["warm"]}))
+        # describe() knows the phases "cold" and "warm" only.
+        big = describe({"cold": profiles["big_get_cold"]}).splitlines()[1:]
+        print("\n".join(["  one GET of the big layer, cold:" + big[0].split(":", 1)[1], *big[1:]]))
     print(f"\nresults: {results / f'proxy-{stamp}.json'}")
     return 0
 
