@@ -636,6 +636,7 @@ def report(result: dict[str, Any]) -> str:
     row("upstream registry CPU, CNCF cold (s)", "cncf_cold", "upstream_cpu")
     row("upstream registry CPU, passthrough cold (s)", "passthrough_cold", "upstream_cpu")
     row("counting front CPU, direct (s)", "direct_pull", "front_cpu")
+    row("counting front CPU, CNCF cold (s)", "cncf_cold", "front_cpu")
     row("counting front CPU, passthrough cold (s)", "passthrough_cold", "front_cpu")
     row("upstream GETs per blob, CNCF cold (max)", "cncf_cold", "blob_gets_max", 1, 0)
     row("upstream GETs per blob, passthrough cold", "passthrough_cold", "blob_gets_max", 1, 0)
