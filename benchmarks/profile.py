@@ -31,6 +31,8 @@ IDLE = re.compile(
 
 #: (category, test on "function (file:line)" and the line's source text), first match wins.
 CATEGORIES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
+    # py-spy takes a thread in a short sleep (a poll loop's) for a running one.
+    ("sleep (polling)", lambda frame, code: "time.sleep(" in code),
     ("gzip inflate", lambda frame, code: "decompress(" in code),
     ("sha256", lambda frame, code: ".update(" in code and "passthrough/" in frame),
     ("disk write (cache files)", lambda frame, code: "passthrough/" in frame and ".write(" in code),
