@@ -458,14 +458,12 @@ class HoldingFront(FaultFront):
         self.gate = threading.Event()
         self.reached = threading.Event()
 
-    def relay(
-        self, handler: Any, conn: Any, response: Any, *, cut_after: int | None = None
-    ) -> None:
+    def relay(self, handler: Any, conn: Any, response: Any, **kw: Any) -> None:
         path = urlsplit(handler.path).path
         if handler.command == "GET" and path.endswith(f"/blobs/{self.held_digest}"):
             held = _HeldBody(response, self.gate, self.reached, self.after)
             response = cast(http.client.HTTPResponse, held)
-        super().relay(handler, conn, response, cut_after=cut_after)
+        super().relay(handler, conn, response, **kw)
 
     def release(self) -> None:
         self.gate.set()

@@ -8,8 +8,10 @@ test once per store:
     @pytest.fixture(scope="module", params=["temp", "s3"])
     def store_kind(request): return request.param
 
-Each server gets a key prefix of its own in one bucket, so servers never see each
-other's entries unless a test gives them the same prefix on purpose.
+"filesystem" is a CACHE_DIR of its own per server (the /v2 API needs a store, so its
+modules run on "filesystem" and "s3"). Each server gets a key prefix of its own in one
+bucket, so servers never see each other's entries unless a test gives them the same
+prefix on purpose.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def store_kind() -> str:
 def store_env(request: pytest.FixtureRequest, store_kind: str) -> StoreEnv:
     if store_kind == "temp":
         return dict
+    if store_kind == "filesystem":
+        factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+
+        def with_cache(env: Mapping[str, str]) -> dict[str, str]:
+            return {"CACHE_DIR": str(factory.mktemp("cache")), **env}
+
+        return with_cache
     if store_kind == "s3":
         seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
         seaweed.ensure_running()

@@ -4,7 +4,9 @@ registries do beyond the plain V2 API.
 `RedirectFront` answers blob GETs with a 307 to a second, signed-URL blob host on
 127.0.0.2 (as S3- or CDN-backed registries do) that refuses requests carrying an
 Authorization header. `FaultFront` proxies everything, counts requests and injects
-faults (a cut body, 503, 429 with Retry-After) on the n-th blob GET.
+faults on the n-th blob GET (a cut body, corrupt bytes with the right length, 503, 429
+with Retry-After) or on manifest requests (503, 429), as a flaky or rate-limiting
+registry does.
 
 Both stream bodies in chunks and forward the client's Host header unchanged, so the
 URLs the registry generates (upload Locations) point back at the front.
@@ -54,7 +56,8 @@ BLOB_PATH = re.compile(
 )
 MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 
-FaultKind = Literal["cut", "503", "429"]
+FaultKind = Literal["cut", "corrupt", "503", "429"]
+ManifestFaultKind = Literal["503", "429"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -246,9 +249,11 @@ class _Proxy:
         response: http.client.HTTPResponse,
         *,
         cut_after: int | None = None,
+        corrupt_at: int | None = None,
     ) -> None:
         """Stream the registry's answer to the client; with `cut_after`, stop after that
-        many body bytes (never the whole body) and drop the connection."""
+        many body bytes (never the whole body) and drop the connection; with
+        `corrupt_at`, flip the bits of the body byte at that offset (length unchanged)."""
         try:
             handler.send_response_only(response.status, response.reason)
             for name, value in response.getheaders():
@@ -286,6 +291,9 @@ class _Proxy:
                     data, broken = b"", True
                 if not data:
                     break
+                if corrupt_at is not None and sent <= corrupt_at < sent + len(data):
+                    at = corrupt_at - sent
+                    data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
                 handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 sent += len(data)
             # A cut, or an upstream body that ended short of its Content-Length (as
@@ -540,8 +548,11 @@ class Fault:
     times: int
     retry_after: int
     cut_after: int
-    seen: int = 0  # matching blob GETs since the fault was injected
+    seen: int = 0  # matching requests since the fault was injected
     fired: int = 0
+    #: "blob": GETs of the blob `digest` (None: any); "manifest": GETs and HEADs of the
+    #: manifests of repository `digest` (None: any repository).
+    target: Literal["blob", "manifest"] = "blob"
 
 
 @dataclass
@@ -555,11 +566,12 @@ class FrontRequest:
 
 
 class FaultFront(_Proxy):
-    """A counting proxy with a fault plan for blob GETs.
+    """A counting proxy with a fault plan for blob GETs and manifest requests.
 
     `count(method, key)`: requests the front received for a blob (key = digest) or a
     manifest (key = its path, /v2/<name>/manifests/<ref>), faulted ones included.
-    `inject(...)` arms a fault on the nth matching blob GET counted from now.
+    `inject(...)` arms a fault on the nth matching blob GET counted from now;
+    `inject_manifest(...)` one on the nth manifest GET or HEAD.
     """
 
     name = "fault-front"
@@ -584,12 +596,33 @@ class FaultFront(_Proxy):
         """On the `nth` (and the `times - 1` following) blob GET matching `digest` (None:
         any blob): "cut" = the registry's status and headers, full Content-Length, at
         most `cut_after` body bytes (always fewer than the whole) and a dropped
-        connection; "503"; "429" with Retry-After: `retry_after`."""
-        if kind not in ("cut", "503", "429"):
+        connection; "corrupt" = the whole answer, its length and headers unchanged, but
+        the body byte at offset `cut_after` flipped (so the digest is wrong); "503";
+        "429" with Retry-After: `retry_after`."""
+        if kind not in ("cut", "corrupt", "503", "429"):
             raise ValueError(f"unknown fault kind {kind!r}")
         if nth < 1 or times < 1:
             raise ValueError("nth and times start at 1")
         fault = Fault(kind, digest, nth, times, retry_after, cut_after)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def inject_manifest(
+        self,
+        name: str | None = None,
+        kind: ManifestFaultKind = "503",
+        nth: int = 1,
+        times: int = 1,
+        retry_after: int = 2,
+    ) -> Fault:
+        """On the `nth` (and the `times - 1` following) manifest GET or HEAD of repository
+        `name` (None: any): "503", or "429" with Retry-After: `retry_after`."""
+        if kind not in ("503", "429"):
+            raise ValueError(f"unknown manifest fault kind {kind!r}")
+        if nth < 1 or times < 1:
+            raise ValueError("nth and times start at 1")
+        fault = Fault(kind, name, nth, times, retry_after, 0, target="manifest")
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -618,10 +651,10 @@ class FaultFront(_Proxy):
         with self._lock:
             return list(self._faults)
 
-    def _match_fault(self, digest: str) -> Fault | None:
+    def _match_fault(self, target: str, key: str) -> Fault | None:
         chosen = None
         for fault in self._faults:
-            if fault.digest not in (None, digest):
+            if fault.target != target or fault.digest not in (None, key):
                 continue
             fault.seen += 1
             if chosen is None and fault.nth <= fault.seen < fault.nth + fault.times:
@@ -633,7 +666,8 @@ class FaultFront(_Proxy):
         path = urlsplit(handler.path).path
         method = handler.command
         blob = BLOB_PATH.match(path)
-        key = blob["digest"] if blob else path if MANIFEST_PATH.match(path) else None
+        manifest = MANIFEST_PATH.match(path)
+        key = blob["digest"] if blob else path if manifest else None
         range_header = handler.headers.get("Range")
         entry = FrontRequest(method, path, key, range_header)
         fault = None
@@ -644,7 +678,9 @@ class FaultFront(_Proxy):
             if blob and range_header:
                 self.range_requests += 1
             if blob and method == "GET":
-                fault = self._match_fault(blob["digest"])
+                fault = self._match_fault("blob", blob["digest"])
+            elif manifest and method in ("GET", "HEAD"):
+                fault = self._match_fault("manifest", manifest["name"])
         if fault is None:
             self.proxy(handler)
             return
@@ -665,4 +701,7 @@ class FaultFront(_Proxy):
                 handler.close_connection = True
                 _send_simple(handler, 502, _registry_error("UNAVAILABLE", f"front: {exc}"))
                 return
-            self.relay(handler, conn, response, cut_after=fault.cut_after)
+            if fault.kind == "corrupt":
+                self.relay(handler, conn, response, corrupt_at=fault.cut_after)
+            else:
+                self.relay(handler, conn, response, cut_after=fault.cut_after)

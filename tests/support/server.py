@@ -102,6 +102,7 @@ class PassthroughServer:
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 30.0,
         ca_file: str | Path | None = None,
+        port: int | None = None,
     ) -> None:
         self.overrides = dict(env or {})
         self._ca_file = Path(ca_file) if ca_file is not None else None
@@ -113,7 +114,10 @@ class PassthroughServer:
         self.root = Path(tempfile.mkdtemp(prefix="rig-passthrough-", dir=tmp_root))
         self.tmpdir = self.root / "tmp"
         self.tmpdir.mkdir()
-        self.port = 0
+        # A port chosen beforehand (free_port()), for settings that must name the
+        # server's own address, such as PUBLIC_URL; 0 = pick one at start.
+        self.fixed_port = port or 0
+        self.port = self.fixed_port
         self.process: ManagedProcess | None = None
 
     @property
@@ -172,7 +176,7 @@ class PassthroughServer:
         if self.process is not None:
             raise RuntimeError("server already started")
         for attempt in range(3):
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             args = [
                 _gunicorn(),
                 "-c",
@@ -202,7 +206,8 @@ class PassthroughServer:
                 )
             except StartupError:
                 proc.stop()
-                if attempt < 2 and "Address already in use" in proc.log_text():
+                busy = "Address already in use" in proc.log_text()
+                if attempt < 2 and busy and not self.fixed_port:
                     continue
                 raise
             self.process = proc
