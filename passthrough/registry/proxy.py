@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -417,9 +418,25 @@ class Proxy:
             raise UpstreamInvalid(
                 f"{what}: the registry answered something that is not JSON"
             ) from None
-        answer = json.dumps({"name": route.name, "tags": tags or []}).encode()
+        own_path = f"/v2/{route.name}/tags/list"
+        next_link = _next_link(link, own_path)
+        # The spec's order is Go's sort.Strings (bytewise). Registries without
+        # pagination (distribution 2.x) ignore n and last and answer every tag in no
+        # order, so the page is cut here; on a page the upstream cut itself (in that
+        # same order) sorting and cutting again change nothing.
+        names = sorted(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else []
+        if "last" in params:
+            names = [t for t in names if t > params["last"]]
+        if "n" in params:
+            limit = int(params["n"])
+            if len(names) > limit:
+                names = names[:limit]
+                following = urlencode({"n": limit, "last": names[-1]}) if names else ""
+                next_link = f'<{own_path}?{following}>; rel="next"' if names else None
+            if limit == 0:
+                next_link = None
+        answer = json.dumps({"name": route.name, "tags": names}).encode()
         headers: dict[str, str] = {}
-        next_link = _next_link(link, f"/v2/{route.name}/tags/list")
         if next_link:
             headers["Link"] = next_link
         return Listing(answer, "application/json", headers)
@@ -443,9 +460,13 @@ class Proxy:
                     "GET", path, headers={"Accept": OCI_INDEX}, stream=True, what=what
                 )
             except UpstreamNotFound:
-                # No referrers API upstream (or none for this subject): the spec's answer
-                # is an empty index, never a 404.
+                # No referrers API upstream (distribution 2.x answers 404). Clients that
+                # push to such a registry keep the referrers in the spec's fallback tag
+                # (an index), and a client given our 200 would never look for that tag
+                # itself: answer from it; no tag either, the spec's empty index (a
+                # registry with the API never answers 404).
                 response = None
+                manifests = self._fallback_referrers(client, digest, what)
             if response is not None:
                 with response:
                     body = read_limited(response, MAX_LIST_BYTES, what, error=UpstreamInvalid)
@@ -468,6 +489,21 @@ class Proxy:
             headers["OCI-Filters-Applied"] = "artifactType"
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
         return Listing(json.dumps(index).encode(), OCI_INDEX, headers)
+
+    def _fallback_referrers(self, client: RegistryClient, digest: str, what: str) -> list[Any]:
+        """The descriptors of the referrers tag schema's index for `digest`, or none."""
+        algorithm, _, encoded = digest.partition(":")
+        tag = algorithm[:32] + "-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", encoded[:64])
+        try:
+            body, _ = self._get_manifest(client, tag, what)
+        except UpstreamNotFound:
+            return []
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return []  # not a valid index: the spec says assume no referrers
+        found = document.get("manifests") if isinstance(document, dict) else None
+        return [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
 
 
 def _closing(chunks: Iterator[bytes], client: RegistryClient) -> Iterator[bytes]:
