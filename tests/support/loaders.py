@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,19 +62,23 @@ def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: flo
 
 
 _scratch: Path | None = None
+# Tests run loaders from several threads at once (concurrent pulls): one makes the dir.
+_scratch_lock = threading.Lock()
 
 
 def _scratch_dir() -> Path:
     """Per-process temp dir for the skopeo policy and an empty docker client config."""
     global _scratch
-    if _scratch is None:
-        _scratch = Path(tempfile.mkdtemp(prefix="pt-loaders-"))
-        atexit.register(shutil.rmtree, _scratch, True)
-        (_scratch / "policy.json").write_text(
-            json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-        (_scratch / "docker").mkdir()
-        (_scratch / "docker" / "config.json").write_text("{}")
-    return _scratch
+    with _scratch_lock:
+        if _scratch is None:
+            scratch = Path(tempfile.mkdtemp(prefix="pt-loaders-"))
+            atexit.register(shutil.rmtree, scratch, True)
+            (scratch / "policy.json").write_text(
+                json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+            (scratch / "docker").mkdir()
+            (scratch / "docker" / "config.json").write_text("{}")
+            _scratch = scratch
+        return _scratch
 
 
 def familiar(ref: str) -> str:
