@@ -296,9 +296,15 @@ def test_credentials_pull_private_images_with_skopeo_and_basic(
             assert base64.b64encode(f"alice:{ALICE.password}".encode()) not in path.read_bytes()
 
 
-def test_a_cached_private_repository_is_refused_to_clients_who_cannot_read_it(
-    rig: Rig, image: Image
-) -> None:
+def secret_image() -> Image:
+    """An image whose blobs are in no other repository of the shared registry."""
+    return build_image(
+        [make_layer(tar_layer([File("data/secret.bin", secrets.token_bytes(300_000))]))]
+    )
+
+
+def test_a_cached_private_repository_is_refused_to_clients_who_cannot_read_it(rig: Rig) -> None:
+    image = secret_image()
     name = rig.push("private", image)
     alice = bearer(rig.token([pull_scope(name)], ALICE))
     # Alice warms the store: manifests by tag and digest, every blob.
@@ -329,10 +335,25 @@ def test_a_cached_private_repository_is_refused_to_clients_who_cannot_read_it(
         tags = rig.get(f"/v2/{name}/tags/list", authorization)
         assert tags.status in (401, 403, 404), f"{who} tags: {tags.describe()}"
 
-    # Alice still gets it, from the store.
+    # Nor through a repository the client may read: the store is shared by digest, the
+    # upstream's answer for that repository decides (distribution links blobs per repo).
+    decoy = build_image([make_layer(tar_layer([File("decoy", b"nothing to see")]))])
+    for who, prefix, credential in (("anonymous", "public", None), ("bob", "bob", BOB)):
+        other = rig.push(prefix, decoy)
+        token = bearer(rig.token([pull_scope(other)], credential))
+        assert_manifest(rig.get(f"/v2/{other}/manifests/v1", token), decoy)
+        for method in ("GET", "HEAD"):
+            got = rig.get(f"/v2/{other}/manifests/{image.digest}", token, method)
+            refused(got, f"{who} {method} the manifest through {other}", image)
+            for digest in digests:
+                got = rig.get(f"/v2/{other}/blobs/{digest}", token, method)
+                refused(got, f"{who} {method} blob {digest[:19]} through {other}", image)
+
+    # Alice still gets it, from the store (upstream only answers her HEAD).
+    fetched = rig.front.count("GET", digests[1])
     got = rig.get(f"/v2/{name}/blobs/{digests[1]}", alice)
     assert (got.status, sha256(got.body)) == (200, digests[1])
-    assert rig.front.count("GET", digests[1]) == 1
+    assert rig.front.count("GET", digests[1]) == fetched
 
 
 # --- docker -------------------------------------------------------------------------------
