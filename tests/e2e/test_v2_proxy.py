@@ -9,6 +9,7 @@ Range and HEAD, S3 redirects, and skopeo pulling through it all."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -25,7 +26,7 @@ import requests
 
 from tests.e2e.test_cache import HoldingFront, read_then_reset, wait_until
 from tests.support.fixtures_matrix import s3_env
-from tests.support.fronts import FaultFront
+from tests.support.fronts import FaultFront, RedirectFront
 from tests.support.images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -45,7 +46,7 @@ from tests.support.images import (
 )
 from tests.support.loaders import LoaderError, skopeo_copy
 from tests.support.redis_server import RedisServer
-from tests.support.registry import RegistryServer
+from tests.support.registry import ALICE, PUSHER, RegistryServer
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import PassthroughServer
 
@@ -674,6 +675,85 @@ def test_without_serve_stale_an_upstream_failure_is_an_error(
     spec_error(manifest(server, name, "v1"), (502, 503), "UNAVAILABLE", "UNKNOWN")
     # By digest it is still immutable content from the store.
     assert_manifest(manifest(server, name, image.digest), image)
+
+
+@pytest.mark.parametrize("fault", ["429", "503"])
+def test_a_blob_miss_while_upstream_fails_is_an_error_and_not_remembered(
+    serve: Callable[..., PassthroughServer],
+    fault_front: FaultFront,
+    layers: Layers,
+    view: Callable[[PassthroughServer], StoreView],
+    fault: str,
+) -> None:
+    name = pushed(fault_front.registry, build_image([layers.small]))
+    server = serve()
+    digest = layers.small.digest
+    fault_front.inject(digest, kind=fault, times=50, retry_after=7)  # type: ignore[arg-type]
+    failed = blob(server, name, digest)
+    if fault == "429":
+        spec_error(failed, 429, "TOOMANYREQUESTS")
+        assert failed.headers.get("Retry-After") == "7", failed.describe()
+    else:
+        spec_error(failed, (502, 503), "UNAVAILABLE", "UNKNOWN")
+    assert "immutable" not in failed.headers.get("Cache-Control", "")
+    assert view(server).blob(digest) is None
+    fault_front.reset()
+    good = blob(server, name, digest)
+    assert (good.status, good.body) == (200, layers.small.read()), good.describe()
+
+
+def test_a_private_upstream_refusing_the_services_identity_is_denied_not_challenged(
+    passthrough_server: ServerFactory, fault_front_token: FaultFront, layers: Layers
+) -> None:
+    """Transparent mode, no REGISTRY_AUTH_FILE: upstream's 401 is for the service, and
+    a challenge would send the client's credentials nowhere useful."""
+    name = repository("private")
+    push_image(
+        fault_front_token.registry.url,
+        name,
+        "v1",
+        build_image([layers.small]),
+        auth=(PUSHER.username, PUSHER.password),
+    )
+    server = passthrough_server({"REGISTRY_URL": fault_front_token.url})
+    for got in (manifest(server, name, "v1"), blob(server, name, layers.small.digest)):
+        spec_error(got, 403, "DENIED")
+        assert "WWW-Authenticate" not in got.headers, got.describe()
+
+
+def test_registry_auth_file_credentials_and_blob_redirects_without_authorization(
+    passthrough_server: ServerFactory,
+    redirect_front_token: RedirectFront,
+    layers: Layers,
+    tmp_path: Path,
+) -> None:
+    """The service's own identity (REGISTRY_AUTH_FILE) reads a private repository of a
+    registry that redirects blobs to a signed URL, which must get no Authorization."""
+    image = build_image([layers.small, layers.other])
+    name = repository("private")
+    push_image(
+        redirect_front_token.registry.url,
+        name,
+        "v1",
+        image,
+        auth=(PUSHER.username, PUSHER.password),
+    )
+    raw = base64.b64encode(f"{ALICE.username}:{ALICE.password}".encode()).decode()
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"auths": {redirect_front_token.host: {"auth": raw}}}))
+    server = passthrough_server(
+        {"REGISTRY_URL": redirect_front_token.url, "REGISTRY_AUTH_FILE": str(auth_file)}
+    )
+    assert_manifest(manifest(server, name, "v1"), image)
+    for layer in image.layers:
+        got = blob(server, name, layer.digest)
+        assert (got.status, sha256(got.body)) == (200, layer.digest), got.describe()
+    host = redirect_front_token.blob_host
+    assert host.requests >= len(image.layers)
+    assert host.requests_with_authorization == 0, "a signed blob URL got the credentials"
+    assert ALICE.password not in server.log_text()
+    skopeo_pull(server, f"{name}:v1", tmp_path / "pulled")
+    check_pulled(tmp_path / "pulled", image)
 
 
 # --- the tee: stream while storing, one upstream GET, verify before commit ------------------
