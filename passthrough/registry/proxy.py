@@ -345,6 +345,13 @@ class Proxy:
         with response:
             body = read_limited(response, MAX_MANIFEST_BYTES, what)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            claimed = response.headers.get("Docker-Content-Digest", "").strip()
+        # By tag nothing else vouches for the bytes: a body that does not hash to the
+        # digest the registry named with it was damaged on the way, and would be
+        # stored, remembered for the tag and served stale later.
+        if claimed.startswith("sha256:") and DIGEST_RE.fullmatch(claimed):
+            if _digest_of(body) != claimed:
+                raise UpstreamInvalid(f"{what}: the content does not match its digest")
         if not media_type or media_type in ("application/json", "text/plain"):
             media_type = sniff_media_type(body)
         return body, media_type
