@@ -352,6 +352,49 @@ def test_manifests_by_tag_and_digest_are_the_upstream_bytes(
     assert upstream_manifest_requests(fault_front, name, "v1") >= 2
 
 
+def test_manifests_keep_their_formatting_and_a_cold_head_needs_no_body(
+    serve: Callable[..., PassthroughServer], fault_front: FaultFront, layers: Layers
+) -> None:
+    """Byte for byte means whitespace, key order and the final newline too; a HEAD of a
+    tag never fetched is answered from upstream's HEAD."""
+    image = build_image([layers.small])
+    name = pushed(fault_front.registry, image)
+    pretty = (json.dumps(json.loads(image.manifest), indent=3, sort_keys=True) + "\n").encode()
+    digest = push_raw_manifest(fault_front.registry.url, name, "pretty", pretty, image.media_type)
+    server = serve()
+
+    head = manifest(server, name, "pretty", "HEAD")
+    assert head.status == 200 and head.body == b"", head.describe()
+    assert head.headers["Docker-Content-Digest"] == digest
+    assert head.headers["Content-Length"] == str(len(pretty))
+    assert head.headers["Content-Type"] == image.media_type
+    assert fault_front.count_manifest("GET", name, "pretty") == 0
+    for ref in ("pretty", digest):
+        got = manifest(server, name, ref)
+        assert got.status == 200 and got.body == pretty, got.describe()
+        assert got.headers["Docker-Content-Digest"] == digest == sha256(pretty)
+
+
+def test_a_manifest_whose_bytes_are_wrong_is_never_served_nor_stored(
+    serve: Callable[..., PassthroughServer], fault_front: FaultFront, layers: Layers
+) -> None:
+    image = build_image([layers.small])
+    name = pushed(fault_front.registry, image)
+    server = serve()
+    fault_front.inject_manifest(name, "corrupt", times=1000)
+    by_digest = manifest(server, name, image.digest)
+    spec_error(by_digest, (502, 503), "UNAVAILABLE", "UNKNOWN", "MANIFEST_INVALID")
+    by_tag = manifest(server, name, "v1")
+    # The registry named the tag's digest (HEAD, and on the GET): bytes that do not
+    # hash to it are not the tag's manifest, whatever they are.
+    assert by_tag.status >= 500 or by_tag.body == image.manifest, by_tag.describe()
+    if by_tag.status == 200:
+        assert by_tag.headers["Docker-Content-Digest"] == sha256(by_tag.body)
+    fault_front.reset()
+    assert_manifest(manifest(server, name, image.digest), image)
+    assert_manifest(manifest(server, name, "v1"), image)
+
+
 def test_an_upstreams_alias_routes_to_that_registry(
     passthrough_server: ServerFactory, fault_front: FaultFront, layers: Layers
 ) -> None:
@@ -607,6 +650,21 @@ def test_tags_are_revalidated_on_every_request_by_default(
     assert_manifest(manifest(server, name, first.digest), first)
 
 
+def test_a_tag_trusted_for_tag_ttl_is_revalidated_after_it(
+    serve: Callable[..., PassthroughServer], fault_front: FaultFront, layers: Layers
+) -> None:
+    first = build_image([layers.small])
+    name = pushed(fault_front.registry, first)
+    server = serve({"TAG_TTL": "1"})
+    assert_manifest(manifest(server, name, "v1"), first)
+    second = build_image([layers.other])
+    push_image(fault_front.registry.url, name, "v1", second)
+    wait_until(
+        lambda: manifest(server, name, "v1").body == second.manifest, 30, "TAG_TTL to expire"
+    )
+    assert_manifest(manifest(server, name, "v1"), second)
+
+
 def test_tag_ttl_trusts_a_tag_for_that_long(
     serve: Callable[..., PassthroughServer], fault_front: FaultFront, layers: Layers
 ) -> None:
@@ -762,6 +820,11 @@ def test_registry_auth_file_credentials_and_blob_redirects_without_authorization
     assert host.requests >= len(image.layers)
     assert host.requests_with_authorization == 0, "a signed blob URL got the credentials"
     assert ALICE.password not in server.log_text()
+    if "CACHE_DIR" in server.overrides:
+        for path in Path(server.overrides["CACHE_DIR"]).rglob("*"):
+            if path.is_file():
+                assert ALICE.password.encode() not in path.read_bytes(), path
+                assert raw.encode() not in path.read_bytes(), path
     skopeo_pull(server, f"{name}:v1", tmp_path / "pulled")
     check_pulled(tmp_path / "pulled", image)
 

@@ -57,7 +57,7 @@ BLOB_PATH = re.compile(
 MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 
 FaultKind = Literal["cut", "corrupt", "503", "429"]
-ManifestFaultKind = Literal["503", "429"]
+ManifestFaultKind = Literal["corrupt", "503", "429"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -617,12 +617,14 @@ class FaultFront(_Proxy):
         retry_after: int = 2,
     ) -> Fault:
         """On the `nth` (and the `times - 1` following) manifest GET or HEAD of repository
-        `name` (None: any): "503", or "429" with Retry-After: `retry_after`."""
-        if kind not in ("503", "429"):
+        `name` (None: any): "503", "429" with Retry-After: `retry_after`, or (GETs only)
+        "corrupt": the body's byte at offset 20 flipped, its length and headers
+        (Docker-Content-Digest included) unchanged."""
+        if kind not in ("corrupt", "503", "429"):
             raise ValueError(f"unknown manifest fault kind {kind!r}")
         if nth < 1 or times < 1:
             raise ValueError("nth and times start at 1")
-        fault = Fault(kind, name, nth, times, retry_after, 0, target="manifest")
+        fault = Fault(kind, name, nth, times, retry_after, 20, target="manifest")
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -651,11 +653,13 @@ class FaultFront(_Proxy):
         with self._lock:
             return list(self._faults)
 
-    def _match_fault(self, target: str, key: str) -> Fault | None:
+    def _match_fault(self, target: str, key: str, method: str = "GET") -> Fault | None:
         chosen = None
         for fault in self._faults:
             if fault.target != target or fault.digest not in (None, key):
                 continue
+            if fault.kind == "corrupt" and method != "GET":
+                continue  # a HEAD has no body to corrupt
             fault.seen += 1
             if chosen is None and fault.nth <= fault.seen < fault.nth + fault.times:
                 fault.fired += 1
@@ -680,7 +684,7 @@ class FaultFront(_Proxy):
             if blob and method == "GET":
                 fault = self._match_fault("blob", blob["digest"])
             elif manifest and method in ("GET", "HEAD"):
-                fault = self._match_fault("manifest", manifest["name"])
+                fault = self._match_fault("manifest", manifest["name"], method)
         if fault is None:
             self.proxy(handler)
             return
