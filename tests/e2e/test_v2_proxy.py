@@ -1223,6 +1223,65 @@ def test_two_replicas_sharing_a_bucket_and_redis_fetch_each_blob_once(
         wait_until(no_leftovers(server), 20, "no temp file left")
 
 
+def test_a_replica_killed_mid_fetch_leaves_the_blob_to_the_other(
+    replicas: Callable[..., PassthroughServer],
+    registry_anon: RegistryServer,
+    seaweed: SeaweedS3,
+    s3_bucket: str,
+    redis_server: RedisServer,
+    layers: Layers,
+) -> None:
+    """Replica A fetches (held upstream); replica B's reader waits on A's Redis lease.
+    A's fetching worker is SIGKILLed: its lease runs out (REDIS_LOCK_LEASE=3) and B
+    fetches the blob itself; B's client gets it whole, A's client an abort."""
+    redis_server.ensure_running()
+    big = layers.big
+    name = pushed(registry_anon, build_image([big]))
+    with HoldingFront(registry_anon, big.digest, after=4 << 20) as front:
+        env = {
+            "REGISTRY_URL": front.url,
+            "REDIS_URL": redis_server.url,
+            "REDIS_LOCK_LEASE": "3",
+            **s3_env(seaweed, s3_bucket, prefix=f"shared-{secrets.token_hex(4)}/"),
+        }
+        first, second = replicas(env), replicas(env)
+        results: dict[str, Answer | BaseException] = {}
+
+        def read(server: PassthroughServer, key: str) -> None:
+            try:
+                results[key] = blob(server, name, big.digest)
+            except requests.RequestException as exc:
+                results[key] = exc
+
+        a = threading.Thread(target=read, args=(first, "a"))
+        a.start()
+        wait_until(front.reached.is_set, 30, "A's fetch to reach the hold")
+        b = threading.Thread(target=read, args=(second, "b"))
+        b.start()
+        # B's own fetcher waits for A's lease: its state file says so.
+        wait_until(
+            lambda: bool(list(second.tmpdir.glob("passthrough-s3-*/tmp/flight-*.json"))),
+            30,
+            "B to wait for the lease",
+        )
+        grow = StoreView(first, seaweed).growing()
+        assert grow, "A has no growing file"
+        os.kill(int(grow[0].name.split(".")[1]), signal.SIGKILL)
+        front.release()
+        a.join(120)
+        b.join(180)
+        got_b = results.get("b")
+        assert isinstance(got_b, Answer), f"B's client: {got_b!r}"
+        assert got_b.status == 200 and got_b.error is None, got_b.describe()
+        assert sha256(got_b.body) == big.digest
+        got_a = results.get("a")
+        assert got_a is not None, "A's client hung"
+        if isinstance(got_a, Answer) and got_a.error is None and got_a.status == 200:
+            assert sha256(got_a.body) == big.digest
+        assert front.count("GET", big.digest) == 2
+        wait_until(lambda: StoreView(second, seaweed).blob(big.digest) == big.read(), 30, "commit")
+
+
 def no_leftovers(server: PassthroughServer) -> Callable[[], bool]:
     return lambda: unfinished(server.leftover_temp_files()) == []
 
