@@ -7,6 +7,7 @@ not. Real clients: skopeo (anonymous and --src-creds) and docker login + pull.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import secrets
@@ -20,6 +21,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
+from tests.e2e.test_cache import wait_until
 from tests.e2e.test_v2_proxy import (
     API_VERSION,
     MANIFEST_ACCEPT,
@@ -65,6 +67,7 @@ class Rig:
     front: FaultFront
     public_url: str
     secret: str
+    ttl: int = 300
 
     @property
     def host(self) -> str:
@@ -89,7 +92,7 @@ class Rig:
         assert "no-store" in got.headers.get("Cache-Control", "")
         answer = got.json()
         assert answer["token"] and answer["access_token"] == answer["token"]
-        assert answer["expires_in"] == 300
+        assert answer["expires_in"] == self.ttl
         return str(answer["token"])
 
     def get(
@@ -133,7 +136,8 @@ def start_rig(
             port=port,
             **kw,
         )
-        return Rig(server, fault_front_token, public_url, secret)
+        ttl = int((env or {}).get("TOKEN_TTL", 300))
+        return Rig(server, fault_front_token, public_url, secret, ttl)
 
     return start
 
@@ -225,6 +229,40 @@ def test_bad_tokens_are_refused_and_replicas_share_the_key(
     got = stranger.get(path, bearer(token))
     spec_error(got, 401, "UNAUTHORIZED")
     assert 'error="invalid_token"' in got.headers["WWW-Authenticate"]
+
+
+def test_a_token_expires_after_token_ttl(start_rig: Callable[..., Rig]) -> None:
+    rig = start_rig(env={"TOKEN_TTL": "10"})
+    token = rig.token([])
+    assert rig.get("/v2/", bearer(token)).status == 200
+    wait_until(lambda: rig.get("/v2/", bearer(token)).status == 401, 40, "the token to expire")
+    expired = rig.get("/v2/", bearer(token))
+    spec_error(expired, 401, "UNAUTHORIZED")
+    assert 'error="invalid_token"' in expired.headers["WWW-Authenticate"]
+
+
+def test_the_identity_travels_in_the_token_to_another_replica(
+    start_rig: Callable[..., Rig],
+) -> None:
+    """No shared session state: alice's token, issued by one replica, reads her private
+    repository through another replica with the same TOKEN_SECRET."""
+    first = start_rig()
+    twin = start_rig(secret=first.secret)
+    image = secret_image()
+    name = first.push("private", image)
+    token = bearer(first.token([pull_scope(name)], ALICE))
+    assert_manifest(twin.get(f"/v2/{name}/manifests/v1", token), image)
+    got = twin.get(f"/v2/{name}/blobs/{image.layers[0].digest}", token)
+    assert (got.status, sha256(got.body)) == (200, image.layers[0].digest), got.describe()
+    # The token is opaque: alice's password is not readable in it.
+    raw = token.removeprefix("Bearer ")
+    assert ALICE.password not in raw
+    padded = raw + "=" * (-len(raw) % 4)
+    with contextlib.suppress(ValueError):
+        assert ALICE.password.encode() not in base64.urlsafe_b64decode(padded)
+    for server in (first.server, twin.server):
+        assert ALICE.password not in server.log_text()
+        assert raw not in server.log_text()
 
 
 def test_the_token_endpoint_refuses_another_service_and_bad_scopes(rig: Rig) -> None:
