@@ -518,6 +518,22 @@ def test_errors_are_the_specs_json_and_never_cached(
     assert fault_front.count("GET", missing_digest) + fault_front.count("HEAD", missing_digest) >= 2
 
 
+def test_a_host_the_client_names_must_pass_the_outbound_policy(
+    serve: Callable[..., PassthroughServer],
+) -> None:
+    """A host-like first component or ?ns= names the upstream: a link-local address
+    (cloud metadata) is refused with the spec's error before any connection."""
+    server = serve()
+    for path in (
+        "/v2/169.254.169.254/latest/manifests/v1",
+        "/v2/latest/meta/manifests/v1?ns=169.254.169.254",
+        "/v2/169.254.169.254/latest/blobs/" + sha256(b"x"),
+    ):
+        got = call(f"{server.url}{path}", headers={"Accept": MANIFEST_ACCEPT})
+        spec_error(got, (400, 403), "DENIED", "NAME_INVALID", "UNSUPPORTED")
+        assert "169.254.169.254" not in got.headers.get("Location", "")
+
+
 def test_tags_list_with_n_and_last(
     serve: Callable[..., PassthroughServer], fault_front: FaultFront, layers: Layers
 ) -> None:
