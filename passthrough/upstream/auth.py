@@ -145,6 +145,24 @@ class TokenCache:
     def __init__(self) -> None:
         self._tokens: dict[TokenKey, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        #: The last challenge each registry sent for each repository: a new client of
+        #: that repository authenticates before its first request (with the token this
+        #: cache already holds) instead of after a 401, saving a round trip a request.
+        self._challenges: dict[tuple[str, str], list[Challenge]] = {}
+
+    def remember_challenges(
+        self, registry_url: str, repository: str, challenges: list[Challenge]
+    ) -> None:
+        kept = [c for c in challenges if c.scheme in ("bearer", "basic")]
+        if kept:
+            with self._lock:
+                if len(self._challenges) > 4096:
+                    self._challenges.clear()
+                self._challenges[(registry_url, repository)] = kept
+
+    def challenges_for(self, registry_url: str, repository: str) -> list[Challenge] | None:
+        with self._lock:
+            return self._challenges.get((registry_url, repository))
 
     def get(self, key: TokenKey) -> str | None:
         now = time.monotonic()

@@ -276,9 +276,17 @@ class RegistryClient:
                 method, url, headers, stream=stream, what=what, authorization=self._authorization
             )
 
+        if self._authorization is None and self.target.auth is not AuthKind.STATIC_BEARER:
+            remembered = self.tokens.challenges_for(self.base, self.repository)
+            if remembered:
+                try:
+                    self._authenticate(remembered, what)
+                except UpstreamError:
+                    self._authorization = None  # the 401 below will tell what is needed
         response = send()
         if response.status_code == 401:
             challenges = parse_challenges(response.headers.get("WWW-Authenticate", ""))
+            self.tokens.remember_challenges(self.base, self.repository, challenges)
             response.close()
             self._authenticate(challenges, what)
             response = send()
