@@ -259,8 +259,11 @@ class FilesystemUploads(Uploads):
 def open_uploads(backend: Backend, flight: Flight) -> Uploads:
     """The upload sessions of a backend: in its directory, or in its bucket."""
     if backend.name == "s3":
+        from passthrough.store.s3 import S3Backend
         from passthrough.store.s3_uploads import S3Uploads
 
+        if not isinstance(backend, S3Backend):
+            raise TypeError(f"an s3 backend that is not an S3Backend: {type(backend).__name__}")
         return S3Uploads(backend, flight)
     root = getattr(backend, "root", None)
     if not isinstance(root, Path):
