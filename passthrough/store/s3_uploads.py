@@ -18,7 +18,8 @@ Layout, under the store's prefix:
   copied to its content key ``blobs/sha256/<hex>``.
 
 An append reads the pending bytes, streams them with the incoming ones into parts of
-:data:`PART_SIZE` (memory bounded by one part), uploads each as it fills, leaves a tail
+:data:`PART_SIZE` (memory bounded by about two parts: the one filling and the one going
+up), uploads each as it fills, leaves a tail
 under :data:`MIN_PART` as the new pending object, and writes the state last. A worker
 killed in the middle leaves the state as it was: parts it uploaded beyond the state's
 list are never named in the completion (S3 drops unnamed parts) and are replaced by the
@@ -307,8 +308,9 @@ class S3Uploads(Uploads):
             updated = self._store_tail(session, cutter, size)
         except (StoreUnavailable, InsufficientStorage) as exc:
             # S3 failed (or is full) mid-append: keep nothing of this session.
-            self._discard_quietly(upload_id, session)
-            raise type(exc)(exc.message + "; the upload session was discarded") from None
+            if self._discard_quietly(upload_id, session):
+                raise type(exc)(exc.message + "; the upload session was discarded") from None
+            raise
         except UploadUnknown:
             self._discard_quietly(upload_id, session)
             raise
@@ -449,13 +451,16 @@ class S3Uploads(Uploads):
     def cancel(self, upload_id: str) -> None:
         self._discard(self.check_id(upload_id), self._load(upload_id))
 
-    def _discard_quietly(self, upload_id: str, session: Session | None) -> None:
+    def _discard_quietly(self, upload_id: str, session: Session | None) -> bool:
+        """Whether the session is gone; a failure is logged, not raised."""
         try:
             self._discard(upload_id, session)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, InsufficientStorage) as exc:
             # What is left is found again by list() (the state goes last), and S3's
             # lifecycle rule aborts the parts.
             log.warning("upload session %s not removed: %s", upload_id, exc.message)
+            return False
+        return True
 
     def _discard(self, upload_id: str, session: Session | None) -> None:
         """Abort the session's multipart uploads (any a killed worker started and never
