@@ -33,10 +33,10 @@ from passthrough.errors import (
     UploadUnknown,
 )
 from passthrough.store.base import content_key
+from passthrough.store.content import open_uploads
 from passthrough.store.flight import Flight
 from passthrough.store.s3 import S3Backend
 from passthrough.store.s3_uploads import MIN_PART, PART_SIZE, S3Uploads
-from passthrough.store.uploads import open_uploads
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT
 from tests.support.upload_worker import CountingUploads, chunked, payload
@@ -320,15 +320,18 @@ def test_two_replicas_take_turns_on_one_session(
     store.assert_clean()
 
 
+@pytest.mark.parametrize("first_size", [3 * MiB, 10 * MiB], ids=["pending", "one-part"])
 def test_a_replica_killed_mid_append_leaves_no_blob_and_the_session_goes_on(
-    store: Store, replicas: tuple[Replica, Replica]
+    store: Store, replicas: tuple[Replica, Replica], first_size: int
 ) -> None:
     """SIGKILL while a 50 MiB chunk streams in, after two of its parts went to S3: the
     session still says where it was, another replica takes the chunk again from there,
-    and the parts the dead one cut (and the tail it never stored) matter nowhere."""
+    and the parts the dead one cut (and the tail it never stored) matter nowhere. After
+    a first chunk under 5 MiB, the dead one had started the multipart upload itself and
+    never recorded it: it is aborted with the session all the same."""
     a, b = replicas
     upload_id = a.ask(op="create", repository="hosted/app")["id"]
-    first = payload(1, 10 * MiB)
+    first = payload(1, first_size)
     a.ask(op="append", id=upload_id, offset=0, seed=1, size=len(first))
     a.send(
         op="append", id=upload_id, offset=len(first), seed=2, size=50 * MiB, stall_after=40 * MiB
@@ -336,6 +339,7 @@ def test_a_replica_killed_mid_append_leaves_no_blob_and_the_session_goes_on(
     assert a.answer() == {"stalled": True, "read_backs": 0}
     a.sigkill()
     assert store.keys("blobs/") == []
+    assert len(store.multiparts()) == 1
     assert b.ask(op="get", id=upload_id)["size"] == len(first)
     b.ask(op="append", id=upload_id, offset=len(first), seed=2, size=50 * MiB)
     whole = first + payload(2, 50 * MiB)
