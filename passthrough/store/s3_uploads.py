@@ -5,8 +5,8 @@ Layout, under the store's prefix:
 
 - ``uploads/<id>/state.json``: the session (repository, size, times, the multipart
   upload's id, the parts it holds with their ETags and sizes, how many bytes are
-  pending and under which generation). Rewritten whole by every append: a PUT is
-  atomic, so a reader sees the state before or after, never half of one.
+  pending, under which generation, with their MD5). Rewritten whole by every append:
+  a PUT is atomic, so a reader sees the state before or after, never half of one.
 - ``uploads/<id>/pending.<generation>``: the tail that is not a part yet. S3 wants
   every part but the last to be at least 5 MiB, and a client may send any chunk size
   (we advertise no ``OCI-Chunk-Min-Length``), so small chunks collect here until they
@@ -19,17 +19,21 @@ Layout, under the store's prefix:
 
 An append reads the pending bytes, streams them with the incoming ones into parts of
 :data:`PART_SIZE` (memory bounded by about two parts: the one filling and the one going
-up), uploads each as it fills, leaves a tail
-under :data:`MIN_PART` as the new pending object, and writes the state last. A worker
-killed in the middle leaves the state as it was: parts it uploaded beyond the state's
-list are never named in the completion (S3 drops unnamed parts) and are replaced by the
-next append of those part numbers; the session goes on from the size it says.
+up), uploads each as it fills, leaves a tail under :data:`MIN_PART` as the new pending
+object, and writes the state last. A worker killed in the middle leaves the state as
+it was: parts it uploaded beyond the state's list are never named in the completion
+(S3 drops unnamed parts) and are replaced by the next append of those part numbers;
+the session goes on from the size it says.
 
 Integrity: every part and pending object goes up with its Content-MD5, so S3 refuses
-bytes that differ from the ones hashed here; the completion names every part by ETag.
-The sha256 is the one carried along by this process when it saw every byte
-(:class:`~passthrough.store.uploads.Uploads`), else the assembled object is read back
-and hashed (another replica took part, or a restart came between).
+bytes that differ from the ones hashed here; pending bytes read back must match the MD5
+in the state; the completion names every part by ETag. The sha256 is the one carried
+along by this process when it saw every byte (:class:`~passthrough.store.uploads.Uploads`),
+or the one the state records, written by the replica that appended the last bytes when
+it had hashed them all (a docker push's PUT often lands on another replica than its
+PATCH); else (chunks from several replicas, or a restart between them) the assembled
+object is streamed back from S3 and hashed. The state is trusted as the store's other
+objects are: what it records was hashed from the bytes that S3 then took, checked.
 
 Failures: S3 errors become :class:`~passthrough.errors.StoreUnavailable` naming the
 store, and "full" or quota answers :class:`~passthrough.errors.InsufficientStorage`.
@@ -120,6 +124,12 @@ class Session:
     #: Bytes after the last part, in ``pending.<generation>``.
     pending: int = 0
     generation: int = 0
+    #: The pending bytes' MD5 (base64), checked when they are read back: they go up
+    #: again as a part, and the hash carried along must still be theirs.
+    pending_md5: str = ""
+    #: The digest of all ``size`` bytes, when the process that appended the last of
+    #: them had hashed every one: a commit on another replica needs no read-back then.
+    sha256: str = ""
 
     def public(self) -> UploadState:
         return UploadState(self.id, self.repository, self.size, self.started, self.updated)
@@ -228,9 +238,10 @@ class S3Uploads(Uploads):
         if not session.pending:
             return bytearray()
         data = self.s3.get_bytes(self._pending_key(session.id, session.generation))
-        if data is None or len(data) != session.pending:
+        if data is None or len(data) != session.pending or _md5(data) != session.pending_md5:
             raise StoreUnavailable(
-                f"the {self.s3.describe()} lost the pending bytes of upload session {session.id}"
+                f"the {self.s3.describe()} does not hold the pending bytes of upload "
+                f"session {session.id} as they were stored"
             )
         return bytearray(data)
 
@@ -305,7 +316,11 @@ class S3Uploads(Uploads):
             if len(cutter.buffer) >= MIN_PART:
                 self._put_part(upload_id, cutter, bytes(cutter.buffer))
                 cutter.buffer.clear()
-            updated = self._store_tail(session, cutter, size)
+            if hasher is not None:
+                recorded = "sha256:" + hasher.copy().hexdigest()
+            else:
+                recorded = session.sha256 if size == offset else ""
+            updated = self._store_tail(session, cutter, size, recorded)
         except (StoreUnavailable, InsufficientStorage) as exc:
             # S3 failed (or is full) mid-append: keep nothing of this session.
             if self._discard_quietly(upload_id, session):
@@ -317,12 +332,14 @@ class S3Uploads(Uploads):
         self._hash_keep(upload_id, size, hasher)
         return updated.public()
 
-    def _store_tail(self, session: Session, cutter: _Cutter, size: int) -> Session:
+    def _store_tail(self, session: Session, cutter: _Cutter, size: int, recorded: str) -> Session:
         """Write the new pending bytes (a new generation when they changed), then the
         state, then drop the old generation."""
-        generation = session.generation
+        generation, digest = session.generation, session.pending_md5
         tail = bytes(cutter.buffer)
         changed = len(cutter.parts) != len(session.parts) or len(tail) != session.pending
+        if changed:
+            digest = _md5(tail) if tail else ""
         if changed and tail:
             generation += 1
             try:
@@ -330,7 +347,7 @@ class S3Uploads(Uploads):
                     Bucket=self.s3.bucket,
                     Key=self._full(self._pending_key(session.id, generation)),
                     Body=tail,
-                    ContentMD5=_md5(tail),
+                    ContentMD5=digest,
                 )
             except _S3_ERRORS as exc:
                 raise self._failure(exc, "storing an upload's pending bytes") from None
@@ -344,6 +361,8 @@ class S3Uploads(Uploads):
             tuple(cutter.parts),
             len(tail),
             generation,
+            digest,
+            recorded,
         )
         self._save(updated)
         if changed and session.pending:
@@ -358,7 +377,7 @@ class S3Uploads(Uploads):
             raise UploadUnknown("no such upload session")
         target = content_key("blobs", digest)
         try:
-            actual = self._hash_take(upload_id, session.size)
+            actual = self._hash_take(upload_id, session.size) or session.sha256 or None
             if not session.parts:
                 self._commit_small(session, digest, actual, target)
             else:

@@ -36,7 +36,7 @@ from passthrough.store.base import content_key
 from passthrough.store.content import open_uploads
 from passthrough.store.flight import Flight
 from passthrough.store.s3 import S3Backend
-from passthrough.store.s3_uploads import MIN_PART, PART_SIZE, S3Uploads
+from passthrough.store.s3_uploads import MIN_PART, PART_SIZE, S3Uploads, Session
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT
 from tests.support.upload_worker import CountingUploads, chunked, payload
@@ -200,31 +200,68 @@ def test_a_wrong_digest_leaves_nothing(store: Store, size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [2 * MiB, 18 * MiB], ids=["pending-only", "multipart"])
-def test_another_instance_reads_the_bytes_back(store: Store, size: int) -> None:
+def test_another_instance_commits_with_the_digest_the_state_records(
+    store: Store, size: int
+) -> None:
+    """The instance that appended every byte records their digest in the state: a commit
+    elsewhere (another replica, or after a restart) needs no read-back."""
     data = payload(11, size)
     state = store.uploads.create("hosted/app")
     append(store.uploads, state.id, 0, data[: size // 2])
     append(store.uploads, state.id, size // 2, data[size // 2 :])
-    other = store.instance()  # a restart, or another replica: no hash carried
-    assert commit(other, state.id, digest_of(data)) == size
+    assert store.state(state.id)["sha256"] == digest_of(data)
+    assert commit(store.instance(), state.id, digest_of(data)) == size
     assert store.blob(digest_of(data)) == data
-    # The pending-only blob is hashed from the bytes in hand; the multipart one is
-    # streamed back from the assembled object.
+    assert CountingUploads.read_backs == 0
+
+
+@pytest.mark.parametrize("size", [2 * MiB, 18 * MiB], ids=["pending-only", "multipart"])
+def test_chunks_from_two_instances_are_read_back(store: Store, size: int) -> None:
+    """The second instance did not see the first half: no digest is recorded, and the
+    commit hashes what S3 holds (streamed back from the assembled object; the bytes in
+    hand when there is no part)."""
+    data = payload(13, size)
+    state = store.uploads.create("hosted/app")
+    append(store.uploads, state.id, 0, data[: size // 2])
+    append(store.instance(), state.id, size // 2, data[size // 2 :])
+    assert store.state(state.id)["sha256"] == ""
+    assert commit(store.instance(), state.id, digest_of(data)) == size
+    assert store.blob(digest_of(data)) == data
     assert CountingUploads.read_backs == (1 if size > MIN_PART else 0)
+    store.assert_clean()
 
 
-def test_the_read_back_catches_bytes_changed_in_the_bucket(store: Store) -> None:
-    """What the digest is checked against is what S3 holds, when this process did not see
-    every byte: here the pending tail is altered behind the session's back."""
+def test_the_read_back_catches_an_object_changed_in_the_bucket(store: Store) -> None:
+    """What the digest is checked against is what S3 holds: here the object a killed
+    commit had assembled is altered before the retry."""
     data = payload(12, 17 * MiB)
+    state = store.uploads.create("hosted/app")
+    append(store.uploads, state.id, 0, data[:MiB])
+    append(store.instance(), state.id, MiB, data[MiB:])
+    session = Session.from_json(json.dumps(store.state(state.id)).encode())
+    assert session is not None
+    store.uploads._complete(session)  # what a commit killed after the completion did
+    store.backend.put_bytes(f"uploads/{state.id}/data", bytes(len(data)))  # same size, zeros
+    with pytest.raises(DigestMismatch):
+        commit(store.instance(), state.id, digest_of(data))
+    assert CountingUploads.read_backs == 1
+    assert store.keys("blobs/") == []
+    store.assert_clean()
+
+
+def test_pending_bytes_changed_in_the_bucket_are_refused(store: Store) -> None:
+    """The pending tail goes up again as a part: bytes that are not the ones stored (their
+    MD5 is in the state) stop the commit, whatever hash was carried along."""
+    data = payload(14, 17 * MiB)
     state = store.uploads.create("hosted/app")
     append(store.uploads, state.id, 0, data)
     recorded = store.state(state.id)
     pending_key = f"uploads/{state.id}/pending.{recorded['generation']}"
     store.backend.put_bytes(pending_key, bytes(recorded["pending"]))  # same length, zeros
-    with pytest.raises(DigestMismatch):
-        commit(store.instance(), state.id, digest_of(data))
-    assert CountingUploads.read_backs == 1
+    with pytest.raises(StoreUnavailable) as refused:
+        commit(store.uploads, state.id, digest_of(data))
+    assert store.backend.describe() in refused.value.message
+    assert "pending bytes" in refused.value.message
     assert store.keys("blobs/") == []
     store.assert_clean()
 
