@@ -43,7 +43,7 @@ from passthrough.store.base import (
 )
 from passthrough.store.flight import Flight
 from passthrough.store.readthrough import BlobOpener, BlobStream, ReadThrough
-from passthrough.store.uploads import Uploads, open_uploads
+from passthrough.store.uploads import FilesystemUploads, Uploads
 from passthrough.store.verify import READ_CHUNK, fetch_and_verify
 
 log = logging.getLogger(__name__)
@@ -382,3 +382,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def open_uploads(backend: Backend, flight: Flight) -> Uploads:
+    """The upload sessions of a backend: in its directory, or in its bucket."""
+    if backend.name == "s3":
+        from passthrough.store.s3 import S3Backend
+        from passthrough.store.s3_uploads import S3Uploads
+
+        if not isinstance(backend, S3Backend):
+            raise TypeError(f"an s3 backend that is not an S3Backend: {type(backend).__name__}")
+        return S3Uploads(backend, flight)
+    root = getattr(backend, "root", None)
+    if not isinstance(root, Path):
+        raise TypeError(f"no upload sessions for the {backend.name} backend")
+    return FilesystemUploads(backend, flight, root)

@@ -9,7 +9,9 @@ pass over the stored bytes), and only when they match do they become the blob, t
 the backend's commit (a rename on disk): nothing unverified is ever visible.
 
 Implementations: :class:`FilesystemUploads` (``uploads/<id>/`` in CACHE_DIR) and the S3
-one in :mod:`passthrough.store.s3_uploads` (a multipart upload per session).
+one in :mod:`passthrough.store.s3_uploads` (a multipart upload per session), which
+imports this module: :func:`passthrough.store.content.open_uploads` picks one, so that
+no import goes both ways.
 """
 
 from __future__ import annotations
@@ -254,15 +256,3 @@ class FilesystemUploads(Uploads):
                 state = self.get(entry.name)
                 if state is not None:
                     yield state
-
-
-def open_uploads(backend: Backend, flight: Flight) -> Uploads:
-    """The upload sessions of a backend: in its directory, or in its bucket."""
-    if backend.name == "s3":
-        from passthrough.store.s3_uploads import S3Uploads
-
-        return S3Uploads(backend, flight)
-    root = getattr(backend, "root", None)
-    if not isinstance(root, Path):
-        raise TypeError(f"no upload sessions for the {backend.name} backend")
-    return FilesystemUploads(backend, flight, root)
