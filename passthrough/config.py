@@ -523,6 +523,11 @@ def load_settings(
     access_file = _optional(env, "ACCESS_FILE")
     if access_file is not None and not os.path.isfile(access_file):
         raise ConfigError(f"ACCESS_FILE {access_file!r} is not a file")
+    if hosted and _integer(env, "S3_LIFECYCLE_DAYS", 0, minimum=0) > 0:
+        raise ConfigError(
+            "S3_LIFECYCLE_DAYS expires every object under the prefix, pushed images too: "
+            "leave it off with HOSTED_REPOSITORIES (passthrough gc removes what no tag reaches)"
+        )
     if hosted and htpasswd_file is None:
         raise ConfigError(
             "HOSTED_REPOSITORIES needs HTPASSWD_FILE: a push needs one of passthrough's users"
