@@ -74,6 +74,11 @@ ENV_VARS: tuple[str, ...] = (
     "TLS_KEY_FILE",
     "TLS_SELF_SIGNED",
     "TLS_NAMES",
+    "HOSTED_REPOSITORIES",
+    "HTPASSWD_FILE",
+    "ACCESS_FILE",
+    "HOSTED_ANONYMOUS_PULL",
+    "HOSTED_MANIFEST_MAX_BYTES",
 )
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.

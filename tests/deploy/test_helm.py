@@ -31,6 +31,20 @@ AUTH_FILE = (
     + '"}}}'
 )
 
+# HTPASSWD_FILE content: two bcrypt users (`htpasswd -nbB -C 4`; throwaway passwords).
+HTPASSWD = (
+    "alice:$2y$04$AO48Zy6uktwkwoe5.Q0AwOPcXMZyTOvs73x5NF6eTolhDgE/4jQRi\n"
+    "# the CI robot\n"
+    "ci-bot:$2y$04$AO48Zy6uktwkwoe5.Q0AwOPcXMZyTOvs73x5NF6eTolhDgE/4jQRi\n"
+)
+ACCESS: Obj = {
+    "groups": {"team-a": ["alice", "ci-bot"]},
+    "rules": [
+        {"repositories": ["team/*"], "pull": ["*", "anonymous"], "push": ["@team-a"],
+         "delete": ["alice"]},
+    ],
+}  # fmt: skip
+
 # Every option on: each optional object, each setting, each extra hook. Several replicas
 # and an autoscaler need the shared store, so this is the s3 store; ALL_ON_FILESYSTEM
 # below is the same with the per-pod store and its persistence volume.
@@ -173,6 +187,21 @@ ALL_ON: Obj = {
     },
     # Two replicas: one certificate for all, from a Secret.
     "tls": {"existingSecret": "passthrough-cert"},
+    "hosted": {
+        "repositories": ["team/*", "apps/**"],
+        "anonymousPull": True,
+        "manifestMaxBytes": "8M",
+        "htpasswd": {"content": HTPASSWD},
+        "access": ACCESS,
+        "gc": {
+            "enabled": True,
+            "schedule": "*/30 * * * *",
+            "timeZone": "Europe/Berlin",
+            "grace": "2h",
+            "activeDeadlineSeconds": 1800,
+            "historyLimit": 5,
+        },
+    },
 }
 
 ALL_ON_FILESYSTEM: Obj = {
@@ -185,6 +214,11 @@ ALL_ON_FILESYSTEM: Obj = {
         "s3Redirect": False,
         "tokenSecret": {"existingSecret": "pt-token", "key": "secret"},
         "authFile": {"existingSecret": "pull-secret"},
+    },
+    # Users from an existing Secret; gc mounts the cache PVC beside a server pod.
+    "hosted": {
+        **ALL_ON["hosted"],
+        "htpasswd": {"existingSecret": "team-users", "key": "users"},
     },
     "persistence": {
         "enabled": True,
@@ -199,6 +233,12 @@ ALL_ON_IDS = ["defaults", "all-on", "all-on-filesystem"]
 # The smallest values of a valid s3 store.
 S3: Obj = {"store": {"type": "s3", "s3": {"bucket": "layers"}}}
 
+# The smallest values of a hosted area with its users.
+HOSTED: Obj = {
+    "v2": {"publicUrl": "https://pt.lab"},
+    "hosted": {"repositories": ["team/*"], "htpasswd": {"content": HTPASSWD}},
+}
+
 OPTIONAL_KINDS = {
     "Secret": "v1",
     "PersistentVolumeClaim": "v1",
@@ -207,6 +247,7 @@ OPTIONAL_KINDS = {
     "PodDisruptionBudget": "policy/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "CronJob": "batch/v1",
 }
 
 # How each environment variable is set from values: (values path, value, expected env).
@@ -283,6 +324,15 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     ),
     "TLS_CERT_FILE": ("tls.existingSecret", "pt-tls", "/etc/passthrough/tls/tls.crt"),
     "TLS_KEY_FILE": ("tls.existingSecret", "pt-tls", "/etc/passthrough/tls/tls.key"),
+    "HOSTED_REPOSITORIES": ("hosted.repositories", ["team/*", "apps/**"], "team/*,apps/**"),
+    "HTPASSWD_FILE": (
+        "hosted.htpasswd.existingSecret",
+        "team-users",
+        "/etc/passthrough/htpasswd/htpasswd",
+    ),
+    "ACCESS_FILE": ("hosted.access", ACCESS, "/etc/passthrough/access/access.yaml"),
+    "HOSTED_ANONYMOUS_PULL": ("hosted.anonymousPull", True, "true"),
+    "HOSTED_MANIFEST_MAX_BYTES": ("hosted.manifestMaxBytes", 1048576, "1048576"),
 }
 
 # Settings that only apply with the s3 store: rendered on top of S3.
@@ -290,6 +340,9 @@ S3_ONLY = {
     "STORE", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT_URL", "S3_LIFECYCLE_DAYS", "AWS_REGION",
     "S3_REDIRECT", *S3_SECRET_VARS,
 }  # fmt: skip
+
+# Settings that only apply with hosted users (v2.publicUrl and an htpasswd): on HOSTED.
+HOSTED_ONLY = {"HOSTED_REPOSITORIES", "HTPASSWD_FILE", "ACCESS_FILE"}
 
 
 def merged(base: Obj, extra: Obj) -> Obj:
@@ -337,8 +390,20 @@ def one(objects: list[Obj], kind: str) -> Obj:
     return found[0]
 
 
+def named(objects: list[Obj], kind: str, name: str = f"{RELEASE}-passthrough") -> Obj:
+    """The one object of a kind with a name (the chart's full name by default)."""
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
 def deployment_pod(objects: list[Obj]) -> Obj:
     spec = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def gc_pod(cronjob: Obj) -> Obj:
+    spec = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert isinstance(spec, dict)
     return spec
 
@@ -494,9 +559,10 @@ def test_every_option_renders_its_object(all_on: list[Obj], all_on_filesystem: l
         objects = all_on_filesystem if kind == "PersistentVolumeClaim" else all_on
         found = [o for o in objects if o["kind"] == kind]
         assert found and all(o["apiVersion"] == api_version for o in found), kind
-    # The registry credentials, the generated token key and the auth file.
+    # The registry credentials, the users, the generated token key and the auth file.
     assert sorted(o["metadata"]["name"] for o in all_on if o["kind"] == "Secret") == [
-        "demo-passthrough-registry", "demo-passthrough-registry-auth", "demo-passthrough-token"
+        "demo-passthrough-htpasswd", "demo-passthrough-registry",
+        "demo-passthrough-registry-auth", "demo-passthrough-token",
     ]  # fmt: skip
 
 
@@ -545,6 +611,7 @@ def test_probes_hit_health_and_ready_on_the_served_port(values: Obj | None) -> N
 def test_pod_and_container_are_hardened(values: Obj | None) -> None:
     objects = render(values)
     pods = [deployment_pod(objects), one(objects, "Pod")["spec"]]
+    pods += [gc_pod(o) for o in objects if o["kind"] == "CronJob"]
     for pod in pods:
         sc = pod["securityContext"]
         assert sc["runAsNonRoot"] is True
@@ -703,12 +770,16 @@ def test_every_setting_is_reachable_from_values(name: str) -> None:
     values = nested(path, value)
     if name in S3_ONLY:
         values = merged(S3, values)
+    if name in HOSTED_ONLY:
+        values = merged(HOSTED, values)
     if name == "REGISTRY_USERNAME":
         values = nested("registry.credentials", {"username": value, "password": "p"})
     elif name == "REGISTRY_PASSWORD":
         values = nested("registry.credentials", {"username": "u", "password": value})
     elif name == "TLS_NAMES":
         values = {"tls": {"selfSigned": True, "names": value}}
+    elif name == "HTPASSWD_FILE":
+        values["hosted"]["htpasswd"]["content"] = ""
     objects = render(values)
     env = effective_env(objects)
     assert name in env, f"{path} does not set {name}"
@@ -737,7 +808,7 @@ def test_credentials_only_through_secret_key_refs(all_on: list[Obj]) -> None:
         kind, secret_name, key = env[name]
         assert (kind, secret_name) == ("secret", secret["metadata"]["name"])
         assert key in secret["data"]
-    assert not set(SECRET_VARS) & set(one(all_on, "ConfigMap")["data"])
+    assert not set(SECRET_VARS) & set(named(all_on, "ConfigMap")["data"])
     # The literal credential appears nowhere but (encoded) in the Secret.
     texts = render_text(ALL_ON)
     leaks = [path for path, text in texts.items() if SENTINEL in text]
@@ -1045,7 +1116,7 @@ def test_network_policy_defaults() -> None:
 
 
 def test_network_policy_restricts_sources_when_asked(all_on: list[Obj]) -> None:
-    policy = one(all_on, "NetworkPolicy")["spec"]
+    policy = named(all_on, "NetworkPolicy")["spec"]
     assert policy["ingress"][0]["from"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     assert any(p["port"] == 4317 for rule in policy["egress"] for p in rule["ports"])
 
@@ -1085,6 +1156,7 @@ VERBATIM = {
     "ingress.hosts",
     "networkPolicy.egress.registries",
     "persistence.accessModes",
+    "hosted.gc.resources",
 }
 
 
@@ -1121,7 +1193,9 @@ def test_values_are_documented_key_by_key() -> None:
     assert undocumented == []
 
 
-@pytest.mark.parametrize("prefix", ["REGISTRY_", "STORE", "S3_", "AWS_", "REDIS_"])
+@pytest.mark.parametrize(
+    "prefix", ["REGISTRY_", "STORE", "S3_", "AWS_", "REDIS_", "HOSTED_", "HTPASSWD_", "ACCESS_"]
+)
 def test_values_document_every_registry_and_store_variable(prefix: str) -> None:
     text = (CHART / "values.yaml").read_text(encoding="utf-8")
     names = [name for name in ENV_VARS if name.startswith(prefix)]
@@ -1331,3 +1405,290 @@ def test_each_v2_and_tls_option_alone_is_valid(values: Obj) -> None:
             kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["messages"] == [] and report["errors"] == []
+
+
+# --- the hosted area and its gc CronJob ----------------------------------------------
+
+EXAMPLE = CHART / "examples" / "combined-door.yaml"
+
+
+def mounted_file(objects: list[Obj], path: str) -> tuple[Obj, Obj, str]:
+    """(mount, volume, key in the volume's source) of the file at path in the server."""
+    volumes = {v["name"]: v for v in deployment_pod(objects)["volumes"]}
+    [mount] = [m for m in container(objects)["volumeMounts"] if path.startswith(m["mountPath"])]
+    volume = volumes[mount["name"]]
+    source = volume.get("secret") or volume["configMap"]
+    [item] = source["items"]
+    assert f"{mount['mountPath']}/{item['path']}" == path
+    return mount, volume, item["key"]
+
+
+def test_hosted_settings_render(all_on: list[Obj]) -> None:
+    env = effective_env(all_on)
+    assert env["HOSTED_REPOSITORIES"] == "team/*,apps/**"
+    assert (env["HOSTED_ANONYMOUS_PULL"], env["HOSTED_MANIFEST_MAX_BYTES"]) == ("true", "8M")
+    defaults = effective_env(render())
+    assert not {"HOSTED_REPOSITORIES", "HTPASSWD_FILE", "ACCESS_FILE"} & set(defaults)
+    assert not [o for o in render() if o["kind"] == "CronJob"], "gc is off by default"
+
+
+def test_users_are_a_read_only_secret_directory_mount(all_on: list[Obj]) -> None:
+    mount, volume, key = mounted_file(all_on, effective_env(all_on)["HTPASSWD_FILE"])
+    assert mount["readOnly"] is True
+    # A directory, not subPath: an edit of the Secret reaches the running pod.
+    assert "subPath" not in mount
+    assert volume["secret"]["defaultMode"] == 0o440
+    secret = secret_named(all_on, volume["secret"]["secretName"])
+    assert base64.b64decode(secret["data"][key]).decode() == HTPASSWD
+    for configmap in (o for o in all_on if o["kind"] == "ConfigMap"):
+        assert "$2y$" not in yaml.safe_dump(configmap), "hashes only in the Secret"
+
+
+def test_users_from_an_existing_secret(all_on_filesystem: list[Obj]) -> None:
+    path = effective_env(all_on_filesystem)["HTPASSWD_FILE"]
+    _, volume, key = mounted_file(all_on_filesystem, path)
+    assert (volume["secret"]["secretName"], key) == ("team-users", "users")
+    names = {o["metadata"]["name"] for o in all_on_filesystem if o["kind"] == "Secret"}
+    assert f"{RELEASE}-passthrough-htpasswd" not in names
+
+
+def test_access_file_is_a_configmap_mount(all_on: list[Obj]) -> None:
+    mount, volume, key = mounted_file(all_on, effective_env(all_on)["ACCESS_FILE"])
+    assert mount["readOnly"] is True and "subPath" not in mount
+    configmap = named(all_on, "ConfigMap", volume["configMap"]["name"])
+    assert yaml.safe_load(configmap["data"][key]) == ACCESS
+    # Its own object: an edit of the rules does not change checksum/config (no roll).
+    edited = merged(ALL_ON, {"hosted": {"access": {"rules": []}}})
+    assert annotation(render(edited), "checksum/config") == annotation(all_on, "checksum/config")
+
+
+def test_hosted_users_get_a_token_secret_in_transparent_mode() -> None:
+    objects = render(HOSTED)
+    env = effective_env(objects)
+    assert env["PROXY_MODE"] == "transparent"
+    assert env["TOKEN_SECRET"] == ("secret", f"{RELEASE}-passthrough-token", "TOKEN_SECRET")
+    assert env["PUBLIC_URL"] == "https://pt.lab"
+    assert "ACCESS_FILE" not in env, "no rules: every user may do everything"
+
+
+def test_gc_cronjob_runs_gc_with_the_servers_settings(all_on: list[Obj]) -> None:
+    cronjob = one(all_on, "CronJob")
+    spec = cronjob["spec"]
+    assert (spec["schedule"], spec["timeZone"]) == ("*/30 * * * *", "Europe/Berlin")
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["successfulJobsHistoryLimit"] == spec["failedJobsHistoryLimit"] == 5
+    assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 1800
+    pod = gc_pod(cronjob)
+    assert pod["restartPolicy"] == "Never"
+    [gc] = pod["containers"]
+    assert gc["command"] == ["passthrough", "gc", "--delete", "--grace", "2h"]
+    assert gc["image"] == container(all_on)["image"]
+    # The same settings, Secrets and files: load_settings checks them all.
+    assert gc["envFrom"] == container(all_on)["envFrom"]
+    assert gc["env"] == container(all_on)["env"]
+    assert gc["volumeMounts"] == container(all_on)["volumeMounts"]
+    server_volumes = {v["name"]: v for v in deployment_pod(all_on)["volumes"]}
+    gc_volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(gc_volumes) == set(server_volumes)
+    for name, volume in gc_volumes.items():
+        if name == "temp":
+            assert volume == {"name": "temp", "emptyDir": {"sizeLimit": "64Mi"}}, "no archives"
+        else:
+            assert volume == server_volumes[name], name
+    assert "affinity" not in pod, "s3: any node"
+    assert not any("livenessProbe" in c or "ports" in c for c in pod["containers"])
+
+
+def test_gc_pods_are_not_servers(all_on: list[Obj]) -> None:
+    labels = one(all_on, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+    labels = labels["labels"]
+    selectors = [
+        one(all_on, "Service")["spec"]["selector"],
+        one(all_on, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        one(all_on, "Deployment")["spec"]["selector"]["matchLabels"],
+        named(all_on, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+    ]
+    for selector in selectors:
+        assert not selector.items() <= labels.items(), f"{selector} selects the gc pods"
+    policy = named(all_on, "NetworkPolicy", f"{RELEASE}-passthrough-gc")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["ingress"] == [] and policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["egress"] == named(all_on, "NetworkPolicy")["spec"]["egress"]
+
+
+def test_gc_on_the_filesystem_store_shares_the_pods_volume(
+    all_on_filesystem: list[Obj],
+) -> None:
+    pod = gc_pod(one(all_on_filesystem, "CronJob"))
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for p in (pod, deployment_pod(all_on_filesystem))
+        for v in p["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {f"{RELEASE}-passthrough-cache"}
+    # A ReadWriteOnce volume is attached to one node: the job runs where a server runs.
+    [term] = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    server_labels = one(all_on_filesystem, "Deployment")["spec"]["template"]["metadata"]
+    assert term["labelSelector"]["matchLabels"].items() <= server_labels["labels"].items()
+    assert pod["nodeSelector"] == ALL_ON["nodeSelector"]
+    assert pod["tolerations"] == ALL_ON["tolerations"]
+
+
+def test_notes_show_the_push() -> None:
+    text = notes(HOSTED)
+    assert "Hosted repositories (team/*)" in text
+    assert "docker login <host>:8080" in text and "docker push <host>:8080/" in text
+    assert "hosted.gc.enabled=true" in text
+    with_gc = notes(merged(S3, merged(HOSTED, {"hosted": {"gc": {"enabled": True}}})))
+    assert "passthrough gc --delete --grace 1h" in with_gc
+    assert "docker login" not in notes()
+
+
+# A line with a plaintext password instead of a bcrypt hash.
+PLAIN_HTPASSWD = HTPASSWD.splitlines()[0] + f"\nbob:{SENTINEL}\n"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"hosted": {"repositories": ["team/*"]}},
+            "hosted.repositories needs hosted.htpasswd (existingSecret or content): a push "
+            "needs one of passthrough's users",
+        ),
+        (
+            {"hosted": {"htpasswd": {"content": HTPASSWD}}},
+            "hosted.htpasswd needs v2.publicUrl: the token realm users log in at (never "
+            "taken from the Host header)",
+        ),
+        (
+            merged(HOSTED, {"hosted": {"htpasswd": {"existingSecret": "users"}}}),
+            "hosted.htpasswd: set either existingSecret or content, not both",
+        ),
+        (
+            merged(HOSTED, {"hosted": {"repositories": ["Team/*"]}}),
+            'hosted.repositories: "Team/*" is not a pattern such as team/* or apps/**',
+        ),
+        (
+            merged(HOSTED, {"hosted": {"htpasswd": {"content": PLAIN_HTPASSWD}}}),
+            "hosted.htpasswd.content: line 2 is not user:<bcrypt hash> (make it with "
+            "htpasswd -nB <user>)",
+        ),
+        (
+            merged(HOSTED, {"hosted": {"access": ["team/*"]}}),
+            "hosted.access must be a mapping: {groups: {...}, rules: [...]}",
+        ),
+        (
+            merged(S3, {"hosted": {"gc": {"enabled": True}}}),
+            "hosted.gc needs hosted.repositories: it collects hosted content only",
+        ),
+        (
+            merged(S3, merged(HOSTED, {"hosted": {"gc": {"enabled": True, "grace": "1 hour"}}})),
+            'hosted.gc.grace must be a duration such as 90s, 15m, 1h or 2d, not "1 hour"',
+        ),
+        (
+            merged(HOSTED, {"hosted": {"gc": {"enabled": True}}}),
+            "hosted.gc with store.type=filesystem needs persistence.enabled: the CronJob must "
+            "mount the pods' cache volume (or use store.type=s3)",
+        ),
+        (
+            merged(
+                HOSTED,
+                {
+                    "hosted": {"gc": {"enabled": True}},
+                    "persistence": {"enabled": True, "accessModes": ["ReadWriteOncePod"]},
+                },
+            ),
+            "hosted.gc cannot mount a ReadWriteOncePod cache volume beside the pods: use "
+            "ReadWriteOnce (same node) or store.type=s3",
+        ),
+    ],
+    ids=[
+        "repositories-without-users",
+        "users-without-public-url",
+        "users-both",
+        "bad-pattern",
+        "plaintext-password",
+        "access-not-a-mapping",
+        "gc-without-repositories",
+        "gc-bad-grace",
+        "gc-filesystem-without-persistence",
+        "gc-read-write-once-pod",
+    ],
+)
+def test_hosted_values_that_cannot_work_fail_with_one_line(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError) as failure:
+        render(values)
+    reason = str(failure.value).split("): ", 1)[-1].strip()
+    assert reason == message
+    assert "\n" not in reason and SENTINEL not in reason
+
+
+def validate_all(objects: list[Obj]) -> None:
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":
+            check_service_monitor(obj, objects)
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        HOSTED,
+        merged(HOSTED, {"hosted": {"access": ACCESS, "anonymousPull": True}}),
+        merged(S3, merged(HOSTED, {"hosted": {"gc": {"enabled": True}}})),
+        merged(HOSTED, {"hosted": {"gc": {"enabled": True}}, "persistence": {"enabled": True}}),
+        merged(
+            HOSTED,
+            {
+                "hosted": {
+                    "gc": {"enabled": True},
+                    "htpasswd": {"content": "", "existingSecret": "u"},
+                },
+                "persistence": {"enabled": True, "existingClaim": "cache"},
+            },
+        ),
+    ],
+    ids=["users", "access", "gc-s3", "gc-filesystem", "gc-existing-claim"],
+)
+def test_each_hosted_option_alone_is_valid(values: Obj) -> None:
+    validate_all(render(values))
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["messages"] == [] and report["errors"] == []
+
+
+@pytest.fixture(scope="module")
+def example_values() -> Obj:
+    values = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    assert isinstance(values, dict)
+    return values
+
+
+def test_the_combined_door_example_renders(example_values: Obj) -> None:
+    objects = render(example_values)
+    validate_all(objects)
+    report = helm.lint(
+        CHART, example_values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0"
+    )
+    assert report["messages"] == [] and report["errors"] == []
+    env = effective_env(objects)
+    # The Docker Hub mirror (names without an alias), ghcr by alias, team/* hosted.
+    assert env["REGISTRY_URL"] == "docker.io"
+    assert env["UPSTREAMS"] == "ghcr=https://ghcr.io"
+    assert env["HOSTED_REPOSITORIES"] == "team/*"
+    assert env["HTPASSWD_FILE"] and env["ACCESS_FILE"]
+    assert env["PUBLIC_URL"] == "https://registry.example.com"
+    assert isinstance(env["TOKEN_SECRET"], tuple)
+    # TLS from one certificate, S3 + Redis, two replicas, gc on the shared store.
+    assert env["TLS_CERT_FILE"] and "TLS_SELF_SIGNED" not in env
+    assert (env["STORE"], env["S3_BUCKET"]) == ("s3", "passthrough-door")
+    assert env["REDIS_URL"].startswith("redis://")
+    assert one(objects, "Deployment")["spec"]["replicas"] == 2
+    assert "affinity" not in gc_pod(one(objects, "CronJob"))
+    # Every credential from a Secret made beforehand: the example holds none.
+    made = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+    assert made == {f"{RELEASE}-passthrough-token"}, "only the generated token key"
+    assert one(objects, "Service")["spec"]["ports"][0]["port"] == 443

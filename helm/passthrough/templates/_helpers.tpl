@@ -124,12 +124,12 @@ TLS_NAMES for tls.selfSigned: the Service's DNS names, loopback, then tls.names.
 {{- end }}
 
 {{/*
-Does the pod get TOKEN_SECRET? "true" or empty: an existing Secret, a value, or
-proxyMode=authenticated (which needs one: the chart then generates it).
+Does the pod get TOKEN_SECRET? "true" or empty: an existing Secret, a value,
+proxyMode=authenticated or hosted users (both need one: the chart then generates it).
 */}}
 {{- define "passthrough.tokenSecretUsed" -}}
 {{- $t := .Values.v2.tokenSecret -}}
-{{- if or $t.existingSecret $t.value (eq .Values.v2.proxyMode "authenticated") -}}
+{{- if or $t.existingSecret $t.value (eq .Values.v2.proxyMode "authenticated") (include "passthrough.htpasswdSecretName" .) -}}
 true
 {{- end -}}
 {{- end }}
@@ -163,10 +163,34 @@ Name of the Secret holding REGISTRY_AUTH_FILE, or empty when there is none.
 {{- end }}
 
 {{/*
-Where the pod finds REGISTRY_AUTH_FILE and the TLS certificate.
+Where the pod finds REGISTRY_AUTH_FILE, the TLS certificate, HTPASSWD_FILE and ACCESS_FILE.
 */}}
 {{- define "passthrough.authFileDir" -}}/etc/passthrough/registry-auth{{- end }}
 {{- define "passthrough.tlsDir" -}}/etc/passthrough/tls{{- end }}
+{{- define "passthrough.htpasswdDir" -}}/etc/passthrough/htpasswd{{- end }}
+{{- define "passthrough.accessDir" -}}/etc/passthrough/access{{- end }}
+
+{{/*
+Name of the Secret holding HTPASSWD_FILE (hosted users), or empty when there is none.
+*/}}
+{{- define "passthrough.htpasswdSecretName" -}}
+{{- $h := .Values.hosted.htpasswd -}}
+{{- if $h.existingSecret -}}
+{{- $h.existingSecret -}}
+{{- else if $h.content -}}
+{{- printf "%s-htpasswd" (include "passthrough.fullname" .) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Labels of the gc CronJob's pods. Not the selector labels: the Service, the
+PodDisruptionBudget and the pods' NetworkPolicy must not count a gc pod as a server.
+*/}}
+{{- define "passthrough.gcSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "passthrough.name" . }}-gc
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gc
+{{- end }}
 
 {{/*
 Seconds in-flight downloads need after the pod starts terminating.
@@ -292,6 +316,53 @@ Checks of values that would otherwise fail only at run time.
 {{- if and $tls.selfSigned (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "tls.selfSigned makes a CA per pod: with more than one replica use tls.existingSecret (one certificate for all, e.g. from cert-manager)" }}
 {{- end }}
+{{- $hosted := .Values.hosted }}
+{{- $users := include "passthrough.htpasswdSecretName" . }}
+{{- range $hosted.repositories }}
+{{- $pattern := toString . | trimAll "/" }}
+{{- range splitList "/" $pattern }}
+{{- if not (regexMatch "^(\\*\\*|\\*|[a-z0-9*]+(([._]|__|-+)[a-z0-9*]+)*)$" .) }}
+{{- fail (printf "hosted.repositories: %q is not a pattern such as team/* or apps/**" $pattern) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $hosted.htpasswd.existingSecret $hosted.htpasswd.content }}
+{{- fail "hosted.htpasswd: set either existingSecret or content, not both" }}
+{{- end }}
+{{- range $number, $line := splitList "\n" (toString $hosted.htpasswd.content) }}
+{{- $line = trim $line }}
+{{- if and $line (not (hasPrefix "#" $line)) (not (regexMatch "^[^:\\s]+:\\$2[aby]\\$[0-9]{2}\\$[./A-Za-z0-9]{53}$" $line)) }}
+{{- fail (printf "hosted.htpasswd.content: line %d is not user:<bcrypt hash> (make it with htpasswd -nB <user>)" (add1 $number)) }}
+{{- end }}
+{{- end }}
+{{- if and $hosted.htpasswd.existingSecret (not $hosted.htpasswd.key) }}
+{{- fail "hosted.htpasswd.existingSecret needs hosted.htpasswd.key" }}
+{{- end }}
+{{- if and $hosted.repositories (not $users) }}
+{{- fail "hosted.repositories needs hosted.htpasswd (existingSecret or content): a push needs one of passthrough's users" }}
+{{- end }}
+{{- if and $users (not $v2.publicUrl) }}
+{{- fail "hosted.htpasswd needs v2.publicUrl: the token realm users log in at (never taken from the Host header)" }}
+{{- end }}
+{{- if and $hosted.access (not (kindIs "map" $hosted.access)) }}
+{{- fail "hosted.access must be a mapping: {groups: {...}, rules: [...]}" }}
+{{- end }}
+{{- if $hosted.gc.enabled }}
+{{- if not $hosted.repositories }}
+{{- fail "hosted.gc needs hosted.repositories: it collects hosted content only" }}
+{{- end }}
+{{- if not (regexMatch "^[0-9]+(s|m|h|d)$" (toString $hosted.gc.grace)) }}
+{{- fail (printf "hosted.gc.grace must be a duration such as 90s, 15m, 1h or 2d, not %q" (toString $hosted.gc.grace)) }}
+{{- end }}
+{{- if eq $store.type "filesystem" }}
+{{- if not (and .Values.config.cacheDir .Values.persistence.enabled) }}
+{{- fail "hosted.gc with store.type=filesystem needs persistence.enabled: the CronJob must mount the pods' cache volume (or use store.type=s3)" }}
+{{- end }}
+{{- if and (not .Values.persistence.existingClaim) (has "ReadWriteOncePod" .Values.persistence.accessModes) }}
+{{- fail "hosted.gc cannot mount a ReadWriteOncePod cache volume beside the pods: use ReadWriteOnce (same node) or store.type=s3" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -336,4 +407,160 @@ kubelet does not verify the certificate). Called with (list probe tlsEnabled).
 {{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
 {{- end }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{/*
+The container's envFrom, env, volumeMounts and the pod's volumes: one definition for the
+Deployment and the gc CronJob, which loads the same settings (and so needs every file
+they name: load_settings checks them) and opens the same store.
+*/}}
+{{- define "passthrough.envFrom" -}}
+- configMapRef:
+    name: {{ include "passthrough.fullname" . }}
+{{- with .Values.extraEnvFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "passthrough.env" -}}
+{{- range include "passthrough.secretEnv" . | fromJsonArray }}
+- name: {{ index . 0 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ index . 1 }}
+      key: {{ index . 2 | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "passthrough.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: temp
+  mountPath: {{ .Values.config.tempDir }}
+{{- if and (eq .Values.store.type "filesystem") .Values.config.cacheDir }}
+- name: cache
+  mountPath: {{ .Values.config.cacheDir }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: {{ include "passthrough.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if include "passthrough.authFileSecretName" . }}
+- name: registry-auth
+  mountPath: {{ include "passthrough.authFileDir" . }}
+  readOnly: true
+{{- end }}
+{{- if include "passthrough.htpasswdSecretName" . }}
+- name: htpasswd
+  mountPath: {{ include "passthrough.htpasswdDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.hosted.access }}
+- name: access
+  mountPath: {{ include "passthrough.accessDir" . }}
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "passthrough.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.storage.tmp.sizeLimit }}
+- name: temp
+  emptyDir:
+    {{- with .Values.storage.temp.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ .Values.storage.temp.sizeLimit }}
+{{- if and (eq .Values.store.type "filesystem") .Values.config.cacheDir }}
+- name: cache
+  {{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.persistence.existingClaim | default (printf "%s-cache" (include "passthrough.fullname" .)) }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.storage.cache.sizeLimit }}
+  {{- end }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    # 0440: the key is readable by the pod's group (fsGroup) only.
+    defaultMode: 288
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- with include "passthrough.authFileSecretName" . }}
+- name: registry-auth
+  secret:
+    secretName: {{ . }}
+    defaultMode: 288
+    items:
+      - key: {{ ternary $.Values.v2.authFile.key ".dockerconfigjson" (not (empty $.Values.v2.authFile.existingSecret)) | quote }}
+        path: auth.json
+{{- end }}
+{{- with include "passthrough.htpasswdSecretName" . }}
+- name: htpasswd
+  secret:
+    secretName: {{ . }}
+    # 0440 like the other secrets; a directory mount (not subPath), so an edit of the
+    # Secret reaches the running pods and passthrough reads the file again.
+    defaultMode: 288
+    items:
+      - key: {{ ternary $.Values.hosted.htpasswd.key "htpasswd" (not (empty $.Values.hosted.htpasswd.existingSecret)) | quote }}
+        path: htpasswd
+{{- end }}
+{{- if .Values.hosted.access }}
+- name: access
+  configMap:
+    name: {{ include "passthrough.fullname" . }}-access
+    defaultMode: 292
+    items:
+      - key: access.yaml
+        path: access.yaml
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The NetworkPolicy egress rules, shared by the server's policy and the gc pods'.
+*/}}
+{{- define "passthrough.networkPolicyEgress" -}}
+{{- $egress := .Values.networkPolicy.egress }}
+{{- if $egress.dns }}
+# Name resolution.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end }}
+{{- if $egress.registryPorts }}
+# Container registries (and their blob CDNs).
+- ports:
+    {{- range $egress.registryPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $egress.registries }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- with $egress.extra }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
