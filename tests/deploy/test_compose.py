@@ -351,3 +351,41 @@ def test_compose_shows_how_to_turn_tls_and_v2_on() -> None:
                  "UPSTREAMS=", "TAG_TTL=", "PROXY_MODE=", "REGISTRY_AUTH_FILE=", "/ca.crt",
                  "certs.d"):  # fmt: skip
         assert name in text, f"compose.yaml does not show {name}"
+
+
+def test_compose_shows_how_to_turn_the_hosted_area_on() -> None:
+    text = (REPO / "compose.yaml").read_text(encoding="utf-8")
+    shown = ("HOSTED_REPOSITORIES=", "HTPASSWD_FILE=/run/secrets/htpasswd",
+             "ACCESS_FILE=/run/secrets/access.yaml", "HOSTED_ANONYMOUS_PULL=",
+             "HOSTED_MANIFEST_MAX_BYTES=", "htpasswd -cB", "passthrough gc --delete")  # fmt: skip
+    for name in shown:
+        assert name in text, f"compose.yaml does not show {name}"
+    # The commented secrets: each one the service lists is declared at the top level,
+    # from a file beside compose.yaml (never inline content).
+    blocks = commented_blocks(text, "secrets:")
+    assert len(blocks) == 2, "the service's list and the top-level declarations"
+    listed = {name for block in blocks if isinstance(block["secrets"], list)
+              for name in block["secrets"]}  # fmt: skip
+    [declared] = [b["secrets"] for b in blocks if isinstance(b["secrets"], dict)]
+    assert {"registry-auth", "htpasswd", "access.yaml"} <= listed
+    assert listed <= set(declared), "every listed secret is declared"
+    assert all(entry["file"].startswith("./") for entry in declared.values())
+
+
+def commented_blocks(text: str, header: str) -> list[Any]:
+    """The YAML of each commented-out block in text that starts with `# <header>`: the
+    header line and the commented lines below it indented deeper, uncommented."""
+    blocks: list[Any] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        match = re.fullmatch(r"(\s*)# " + re.escape(header), line)
+        if not match:
+            continue
+        prefix = match[1] + "# "
+        body = [header]
+        for following in lines[number + 1 :]:
+            if not following.startswith(prefix + " "):
+                break
+            body.append(following[len(prefix) :])
+        blocks.append(yaml.safe_load("\n".join(body)))
+    return blocks
