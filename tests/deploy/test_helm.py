@@ -116,7 +116,7 @@ ALL_ON: Obj = {
             "prefix": "passthrough/lab/",
             "endpoint": "http://minio.storage:9000",
             "region": "eu-central-1",
-            "lifecycleDays": 30,
+            # No lifecycleDays: the rule would expire pushed content (hosted is on).
             "existingSecret": "s3-keys",
         },
     },
@@ -929,7 +929,9 @@ def test_s3_store_renders_its_settings(all_on: list[Obj]) -> None:
     assert env["S3_BUCKET"] == "layers"
     assert env["S3_PREFIX"] == "passthrough/lab/"
     assert env["S3_ENDPOINT_URL"] == "http://minio.storage:9000"
-    assert env["S3_LIFECYCLE_DAYS"] == "30"
+    assert "S3_LIFECYCLE_DAYS" not in env or env["S3_LIFECYCLE_DAYS"] == "0"
+    expiring = merged(S3, {"store": {"s3": {"lifecycleDays": 30}}})
+    assert effective_env(render(expiring))["S3_LIFECYCLE_DAYS"] == "30"
     assert env["AWS_REGION"] == "eu-central-1"
     assert env["REDIS_LOCK_LEASE"] == "90"
     assert env["TEMP_DIR"] == "/var/tmp", "temp files stay per pod"
@@ -1581,6 +1583,11 @@ PLAIN_HTPASSWD = HTPASSWD.splitlines()[0] + f"\nbob:{SENTINEL}\n"
             "hosted.access must be a mapping: {groups: {...}, rules: [...]}",
         ),
         (
+            merged(S3, merged(HOSTED, {"store": {"s3": {"lifecycleDays": 30}}})),
+            "store.s3.lifecycleDays would expire pushed content too (the rule knows no pins): "
+            "keep it 0 with hosted.repositories",
+        ),
+        (
             merged(S3, {"hosted": {"gc": {"enabled": True}}}),
             "hosted.gc needs hosted.repositories: it collects hosted content only",
         ),
@@ -1612,6 +1619,7 @@ PLAIN_HTPASSWD = HTPASSWD.splitlines()[0] + f"\nbob:{SENTINEL}\n"
         "bad-pattern",
         "plaintext-password",
         "access-not-a-mapping",
+        "s3-lifecycle",
         "gc-without-repositories",
         "gc-bad-grace",
         "gc-filesystem-without-persistence",

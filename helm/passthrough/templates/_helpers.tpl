@@ -344,6 +344,9 @@ Checks of values that would otherwise fail only at run time.
 {{- if and $users (not $v2.publicUrl) }}
 {{- fail "hosted.htpasswd needs v2.publicUrl: the token realm users log in at (never taken from the Host header)" }}
 {{- end }}
+{{- if and $hosted.repositories (eq $store.type "s3") (gt (int $store.s3.lifecycleDays) 0) }}
+{{- fail "store.s3.lifecycleDays would expire pushed content too (the rule knows no pins): keep it 0 with hosted.repositories" }}
+{{- end }}
 {{- if and $hosted.access (not (kindIs "map" $hosted.access)) }}
 {{- fail "hosted.access must be a mapping: {groups: {...}, rules: [...]}" }}
 {{- end }}
