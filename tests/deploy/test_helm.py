@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -14,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from passthrough.config import ConfigError, Settings, load_settings
 from tests.deploy import ENV_VARS, REPO, S3_SECRET_VARS, SECRET_VARS, env_vars_read_by_app
 
 CHART = REPO / "helm" / "passthrough"
@@ -1700,3 +1702,84 @@ def test_the_combined_door_example_renders(example_values: Obj) -> None:
     made = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
     assert made == {f"{RELEASE}-passthrough-token"}, "only the generated token key"
     assert one(objects, "Service")["spec"]["ports"][0]["port"] == 443
+
+
+# Stand-ins for the files of Secrets the chart only names (existingSecret).
+EXTERNAL_FILES = {
+    "htpasswd": HTPASSWD,
+    "auth.json": AUTH_FILE,
+    "tls.crt": "certificate",
+    "tls.key": "key",
+}
+
+
+def settings_of(objects: list[Obj], root: Path) -> Settings:
+    """The Settings passthrough builds from a render: the container's environment (the
+    ConfigMap, then Secrets: the chart's own decoded, others a stand-in) and every file
+    it mounts, written under root at its mount path (paths in the environment follow)."""
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for name, value in effective_env(objects).items():
+        if isinstance(value, tuple):
+            _, secret, key = value
+            data = secrets.get(secret, {}).get("data", {})
+            stand_in = "redis://redis.tools:6379/0" if name == "REDIS_URL" else "s" * 32
+            value = base64.b64decode(data[key]).decode() if key in data else stand_in
+        env[name] = value
+    volumes = {v["name"]: v for v in deployment_pod(objects)["volumes"]}
+    for mount in container(objects)["volumeMounts"]:
+        where = root / mount["mountPath"].lstrip("/")
+        where.mkdir(parents=True, exist_ok=True)
+        volume = volumes[mount["name"]]
+        if "secret" in volume and volume["secret"]["secretName"] in secrets:
+            data = {
+                k: base64.b64decode(v).decode()
+                for k, v in secrets[volume["secret"]["secretName"]]["data"].items()
+            }
+        elif "configMap" in volume and volume["configMap"]["name"] in configmaps:
+            data = configmaps[volume["configMap"]["name"]]["data"]
+        elif "secret" in volume:
+            data = {i["key"]: EXTERNAL_FILES[i["path"]] for i in volume["secret"]["items"]}
+        else:
+            continue
+        for item in (volume.get("secret") or volume["configMap"]).get("items", []):
+            (where / item["path"]).write_text(data[item["key"]], encoding="utf-8")
+        for name, value in env.items():
+            if value.startswith(mount["mountPath"] + "/") or value == mount["mountPath"]:
+                env[name] = str(root) + value
+    return load_settings(env, env_file=str(root / "no.env"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [ALL_ON, ALL_ON_FILESYSTEM, HOSTED, "example"],
+    ids=["all-on", "all-on-filesystem", "hosted", "combined-door"],
+)
+def test_the_service_accepts_what_the_chart_renders(
+    values: Obj | str, example_values: Obj, tmp_path: Path
+) -> None:
+    objects = render(example_values if isinstance(values, str) else values)
+    settings = settings_of(objects, tmp_path)
+    assert settings.hosted_repositories
+    assert settings.htpasswd_file and Path(settings.htpasswd_file).read_text() == HTPASSWD
+    assert settings.auth_enabled and settings.public_url and settings.token_secret
+    if settings.access_file:
+        assert yaml.safe_load(Path(settings.access_file).read_text()) in (
+            ACCESS,
+            example_values["hosted"]["access"],
+        )
+
+
+def test_the_service_check_can_fail(tmp_path: Path) -> None:
+    objects = copy.deepcopy(render(HOSTED))
+    ctr = container(objects)
+    ctr["env"] = [item for item in ctr["env"] if item["name"] != "TOKEN_SECRET"]
+    with pytest.raises(ConfigError, match="TOKEN_SECRET is required with HTPASSWD_FILE"):
+        settings_of(objects, tmp_path / "no-token")
+    objects = copy.deepcopy(render(HOSTED))
+    container(objects)["volumeMounts"] = [
+        m for m in container(objects)["volumeMounts"] if m["name"] != "htpasswd"
+    ]
+    with pytest.raises(ConfigError, match=r"HTPASSWD_FILE .* is not a file"):
+        settings_of(objects, tmp_path / "no-users")
