@@ -1543,7 +1543,10 @@ def test_gc_on_the_filesystem_store_shares_the_pods_volume(
 def test_notes_show_the_push() -> None:
     text = notes(HOSTED)
     assert "Hosted repositories (team/*)" in text
-    assert "docker login <host>:8080" in text and "docker push <host>:8080/" in text
+    # The host clients use: PUBLIC_URL's.
+    assert "docker login pt.lab\n" in text and "docker push pt.lab/team/app" not in text
+    assert "docker push pt.lab/<hosted repository>:<tag>" in text
+    assert '{"registry-mirrors": ["https://pt.lab"]}' in text
     assert "hosted.gc.enabled=true" in text
     with_gc = notes(merged(S3, merged(HOSTED, {"hosted": {"gc": {"enabled": True}}})))
     assert "passthrough gc --delete --grace 1h" in with_gc
