@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -180,6 +181,23 @@ class GunicornLogger(_GunicornBaseLogger):  # type: ignore[misc]
                     handler.setFormatter(JsonFormatter())
                 else:
                     handler.setFormatter(_RedactingWrapper(handler.formatter))
+
+    def exception(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """A transfer we broke on purpose (a failed fetch, a digest that did not match:
+        a :class:`PassthroughError` raised by a response body) is one warning line, not
+        a traceback; anything else keeps gunicorn's full report."""
+        from passthrough.errors import PassthroughError
+
+        error = sys.exc_info()[1]
+        if isinstance(error, PassthroughError):
+            self.error_log.warning(
+                "%s: transfer aborted (%s): %s",
+                msg % args if args else msg,
+                error.kind,
+                " ".join(error.message.split()),
+            )
+            return
+        super().exception(msg, *args, **kwargs)
 
 
 class _RedactingWrapper(logging.Formatter):

@@ -188,3 +188,21 @@ def test_gunicorn_text_logs_are_redacted_too(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "worker said" in err and "YWxpY2U6aHVudGVyMg" not in err
     assert not err.strip().startswith("{")
+
+
+def test_a_transfer_broken_on_purpose_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from passthrough.store.readthrough import TransferAborted
+
+    logger = gunicorn_logger(monkeypatch, "text")
+    try:
+        raise TransferAborted("the upstream fetch failed: content does not match its digest")
+    except TransferAborted:
+        logger.exception("Error handling request")
+    err = capsys.readouterr().err
+    assert "transfer aborted (transfer_aborted): the upstream fetch failed" in err
+    assert "Traceback" not in err and "[WARNING]" in err
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        logger.exception("Error handling request")
+    assert "Traceback" in capsys.readouterr().err
