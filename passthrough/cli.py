@@ -1,5 +1,6 @@
-"""The `passthrough` console command: `healthcheck` for containers without curl, and
-`check-config` to validate the environment before a deploy."""
+"""The `passthrough` console command: `healthcheck` for containers without curl,
+`check-config` to validate the environment before a deploy, and `gc` to remove what no
+tag of the hosted area reaches (:mod:`passthrough.registry.gc`)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,32 @@ def check_config() -> int:
     return 0
 
 
+def gc(*, delete: bool, grace: str) -> int:
+    """Exit 0 after a run (dry or not), 2 with one line on stderr when it cannot run."""
+    from passthrough.config import ConfigError, load_settings
+    from passthrough.errors import PassthroughError
+    from passthrough.registry.gc import Collector, parse_duration
+    from passthrough.store import open_store
+
+    try:
+        seconds = parse_duration(grace)
+        settings = load_settings()
+        store = open_store(settings)
+        if store is None:
+            raise ConfigError("gc needs the content store: set CACHE_DIR, or STORE=s3")
+        try:
+            Collector(store, grace=seconds, out=lambda line: print(line, flush=True)).run(
+                delete=delete
+            )
+        finally:
+            store.backend.close()
+    except (ValueError, PassthroughError, OSError) as exc:  # ConfigError is a ValueError
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"passthrough gc: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="passthrough")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,9 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     health.add_argument("--timeout", type=float, default=3.0)
     commands.add_parser("check-config", help="validate the environment and .env, then exit")
+    collect = commands.add_parser(
+        "gc",
+        help="remove hosted blobs and manifests that no tag reaches (a dry run unless --delete)",
+    )
+    collect.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    collect.add_argument(
+        "--grace",
+        default="1h",
+        help="leave alone what was pushed more recently than this (90s, 15m, 1h, 2d, 0s; "
+        "default 1h)",
+    )
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return healthcheck(args.url, args.timeout)
+    if args.command == "gc":
+        return gc(delete=args.delete, grace=args.grace)
     return check_config()
 
 

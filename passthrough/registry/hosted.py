@@ -18,6 +18,7 @@ the cache's size limit never evicts it; ``passthrough gc`` removes what no tag r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -53,6 +54,8 @@ from passthrough.store.uploads import UploadState
 
 PUSHABLE_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+#: The host lock pushes hold shared and ``passthrough gc`` exclusive.
+GC_LOCK = "hosted-gc"
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,26 @@ class Hosted:
             raise BlobUnknown(f"blob {digest[:19]}… is not in {repository}")
         return found
 
+    def _pushing(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) while a push checks what it needs and writes its records, so
+        that ``passthrough gc`` (exclusive, :mod:`passthrough.registry.gc`) sees a push
+        either not begun or complete, never half done."""
+        return self.store.flight.host_lock(GC_LOCK, exclusive=False)
+
     def link_blob(self, repository: str, digest: str, size: int) -> None:
-        self.store.pin("blobs", digest)
-        self._put(
-            self._key(repository, "_blobs", hex_of(digest) + ".json"),
-            {"digest": digest, "size": size, "linked": time.time()},
-        )
+        with self._pushing():
+            self.store.pin("blobs", digest)
+            # gc may have removed an old, unreachable copy of this digest between the
+            # commit and the lock: the push must fail then, not link nothing.
+            if self.store.blob_size(digest) is None:
+                raise BlobUnknown(
+                    f"blob {digest[:19]}… was removed by garbage collection while it was "
+                    "committed: push it again"
+                )
+            self._put(
+                self._key(repository, "_blobs", hex_of(digest) + ".json"),
+                {"digest": digest, "size": size, "linked": time.time()},
+            )
 
     def delete_blob(self, repository: str, digest: str) -> None:
         if self.blob_size(repository, digest) is None:
@@ -230,43 +247,46 @@ class Hosted:
             raise ManifestInvalid("the manifest is not a JSON object")
         media_type = self._media_type(document, content_type)
         references, subject = self._references(document, media_type)
-        for kind, ref_digest, size in references:
-            self._check_reference(repository, kind, ref_digest, size)
-        try:
-            self.backend.put_bytes(content_key("manifests", digest), body)
-        except OSError as exc:
-            raise disk_full() if is_disk_full(exc) else exc from None
-        self.store.pin("manifests", digest)
-        for kind, ref_digest, _ in references:
-            if kind == "blobs":
-                self.store.pin("blobs", ref_digest)
-        artifact_type = document.get("artifactType")
-        if not isinstance(artifact_type, str):
-            config = document.get("config")
-            artifact_type = config.get("mediaType") if isinstance(config, dict) else None
-        annotations = document.get("annotations")
-        record = {
-            "digest": digest,
-            "media_type": media_type,
-            "size": len(body),
-            "subject": subject,
-            "artifact_type": artifact_type if isinstance(artifact_type, str) else None,
-            "annotations": annotations if isinstance(annotations, dict) else None,
-            "references": [[k, d] for k, d, _ in references],
-            "pushed": time.time(),
-        }
-        self._put(self._key(repository, "_manifests", hex_of(digest) + ".json"), record)
-        if subject is not None:
-            self._put(
-                self._key(repository, "_referrers", hex_of(subject), hex_of(digest) + ".json"),
-                self._descriptor(record),
-            )
-        if not DIGEST_RE.fullmatch(reference):
-            self._put(
-                self._key(repository, "_tags", reference + ".json"),
-                {"digest": digest, "media_type": media_type, "updated": time.time()},
-            )
-        return Pushed(digest, subject)
+        # Checked and written under the push lock: gc never deletes between the check
+        # of a reference and the record that makes it reachable.
+        with self._pushing():
+            for kind, ref_digest, size in references:
+                self._check_reference(repository, kind, ref_digest, size)
+            try:
+                self.backend.put_bytes(content_key("manifests", digest), body)
+            except OSError as exc:
+                raise disk_full() if is_disk_full(exc) else exc from None
+            self.store.pin("manifests", digest)
+            for kind, ref_digest, _ in references:
+                if kind == "blobs":
+                    self.store.pin("blobs", ref_digest)
+            artifact_type = document.get("artifactType")
+            if not isinstance(artifact_type, str):
+                config = document.get("config")
+                artifact_type = config.get("mediaType") if isinstance(config, dict) else None
+            annotations = document.get("annotations")
+            record = {
+                "digest": digest,
+                "media_type": media_type,
+                "size": len(body),
+                "subject": subject,
+                "artifact_type": artifact_type if isinstance(artifact_type, str) else None,
+                "annotations": annotations if isinstance(annotations, dict) else None,
+                "references": [[k, d] for k, d, _ in references],
+                "pushed": time.time(),
+            }
+            self._put(self._key(repository, "_manifests", hex_of(digest) + ".json"), record)
+            if subject is not None:
+                self._put(
+                    self._key(repository, "_referrers", hex_of(subject), hex_of(digest) + ".json"),
+                    self._descriptor(record),
+                )
+            if not DIGEST_RE.fullmatch(reference):
+                self._put(
+                    self._key(repository, "_tags", reference + ".json"),
+                    {"digest": digest, "media_type": media_type, "updated": time.time()},
+                )
+            return Pushed(digest, subject)
 
     @staticmethod
     def _media_type(document: dict[str, Any], content_type: str) -> str:

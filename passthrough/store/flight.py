@@ -89,6 +89,20 @@ class Flight:
         return False
 
     @contextlib.contextmanager
+    def host_lock(self, name: str, *, exclusive: bool) -> Iterator[None]:
+        """A readers-writer lock of this host (``flock`` shared or exclusive), never a
+        Redis lease: the hosted area's pushes hold ``hosted-gc`` shared while they check
+        and write their records, ``passthrough gc`` exclusive while it deletes."""
+        path = self.lock_dir / f"{name}.lock"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
     def _flock(self, name: str) -> Iterator[None]:
         path = self.lock_dir / f"{name}.lock"
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
