@@ -305,12 +305,11 @@ class Collector:
             for digest, info in listing.blobs.get(repository, {}).items():
                 if digest in blobs:
                     continue
-                if info.last_used >= self.cutoff:
-                    blobs.add(digest)  # a blob just linked: its manifest is on its way
-                    continue
+                # The record's own time, not the listing's: on disk that is the atime,
+                # which any read of the record (a client's HEAD, a dry run) moves.
                 record = self.records.get(info)
                 if _time_of(record, "linked", info.last_used) >= self.cutoff:
-                    blobs.add(digest)
+                    blobs.add(digest)  # a blob just linked: its manifest is on its way
             marks.manifests[repository] = reached
             marks.blobs[repository] = blobs
         return marks

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from passthrough import create_app
 from passthrough.cli import main
 from passthrough.config import load_settings
 from passthrough.registry import gc as gc_module
+from passthrough.registry import hosted as hosted_module
 from passthrough.registry.gc import Collector, Summary, human_bytes, parse_duration
 from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
@@ -260,6 +262,34 @@ def test_the_grace_period_keeps_young_content(rig: Rig) -> None:
     later = time.time() + 7200
     _, summary = rig.gc(delete=True, grace=3600, now=lambda: later)
     assert (summary.manifests, summary.blobs) == (1, 3)
+
+
+class _TwoHoursAgo:
+    """Stands in for the time module of the hosted area: what it writes is old."""
+
+    at = time.time() - 7200
+
+    @classmethod
+    def time(cls) -> float:
+        return cls.at
+
+
+def test_a_dry_run_does_not_make_the_next_run_keep_what_it_listed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hosted_module, "time", _TwoHoursAgo)
+    rig.image("team/app", "1.0", "a")
+    rig.untag("team/app", "1.0")
+    monkeypatch.undo()
+    for path in [*(rig.root / "pins").rglob("*"), *(rig.root / "hosted").rglob("*")]:
+        if path.is_file():
+            os.utime(path, (_TwoHoursAgo.at, _TwoHoursAgo.at))
+    # The dry run reads the records (on disk that moves their atime); the run after it,
+    # with the default grace, still finds them old.
+    _, dry = rig.gc(delete=False, grace=3600)
+    assert (dry.manifests, dry.blobs) == (1, 2)
+    _, done = rig.gc(delete=True, grace=3600)
+    assert (done.manifests, done.blobs, done.bytes) == (1, 2, dry.bytes)
 
 
 def test_uploads_in_progress_are_left_alone_and_idle_ones_expire(rig: Rig) -> None:
