@@ -476,7 +476,7 @@ class Collector:
     def _sessions(self) -> Iterable[UploadState]:
         try:
             return list(self.store.uploads.list())
-        except (ImportError, TypeError):
+        except TypeError:
             return []  # a backend without upload sessions has none to leave alone
 
     def _expire(self, state: UploadState) -> bool:

@@ -1,7 +1,8 @@
 """``passthrough gc`` as a real process beside a real server: killed with SIGKILL at
 several points (after N deletes through the test hook, and after its first output
 line) every tag still pulls whole, digests checked, and a later run finishes the job;
-the same on the S3 store (SeaweedFS); and gc run in a loop with ``--grace 0s`` while
+the same on the S3 store (SeaweedFS, pushed through the server, an upload left in
+progress all along); and gc run in a loop with ``--grace 0s`` while
 threads push images: every push that completed stays pullable."""
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import requests
 
 from passthrough.config import load_settings
 from passthrough.registry.gc import KILL_AFTER_ENV
-from passthrough.registry.hosted import Hosted
 from passthrough.store import open_store
 from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
@@ -350,23 +350,12 @@ def test_gc_while_pushes_run(fs_server: PassthroughServer) -> None:
 # -- the S3 store -------------------------------------------------------------------------
 
 
-def hosted_on(env: dict[str, str], tmpdir: Path) -> tuple[ContentStore, Hosted]:
-    """The S3 store of ``env`` opened in this process, to push into it directly (the
-    hosted area's blob uploads go through upload sessions, which S3 has yet to get)."""
+def bucket_store(env: dict[str, str], tmpdir: Path) -> ContentStore:
+    """The S3 store of ``env`` opened in this process, to look into the bucket."""
     settings = load_settings({**env, "TMPDIR": str(tmpdir)}, env_file="/nonexistent")
     store = open_store(settings)
     assert store is not None
-    return store, Hosted(settings, store)
-
-
-def push_direct(
-    store: ContentStore, hosted: Hosted, name: str, tag: str | None, marker: str, shared: bytes
-) -> str:
-    blobs, body = image_parts(marker, shared)
-    for data in blobs:
-        store.backend.put_bytes(content_key("blobs", digest(data)), data)
-        hosted.link_blob(name, digest(data), len(data))
-    return hosted.put_manifest(name, tag or digest(body), body, MANIFEST_TYPE).digest
+    return store
 
 
 def test_gc_on_the_s3_store(
@@ -377,20 +366,28 @@ def test_gc_on_the_s3_store(
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)  # boto3 takes its credentials from there
     with PassthroughServer(env) as server:
-        store, hosted = hosted_on(env, server.tmpdir)
+        store = bucket_store(env, server.tmpdir)
         base = server.url
+        push = Pusher(base)
+        # An upload in progress all along: gc leaves it alone, it completes at the end.
+        started = push.http.post(f"{base}/v2/team/s3wip/blobs/uploads/", timeout=60)
+        assert started.status_code == 202, started.text
+        location = started.headers["Location"]
+        if location.startswith("/"):
+            location = base + location
+        partial = layer_bytes("s3-in-progress", 64 * 1024)
+        patched = push.http.patch(location, data=partial[:40_000], timeout=60)
+        assert patched.status_code == 202, patched.text
         shared = layer_bytes("s3-shared", 32 * 1024)
         tags: list[tuple[str, str]] = []
         dropped: list[tuple[str, str]] = []
         for round_number, kill_after in enumerate((3, 9, 0)):
             name = f"team/s3app{round_number}"
-            push_direct(store, hosted, name, "keep", f"s3-keep-{round_number}", shared)
+            push.image(name, "keep", f"s3-keep-{round_number}", shared)
             tags.append((name, "keep"))
             for n in range(3):
-                old = push_direct(
-                    store, hosted, name, f"old{n}", f"s3-old-{round_number}-{n}", shared
-                )
-                hosted.delete_manifest(name, f"old{n}")
+                old = push.image(name, f"old{n}", f"s3-old-{round_number}-{n}", shared)
+                push.untag(name, f"old{n}")
                 dropped.append((name, old))
             result = run_gc(server, "--delete", "--grace", "0s", kill_after=kill_after or None)
             if kill_after:
@@ -398,12 +395,13 @@ def test_gc_on_the_s3_store(
             else:
                 assert result.returncode == 0, result.stderr
                 assert result.stdout.splitlines()[-1].startswith("removed ")
+                assert "1 upload in progress left alone" in result.stdout
             for pulled_name, tag in tags:
                 pulls(base, pulled_name, tag)
         for name, reference in dropped:
             assert gone(base, name, reference)
-        # Every pushed blob of the dropped images is gone from the bucket; the kept ones and
-        # the shared layer are there.
+        # Every pushed blob of the dropped images is gone from the bucket; the kept ones
+        # and the shared layer are there.
         keys = {info.key for info in store.backend.list("blobs/")}
         for round_number in range(3):
             for n in range(3):
@@ -414,4 +412,10 @@ def test_gc_on_the_s3_store(
         assert content_key("blobs", digest(shared)) in keys
         again = run_gc(server, "--delete", "--grace", "0s")
         assert again.stdout.startswith("removed 0 manifests, 0 blobs, 0 bytes"), again.stdout
+        done = push.http.put(
+            location, params={"digest": digest(partial)}, data=partial[40_000:], timeout=60
+        )
+        assert done.status_code == 201, done.text
+        got = push.http.get(f"{base}/v2/team/s3wip/blobs/{digest(partial)}", timeout=60)
+        assert got.status_code == 200 and got.content == partial
         store.backend.close()
