@@ -253,6 +253,8 @@ class Collector:
         self.started = now()
         self.records = Records(store, self.started - RECENT_SLACK)
         self._documents: dict[str, dict[str, Any] | None] = {}
+        #: (manifests, blobs) the cache holds, once worked out (:meth:`cached`).
+        self._cached: tuple[set[str], set[str]] | None = None
         kill_after = os.environ.get(KILL_AFTER_ENV, "")
         self._kill_after = int(kill_after) if kill_after.isdigit() else 0
         self._deletes = 0
@@ -317,6 +319,7 @@ class Collector:
     # -- sweep plan ------------------------------------------------------------------------
 
     def plan(self, listing: Listing) -> list[Step]:
+        """Every delete the listing calls for, in the order they must run."""
         marks = self.mark(listing)
         steps: list[Step] = []
         for repository, by_subject in listing.referrers.items():
@@ -341,7 +344,9 @@ class Collector:
             for (kind, digest), info in listing.pins.items()
             if digest not in keep[kind] and info.last_used < self.cutoff
         ]
-        cached = self.cached(listing) if content else (set(), set())
+        if content and self._cached is None:
+            self._cached = self.cached(listing)
+        cached = self._cached or (set(), set())
         for kind, digest, info in content:
             in_cache = digest in (cached[0] if kind == "manifests" else cached[1])
             order = MANIFEST_CONTENT if kind == "manifests" else BLOB_CONTENT
@@ -425,11 +430,18 @@ class Collector:
     def _sweep(self, summary: Summary) -> None:
         done: set[str] = set()
         repositories: dict[tuple[str, str], set[str]] = {}
+        # A first plan without the lock: nothing to do is known without making pushes
+        # wait, and what the cache holds (every cached manifest read) is worked out
+        # here, once per run. Only the proxy adds to it meanwhile; a copy it makes
+        # after this that gc deletes costs one upstream fetch, never a wrong answer.
+        if not self.plan(list_store(self.store)):
+            return
         while True:
             with self.store.flight.host_lock(GC_LOCK, exclusive=True):
                 # Listed and marked again under the lock: a push completed since the last
                 # batch is seen whole, and what it reaches stays.
-                steps = [s for s in self.plan(list_store(self.store)) if s.key not in done]
+                listing = list_store(self.store)
+                steps = [s for s in self.plan(listing) if s.key not in done]
                 if not steps:
                     break
                 for step in steps[:BATCH]:
