@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -469,3 +470,61 @@ def test_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: An
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("removed 1 manifest, 2 blobs, ")
     assert not list(rig.store.backend.list("pins/"))
+
+
+def test_a_tag_pushed_after_the_first_plan_keeps_what_it_reaches(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc plans without the lock, then lists and marks again under it before deleting:
+    a push that lands in between (here: the untagged manifest tagged again, by a client,
+    right after the first plan) keeps its image whole."""
+    manifest, blobs = rig.image("team/app", "1.0", "a")
+    body = rig.client.get(f"/v2/team/app/manifests/{manifest}").data
+    rig.untag("team/app", "1.0")
+    original = Collector.plan
+    plans: list[int] = []
+
+    def plan_then_push(self: Collector, listing: gc_module.Listing) -> list[gc_module.Step]:
+        steps = original(self, listing)
+        plans.append(len(steps))
+        if len(plans) == 1:
+            rig.manifest("team/app", "again", body, MANIFEST_TYPE)
+        return steps
+
+    monkeypatch.setattr(Collector, "plan", plan_then_push)
+    lines, summary = rig.gc(delete=True)
+    assert plans[0] == 6  # the record, the two links, the manifest and two blobs
+    assert plans[1] == 0 and (summary.manifests, summary.blobs) == (0, 0), lines
+    rig.pulls("team/app", "again")
+    assert all(rig.pinned("blobs", b) for b in blobs)
+
+
+def test_a_push_waits_while_gc_holds_the_lock(rig: Rig) -> None:
+    """The lock itself: a manifest PUT does not check its references while gc holds the
+    lock exclusive, and completes once it is released."""
+    config, layer = b'{"marker": "wait"}', b"layer-wait"
+    rig.blob("team/app", config)
+    rig.blob("team/app", layer)
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": CONFIG_TYPE, "digest": digest(config), "size": len(config)},
+            "layers": [{"mediaType": LAYER_TYPE, "digest": digest(layer), "size": len(layer)}],
+        }
+    ).encode()
+    finished = threading.Event()
+
+    def push() -> None:
+        rig.manifest("team/app", "1.0", body, MANIFEST_TYPE)
+        finished.set()
+
+    with rig.store.flight.host_lock(hosted_module.GC_LOCK, exclusive=True):
+        thread = threading.Thread(target=push)
+        thread.start()
+        # Never set while the lock is held, however long this waits.
+        assert not finished.wait(0.5)
+        assert rig.client.get("/v2/team/app/manifests/1.0").status_code == 404
+    thread.join(timeout=30)
+    assert finished.is_set()
+    rig.pulls("team/app", "1.0")
