@@ -39,6 +39,7 @@ _BCRYPT_RE = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}"
 # A user name as it travels in Basic credentials: no ':' (the separator), no control
 # characters, no spaces (htpasswd allows them, Basic clients mangle them).
 _USER_RE = re.compile(r"[^\s:\x00-\x1f\x7f]{1,255}")
+_RESERVED = frozenset({"anonymous", "*"})
 #: bcrypt reads at most 72 bytes of a password; htpasswd truncates, so do we.
 BCRYPT_MAX_PASSWORD_BYTES = 72
 #: How long a verified login is trusted without a bcrypt (seconds), and how many are kept.
@@ -67,6 +68,12 @@ def parse_htpasswd(text: str, variable: str = VARIABLE) -> dict[str, _Entry]:
             raise ConfigError(
                 f"{variable} line {number}: the user name holds spaces, control characters "
                 "or is too long"
+            )
+        if user in _RESERVED or user.startswith("@"):
+            # ACCESS_FILE gives these a meaning of their own.
+            raise ConfigError(
+                f"{variable} line {number}: {user!r} cannot be a user name "
+                "('anonymous', '*' and '@…' mean something else in ACCESS_FILE)"
             )
         match = _BCRYPT_RE.fullmatch(hashed.strip())
         if match is None:
