@@ -12,7 +12,6 @@ from flask import Flask
 from passthrough.config import Settings, load_settings
 from passthrough.export.pipeline import Services
 from passthrough.observe import logs, telemetry
-from passthrough.registry.access import Gate
 
 __all__ = ["create_app"]
 
@@ -43,8 +42,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     # One TokenService per app: every worker derives the same key from TOKEN_SECRET.
     app.extensions[token.EXTENSION] = token.make_token_service(settings)
-    # Users and rules read (and checked) once per app: a bad file fails here.
-    app.extensions[token.GATE_EXTENSION] = Gate.create(settings)
     app.register_blueprint(errors.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(tls.bp)

@@ -380,7 +380,12 @@ def check_access(
                     "WWW-Authenticate": challenge(settings, repository, wanted, "invalid_token")
                 },
             ) from None
+        identity = Identity(grant.credentials, grant.subject, "bearer", grant.user)
         if repository is not None and not grant.allows(repository, action):
+            if hosted and grant.user is not None and not gate.may(identity, repository, action):
+                # The token lacks the scope because the user may not: asking again would
+                # not help, so say so (docker shows "denied: …", not a login prompt).
+                raise _refuse(settings, identity, repository, action)
             raise InsufficientScope(
                 f"the token does not grant {action} on this repository; ask for its scope",
                 headers={
@@ -389,7 +394,6 @@ def check_access(
                     )
                 },
             )
-        identity = Identity(grant.credentials, grant.subject, "bearer", grant.user)
     elif hosted or authenticated_mode or repository is None:
         # No login: the challenge, unless anonymous may (checked below for hosted names).
         if not hosted:

@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("token", __name__)
 
 EXTENSION = "passthrough.tokens"
-GATE_EXTENSION = "passthrough.gate"
 #: The token endpoint's own challenge for a failed login: Basic, which is what it takes.
 LOGIN_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
 
@@ -69,12 +68,8 @@ def tokens_of(app: Flask) -> TokenService | None:
 
 def gate_of(app: Flask) -> Gate:
     """The app's :class:`Gate` (users, rules, the failed-login limiter)."""
-    gate: Gate | None = app.extensions.get(GATE_EXTENSION)
-    if gate is None:
-        # An app made without create_app (tests' bare Flask): the settings decide.
-        services: Services = app.extensions["passthrough"]
-        gate = app.extensions[GATE_EXTENSION] = Gate.create(services.settings)
-    return gate
+    services: Services = app.extensions["passthrough"]
+    return services.access()
 
 
 def _settings() -> Settings:

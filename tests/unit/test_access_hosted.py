@@ -232,10 +232,22 @@ def test_a_users_token_is_that_user(ruled, tokens):
     identity = check(ruled, f"Bearer {token}", "team/app", "push", tokens=tokens)
     assert identity == Identity(None, "bob", "bearer", "bob")
     with pytest.raises(InsufficientScope) as caught:
-        check(ruled, f"Bearer {token}", "team/app", "delete", tokens=tokens)
+        check(ruled, f"Bearer {token}", "apps/web", "pull", tokens=tokens)
     assert caught.value.headers["WWW-Authenticate"] == (
-        REALM + ',scope="repository:team/app:delete",error="insufficient_scope"'
+        REALM + ',scope="repository:apps/web:pull",error="insufficient_scope"'
     )
+
+
+def test_a_token_lacking_a_scope_the_user_may_not_have_is_denied(ruled, tokens):
+    # bob may not delete on team/*: the token service left delete out, and asking again
+    # would not add it.
+    token = tokens.issue([scope("team/app", "pull", "push")], subject="bob", user="bob")["token"]
+    with pytest.raises(Denied, match="'bob' may not delete"):
+        check(ruled, f"Bearer {token}", "team/app", "delete", tokens=tokens)
+    # carol's token without push on apps/** (she may push there): ask for the scope.
+    token = tokens.issue([scope("apps/x", "pull")], subject="carol", user="carol")["token"]
+    with pytest.raises(InsufficientScope):
+        check(ruled, f"Bearer {token}", "apps/x", "push", tokens=tokens)
 
 
 def test_a_token_is_held_to_the_rules_of_now(files, ruled, tokens, tmp_path):
