@@ -19,12 +19,16 @@ import pytest
 import requests
 
 from tests.e2e.helpers import push, unique
-from tests.e2e.test_v2_tokens import MirrorEngine, docker
+from tests.e2e.test_v2_tokens import MirrorEngine, docker, fresh_private, scopes_asked_by
 from tests.support.docker_engine import DockerEngine
 from tests.support.images import Image, runnable_image
+from tests.support.loaders import LoaderError, skopeo
 from tests.support.procs import LOOPBACK, StartupError, free_port
+from tests.support.registry import ALICE as UPSTREAM_ALICE
+from tests.support.registry import BOB as UPSTREAM_BOB
 from tests.support.registry import RegistryServer
 from tests.support.server import PassthroughServer
+from tests.support.token_issuer import TokenIssuer
 from tests.unit.test_users import bcrypt_line, htpasswd
 
 SECRET = "e2e secret for passthrough's own users"
@@ -60,6 +64,7 @@ class Rig:
     server: PassthroughServer
     public: str  # host:port, as clients name the server (PUBLIC_URL)
     files: Path
+    cache: Path
 
 
 def write_users(root: Path) -> Path:
@@ -79,12 +84,12 @@ def start(
 ) -> tuple[PassthroughServer, str, Path]:
     root = tmp_path_factory.mktemp("passthrough-users")
     (root / "access.yaml").write_text(ACCESS)
+    env.setdefault("CACHE_DIR", str(root / "cache"))
     public_port = free_port()
     public_url = f"http://{LOOPBACK}:{public_port}"
     server = PassthroughServer(
         {
             "REGISTRY_URL": registry.url,
-            "CACHE_DIR": str(root / "cache"),
             "PUBLIC_URL": public_url,
             "TOKEN_SECRET": SECRET,
             "HTPASSWD_FILE": str(write_users(root)),
@@ -105,7 +110,7 @@ def start(
 def rig(tmp_path_factory: pytest.TempPathFactory, registry_anon: RegistryServer) -> Iterator[Rig]:
     server, public, root = start(tmp_path_factory, registry_anon)
     try:
-        yield Rig(server, public, root)
+        yield Rig(server, public, root, root / "cache")
     finally:
         server.stop()
         print(f"--- passthrough server {server.url} log (last 80 lines) ---")
@@ -354,3 +359,262 @@ def test_a_non_bcrypt_user_stops_start_up_naming_the_line(tmp_path, registry_ano
     assert "HTPASSWD_FILE line 2: user 'mallory' has a MD5 ($apr1$) password" in message
     assert weak.split(":", 1)[1] not in message
     server.cleanup()
+
+
+# -- pushes (the hosted core) --------------------------------------------------------------------
+
+
+def login(engine: DockerEngine, config: Path, public: str, user: User) -> None:
+    config.mkdir(exist_ok=True)
+    done = docker(
+        engine.host,
+        config,
+        "login",
+        public,
+        "-u",
+        user.name,
+        "--password-stdin",
+        stdin=user.password,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def local_image(rig, proxied, docker_engine: DockerEngine, tmp_path_factory) -> Iterator[str]:
+    """The proxied image pulled into the rig's dockerd: what the push tests push."""
+    config = tmp_path_factory.mktemp("pull-config")
+    reference = f"{rig.public}/{proxied.repository}:{proxied.tag}"
+    pulled = docker(docker_engine.host, config, "pull", reference)
+    assert pulled.returncode == 0, pulled.stderr
+    yield reference
+    docker(docker_engine.host, config, "rmi", "-f", reference)
+
+
+def push_as(
+    engine: DockerEngine, config: Path, source: str, target: str
+) -> subprocess.CompletedProcess[str]:
+    tagged = docker(engine.host, config, "tag", source, target)
+    assert tagged.returncode == 0, tagged.stderr
+    try:
+        return docker(engine.host, config, "push", target)
+    finally:
+        docker(engine.host, config, "rmi", target)
+
+
+def test_docker_push_by_an_allowed_user_then_pull_by_another(
+    rig, proxied, local_image, docker_engine: DockerEngine, tmp_path
+):
+    target = f"{rig.public}/team/{unique('app')}:v1"
+    alice = tmp_path / "alice"
+    login(docker_engine, alice, rig.public, ALICE)
+    pushed = push_as(docker_engine, alice, local_image, target)
+    assert pushed.returncode == 0, pushed.stderr + pushed.stdout
+    assert "digest: sha256:" in pushed.stdout
+
+    # bob pulls it (builders pull team/*) and runs it; the layers are the proxied image's.
+    bob = tmp_path / "bob"
+    login(docker_engine, bob, rig.public, BOB)
+    try:
+        pulled = docker(docker_engine.host, bob, "pull", target)
+        assert pulled.returncode == 0, pulled.stderr
+        ran = docker(docker_engine.host, bob, "run", "--rm", "--network", "none", target)
+        assert ran.returncode == 0, ran.stderr
+        assert proxied.image.marker in ran.stdout.splitlines()
+    finally:
+        docker(docker_engine.host, bob, "rmi", "-f", target)
+    # carol may not pull team/*.
+    carol = tmp_path / "carol"
+    login(docker_engine, carol, rig.public, CAROL)
+    refused = docker(docker_engine.host, carol, "pull", target)
+    assert refused.returncode != 0
+    assert_no_secret_in(rig.server.log_text(), rig.files)
+
+
+def test_a_push_the_rules_refuse_is_403_denied(rig, local_image, docker_engine, tmp_path):
+    # bob may pull team/* but only alice pushes there.
+    bob = tmp_path / "bob"
+    login(docker_engine, bob, rig.public, BOB)
+    target = f"{rig.public}/team/{unique('nope')}:v1"
+    refused = push_as(docker_engine, bob, local_image, target)
+    assert refused.returncode != 0
+    assert "denied" in refused.stderr.lower(), refused.stderr
+    base = f"http://{rig.public}"
+    status, _, body = curl(
+        "-X", "POST", "-u", f"{BOB.name}:{BOB.password}", f"{base}/v2/team/x/blobs/uploads/"
+    )
+    assert status == 403
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "DENIED" and "may not push" in error["message"]
+    # A push to a proxied name: DENIED, naming where pushes go.
+    status, _, body = curl(
+        "-X", "POST", "-u", f"{ALICE.name}:{ALICE.password}", f"{base}/v2/library/x/blobs/uploads/"
+    )
+    assert status == 403
+    message = json.loads(body)["errors"][0]["message"]
+    assert "is not a hosted repository" in message and "team/*, apps/**" in message
+
+
+def test_an_anonymous_push_is_401(rig, local_image, docker_engine, tmp_path):
+    base = f"http://{rig.public}"
+    status, headers, body = curl("-X", "POST", f"{base}/v2/team/x/blobs/uploads/")
+    assert status == 401
+    assert headers["www-authenticate"] == (
+        f'Bearer realm="{base}/v2/token",service="passthrough",scope="repository:team/x:pull,push"'
+    )
+    assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    anonymous = tmp_path / "anonymous"
+    anonymous.mkdir()
+    refused = push_as(docker_engine, anonymous, local_image, f"{rig.public}/apps/{unique('a')}:v1")
+    assert refused.returncode != 0
+    assert "unauthorized" in refused.stderr.lower() or "denied" in refused.stderr.lower()
+
+
+def test_hosted_anonymous_pull(
+    rig, local_image, docker_engine, tmp_path_factory, registry_anon, tmp_path
+):
+    alice = tmp_path / "alice"
+    login(docker_engine, alice, rig.public, ALICE)
+    app, team = f"apps/{unique('open')}/site", f"team/{unique('closed')}"
+    for name in (app, team):
+        pushed = push_as(docker_engine, alice, local_image, f"{rig.public}/{name}:v1")
+        assert pushed.returncode == 0, pushed.stderr
+    accept = "Accept: application/vnd.docker.distribution.manifest.v2+json"
+    # Off (the rig): anonymous clients pull no hosted name, whatever ACCESS_FILE says.
+    status, _, _ = curl("-H", accept, f"http://{rig.public}/v2/{app}/manifests/v1")
+    assert status == 401
+    # On, over the same store: apps/** (anonymous in ACCESS_FILE) yes, team/* no.
+    server, public, _ = start(
+        tmp_path_factory,
+        registry_anon,
+        workers=1,
+        HOSTED_ANONYMOUS_PULL="true",
+        CACHE_DIR=str(rig.cache),
+    )
+    try:
+        anonymous = tmp_path / "anonymous"
+        anonymous.mkdir()
+        pulled = docker(docker_engine.host, anonymous, "pull", f"{public}/{app}:v1")
+        assert pulled.returncode == 0, pulled.stderr
+        docker(docker_engine.host, anonymous, "rmi", "-f", f"{public}/{app}:v1")
+        status, _, _ = curl("-H", accept, f"http://{public}/v2/{app}/manifests/v1")
+        assert status == 200
+        status, headers, _ = curl("-H", accept, f"http://{public}/v2/{team}/manifests/v1")
+        assert status == 401
+        assert f'scope="repository:{team}:pull"' in headers["www-authenticate"]
+        refused = docker(docker_engine.host, anonymous, "pull", f"{public}/{team}:v1")
+        assert refused.returncode != 0
+    finally:
+        server.stop()
+
+
+# -- PROXY_MODE=authenticated: one client, upstream and passthrough credentials ---------------
+
+
+BUILDER = User("builder", "builder-hosted-pw-6Yh")
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory, registry_token: RegistryServer) -> Iterator[Rig]:
+    """Authenticated mode over the rig's token registry (upstream users alice and bob).
+    passthrough's users: builder (no upstream account) and bob with his upstream
+    password (one login that works on both sides)."""
+    root = tmp_path_factory.mktemp("passthrough-both")
+    users = root / "htpasswd"
+    users.write_text(
+        bcrypt_line(BUILDER.name, BUILDER.password)
+        + "\n"
+        + bcrypt_line(UPSTREAM_BOB.username, UPSTREAM_BOB.password)
+        + "\n"
+    )
+    public_port = free_port()
+    public_url = f"http://{LOOPBACK}:{public_port}"
+    server = PassthroughServer(
+        {
+            "REGISTRY_URL": registry_token.url,
+            "CACHE_DIR": str(root / "cache"),
+            "PROXY_MODE": "authenticated",
+            "PUBLIC_URL": public_url,
+            "TOKEN_SECRET": SECRET,
+            "HTPASSWD_FILE": str(users),
+            "HOSTED_REPOSITORIES": "team/*",
+        },
+        workers=2,
+        tmp_root=root,
+        extra_args=("--bind", f"{LOOPBACK}:{public_port}"),
+    )
+    server.start()
+    try:
+        yield Rig(server, public_url.removeprefix("http://"), root, root / "cache")
+    finally:
+        server.stop()
+        print(f"--- passthrough server {server.url} log (last 80 lines) ---")
+        print("\n".join(server.log_text().splitlines()[-80:]))
+
+
+def copy(source: str, target: str, src: tuple[str, str], dest: tuple[str, str]) -> None:
+    skopeo(
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        ":".join(src),
+        "--dest-creds",
+        ":".join(dest),
+        f"docker://{source}",
+        f"docker://{target}",
+    )
+
+
+def inspect(reference: str, creds: tuple[str, str] | None) -> dict[str, object]:
+    args = ["inspect", "--tls-verify=false", "--raw"]
+    args += ["--creds", ":".join(creds)] if creds else ["--no-creds"]
+    return dict(json.loads(skopeo(*args, f"docker://{reference}").stdout))
+
+
+def test_one_client_copies_a_private_upstream_image_into_the_hosted_area(
+    both, registry_token, token_issuer: TokenIssuer
+):
+    private = fresh_private(registry_token)
+    source = f"{both.public}/{private.repository}:{private.tag}"
+    target = f"{both.public}/team/{unique('copied')}:v1"
+    # The source's Basic credentials are alice's upstream login (not a passthrough user:
+    # they go upstream, inside the token); the destination's are builder's (checked
+    # here, never sent upstream).
+    upstream = (UPSTREAM_ALICE.username, UPSTREAM_ALICE.password)
+    copy(source, target, upstream, (BUILDER.name, BUILDER.password))
+    assert f"repository:{private.repository}:pull" in scopes_asked_by(token_issuer, "alice")
+    assert scopes_asked_by(token_issuer, "builder") == []
+
+    copied = inspect(target, (BUILDER.name, BUILDER.password))
+    assert copied["config"]["digest"] == private.image.config_blob.digest  # type: ignore[index]
+    # The hosted copy needs a passthrough user; alice's upstream login is none.
+    with pytest.raises(LoaderError):
+        inspect(target, upstream)
+    with pytest.raises(LoaderError):
+        inspect(target, None)
+    # And builder is nobody upstream: the private source stays closed to that login.
+    with pytest.raises(LoaderError):
+        inspect(source, (BUILDER.name, BUILDER.password))
+    log = both.server.log_text()
+    for secret in (UPSTREAM_ALICE.password, BUILDER.password):
+        assert secret not in log
+
+
+def test_one_login_that_is_both_a_user_and_an_upstream_account(
+    both, registry_token, token_issuer: TokenIssuer
+):
+    # bob's upstream account may pull bob/*; his passthrough user has the same password.
+    image = runnable_image(unique("MARKER-bob-"))
+    repository = f"bob/{unique('own')}"
+    push(registry_token, repository, "v1", image)
+    bob = (UPSTREAM_BOB.username, UPSTREAM_BOB.password)
+    target = f"{both.public}/team/{unique('bobs')}:v1"
+    copy(f"{both.public}/{repository}:v1", target, bob, bob)
+    assert f"repository:{repository}:pull" in scopes_asked_by(token_issuer, "bob")
+    copied = inspect(target, bob)
+    assert copied["config"]["digest"] == image.config_blob.digest  # type: ignore[index]
+    # A passthrough user's name with another password is refused, not sent upstream.
+    with pytest.raises(LoaderError):
+        inspect(target, (UPSTREAM_BOB.username, "not-" + UPSTREAM_BOB.password))
+    assert UPSTREAM_BOB.password not in both.server.log_text()
