@@ -422,6 +422,17 @@ def test_docker_push_by_an_allowed_user_then_pull_by_another(
         assert proxied.image.marker in ran.stdout.splitlines()
     finally:
         docker(docker_engine.host, bob, "rmi", "-f", target)
+    # The tar routes serve it to the same users, Basic as on /v2.
+    name, tag = target.removeprefix(f"{rig.public}/").split(":")
+    archive = f"http://{rig.public}/ref/{name}:{tag}.tar"
+    status, _, _ = curl(
+        "-o", str(tmp_path / "bob.tar"), "-u", f"{BOB.name}:{BOB.password}", archive
+    )
+    assert status == 200 and (tmp_path / "bob.tar").stat().st_size > 1000
+    status, headers, _ = curl("-o", "/dev/null", archive)
+    assert status == 401 and headers["www-authenticate"].startswith("Basic ")
+    status, _, _ = curl("-o", "/dev/null", "-u", f"{CAROL.name}:{CAROL.password}", archive)
+    assert status == 403
     # carol may not pull team/*.
     carol = tmp_path / "carol"
     login(docker_engine, carol, rig.public, CAROL)
