@@ -396,7 +396,8 @@ def push_as(
     tagged = docker(engine.host, config, "tag", source, target)
     assert tagged.returncode == 0, tagged.stderr
     try:
-        return docker(engine.host, config, "push", target)
+        pushed: subprocess.CompletedProcess[str] = docker(engine.host, config, "push", target)
+        return pushed
     finally:
         docker(engine.host, config, "rmi", target)
 
