@@ -20,7 +20,8 @@ Who may do what (:class:`Gate`):
   upstream login, judged upstream, never here; in transparent mode anonymous pulls go
   straight through and Basic credentials must be a passthrough user's.
 - failed logins are counted (``passthrough_login_failures_total{reason}``) and limited
-  per client address (:class:`LoginLimiter`, per worker process).
+  per client address (:class:`LoginLimiter` per worker process, or
+  :class:`RedisLoginLimiter` across workers and replicas with REDIS_URL).
 """
 
 from __future__ import annotations
@@ -200,6 +201,67 @@ class LoginLimiter:
                 self._failures.popitem(last=False)
 
 
+class RedisLoginLimiter(LoginLimiter):
+    """The failed-login count shared by every worker and replica through REDIS_URL: one
+    key per address (``passthrough:login-failures:<address>``) counting the failures of a
+    window that starts with the first. While Redis cannot be reached, each worker's own
+    count (kept all along) decides, so an outage neither locks everyone out nor lifts the
+    limit."""
+
+    def __init__(
+        self,
+        url: str,
+        limit: int = LOGIN_FAILURES_ALLOWED,
+        window: float = LOGIN_WINDOW_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        namespace: str = "passthrough:login-failures:",
+    ) -> None:
+        super().__init__(limit, window, clock=clock)
+        import redis
+
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+        self._namespace = namespace
+        self._warned_at = -1e9
+
+    def _down(self, exc: BaseException) -> None:
+        now = self._clock()
+        # Once a minute at most, and never the URL (it may hold a password).
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning(
+                "REDIS_URL failed for the login limiter (%s); counting per worker",
+                type(exc).__name__,
+            )
+
+    def retry_after(self, client: str) -> int | None:
+        local = super().retry_after(client)
+        try:
+            pipe = self._client.pipeline()
+            pipe.get(self._namespace + client)
+            pipe.pttl(self._namespace + client)
+            count, ttl = pipe.execute()
+        except self._errors as exc:
+            self._down(exc)
+            return local
+        if count is None or int(count) < self.limit:
+            return local
+        return max(1, -(-int(ttl) // 1000)) if int(ttl) > 0 else int(self.window)
+
+    def failed(self, client: str) -> None:
+        super().failed(client)
+        key = self._namespace + client
+        try:
+            pipe = self._client.pipeline()
+            # The window starts with the first failure: the key expires with it.
+            pipe.set(key, 0, ex=max(1, int(self.window)), nx=True)
+            pipe.incr(key)
+            pipe.execute()
+        except self._errors as exc:
+            self._down(exc)
+
+
 @dataclass
 class Gate:
     """Who may do what: the users (HTPASSWD_FILE), the rules (ACCESS_FILE) and the
@@ -230,7 +292,11 @@ class Gate:
             unknown = sorted(named - users.names())
             if unknown:
                 log.warning("ACCESS_FILE names users HTPASSWD_FILE lacks: %s", ", ".join(unknown))
-        return cls(settings, users, access)
+        limiter = LoginLimiter()
+        if users is not None and settings.redis_url:
+            # One count for every worker and replica, as REDIS_URL already shares the lock.
+            limiter = RedisLoginLimiter(settings.redis_url)
+        return cls(settings, users, access, limiter)
 
     # -- logins ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import secrets
 import textwrap
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from passthrough.registry.access import (
     Identity,
     LoginFailed,
     LoginLimiter,
+    RedisLoginLimiter,
     TooManyLogins,
     check_access,
     check_catalog,
 )
 from passthrough.registry.tokens import Scope, TokenService
 from passthrough.upstream.auth import Credentials
+from tests.support.procs import free_port
 from tests.unit.test_users import Counting, bcrypt_line
 
 SECRET = "a shared secret for every replica"
@@ -507,3 +510,50 @@ def test_no_password_or_hash_in_any_log_or_message(files, ruled, authenticated, 
     for secret in [*PASSWORDS.values(), *hashes]:
         assert secret not in text
     assert "mallory" not in text
+
+
+# -- the limiter shared through Redis -------------------------------------------------------------
+
+
+def fail_login(gate: Gate, settings: Settings, client: str) -> None:
+    with pytest.raises(LoginFailed):
+        check_access(settings, None, basic("alice", "guess"), "team/app", gate=gate, client=client)
+
+
+def test_redis_shares_the_count_between_workers(transparent, redis_server):
+    settings = dataclasses.replace(transparent, redis_url=redis_server.url)
+    # Two workers (or replicas): five failures on each make ten for the address.
+    first, second = Gate.create(settings), Gate.create(settings)
+    assert isinstance(first.limiter, RedisLoginLimiter)
+    client = f"198.18.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
+    for n in range(10):
+        fail_login(first if n % 2 else second, settings, client)
+    for gate in (first, second):
+        with pytest.raises(TooManyLogins) as caught:
+            check_access(settings, None, basic("alice"), "team/app", gate=gate, client=client)
+        assert 1 <= int(caught.value.headers["Retry-After"]) <= 60
+    # Another address logs in.
+    other = check_access(
+        settings, None, basic("alice"), "team/app", gate=first, client="192.0.2.99"
+    )
+    assert other.user == "alice"
+
+
+def test_without_redis_each_worker_counts_its_own(transparent, caplog):
+    settings = dataclasses.replace(transparent, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    first, second = Gate.create(settings), Gate.create(settings)
+    for _ in range(10):
+        fail_login(first, settings, "192.0.2.50")
+    with pytest.raises(TooManyLogins):
+        check_access(settings, None, basic("alice"), "team/app", gate=first, client="192.0.2.50")
+    # The other worker never saw those failures.
+    assert (
+        check_access(
+            settings, None, basic("alice"), "team/app", gate=second, client="192.0.2.50"
+        ).user
+        == "alice"
+    )
+    warnings = [r.getMessage() for r in caplog.records if "login limiter" in r.getMessage()]
+    # Once per worker however many logins (twelve here), never naming the URL.
+    assert len(warnings) == 2
+    assert not any("127.0.0.1" in w for w in warnings)
