@@ -70,6 +70,7 @@ def on_starting(server: object) -> None:
     files, or a fresh one, before any worker starts."""
     from passthrough.config import ConfigError, load_settings
     from passthrough.observe import metrics
+    from passthrough.registry.access import Gate
     from passthrough.store import check_store
 
     try:
@@ -77,6 +78,9 @@ def on_starting(server: object) -> None:
         # The store too: an unreachable S3 endpoint or a missing bucket stops start-up
         # here, once, naming the variable and the endpoint.
         check_store(settings)
+        # HTPASSWD_FILE and ACCESS_FILE too: a non-bcrypt hash or a bad rule stops
+        # start-up here with the file's variable and line, not in every worker.
+        Gate.create(settings)
         _configure_tls(server, settings)
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None

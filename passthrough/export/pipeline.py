@@ -74,7 +74,7 @@ from passthrough.oci.reference import (
     qualify,
     synthetic_tag,
 )
-from passthrough.registry.access import check_access
+from passthrough.registry.access import Gate, check_access
 from passthrough.registry.hosted import Hosted
 from passthrough.registry.routing import is_hosted
 from passthrough.store import open_store
@@ -101,6 +101,14 @@ class Services:
     store: ContentStore | None = None
     policy: HostPolicy = field(default_factory=HostPolicy)
     slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(16 - RESERVED_THREADS))
+    #: Who may do what (HTPASSWD_FILE, ACCESS_FILE, the failed-login limiter).
+    gate: Gate | None = None
+
+    def access(self) -> Gate:
+        """The gate; made on first use for Services built without :meth:`create`."""
+        if self.gate is None:
+            self.gate = Gate.create(self.settings)
+        return self.gate
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -115,7 +123,9 @@ class Services:
             allow_link_local=settings.allow_link_local,
         )
         slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
-        return cls(settings, store=store, policy=policy, slots=slots)
+        # The users and rules are read (and checked: ConfigError) once, here.
+        gate = Gate.create(settings)
+        return cls(settings, store=store, policy=policy, slots=slots, gate=gate)
 
 
 @dataclass(frozen=True)
@@ -263,7 +273,15 @@ def _resolve_hosted(
         credentials = request.client_credentials
         authorization = credentials.basic_header() if credentials is not None else None
         try:
-            check_access(settings, None, authorization, repository, "pull")
+            check_access(
+                settings,
+                None,
+                authorization,
+                repository,
+                "pull",
+                gate=services.access(),
+                client=request.client_address,
+            )
         except PassthroughError as exc:
             if exc.status == 401:
                 raise ClientAuthRequired(

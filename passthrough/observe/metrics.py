@@ -24,6 +24,8 @@ Metric names (all prefixed ``passthrough_``):
   ``token``, ``redirect`` or ``other``; status the HTTP code, or ``timeout``,
   ``connection_error``, ``error``); ``upstream_rate_limited_total{operation}`` (429s);
   ``upstream_ratelimit_remaining`` (the last ``ratelimit-remaining`` Docker Hub sent).
+- ``login_failures_total{reason}``: refused logins of HTPASSWD_FILE's users
+  (``wrong_password``, ``unknown_user``, ``rate_limited``).
 - ``cache_hits_total``, ``cache_misses_total``, ``cache_written_bytes_total``,
   ``cache_evictions_total``, ``cache_corrupt_total``: the shared layer cache.
 """
@@ -129,6 +131,12 @@ class _Metrics:
             "Hosted blob uploads finished, by outcome (committed, mounted, failed)",
             ["outcome"],
         )
+        self.login_failures = Counter(
+            "passthrough_login_failures",
+            "Refused logins of passthrough's users (HTPASSWD_FILE) by reason: "
+            "wrong_password, unknown_user, rate_limited",
+            ["reason"],
+        )
         self.cache: dict[str, Any] = {
             field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
             for field, name in CACHE_COUNTERS.items()
@@ -200,6 +208,12 @@ def upload_finished(outcome: str) -> None:
 def v2_sent(source: str, sent_bytes: int) -> None:
     if sent_bytes > 0:
         _metrics().v2_sent_bytes.labels(source).inc(sent_bytes)
+
+
+def login_failure(reason: str) -> None:
+    """A refused login: wrong_password, unknown_user, or rate_limited (the client's
+    address had too many failures; its attempt was not even checked)."""
+    _metrics().login_failures.labels(reason).inc()
 
 
 def ratelimit_remaining(value: str) -> None:

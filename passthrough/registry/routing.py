@@ -71,6 +71,12 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("/".join(parts))
 
 
+def matches_pattern(pattern: str, name: str) -> bool:
+    """Whether one HOSTED_REPOSITORIES-style glob names ``name`` (ACCESS_FILE's rules
+    use the same globs)."""
+    return _pattern_regex(pattern).fullmatch(name) is not None
+
+
 def is_hosted(settings: Settings, name: str) -> bool:
     """Whether HOSTED_REPOSITORIES names this repository (``*`` one path component or
     part of one, ``**`` one or more components), whatever its first component: a hosted

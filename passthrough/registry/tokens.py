@@ -112,12 +112,13 @@ def parse_scopes(values: Iterable[str]) -> list[Scope]:
 
 
 def grantable_scopes(settings: Settings, requested: Iterable[Scope]) -> tuple[Scope, ...]:
-    """What passthrough grants of ``requested``: "pull" on any repository asked, to
-    anonymous clients too (upstream decides per request, with the client's credentials in
-    PROXY_MODE=authenticated, so public images through a dockerd mirror without
-    credentials work). There is no hosted area yet, so "push", "delete" and every other
-    action or resource type are dropped from the grant, as distribution's token servers
-    drop what they will not give, rather than refused."""
+    """What passthrough grants of ``requested`` on proxied names: "pull" on any
+    repository asked, to anonymous clients too (upstream decides per request, with the
+    client's credentials in PROXY_MODE=authenticated, so public images through a dockerd
+    mirror without credentials work). "push", "delete" and every other action or
+    resource type are dropped from the grant, as distribution's token servers drop what
+    they will not give, rather than refused. Hosted names are granted per user by
+    :meth:`passthrough.registry.access.Gate.grant`."""
     # Settings will decide more once a hosted area exists; today every mode grants alike.
     del settings
     granted: list[Scope] = []
@@ -137,6 +138,9 @@ class Grant:
     scopes: tuple[Scope, ...]
     credentials: Credentials | None = field(repr=False)
     expires_at: float
+    #: The passthrough user (HTPASSWD_FILE) the token service verified, if any; the
+    #: subject alone may be an upstream login that passthrough never checked.
+    user: str | None = None
 
     def allows(self, repository: str, action: str) -> bool:
         return any(
@@ -188,6 +192,7 @@ class TokenService:
         *,
         credentials: Credentials | None = None,
         subject: str | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """A token for ``scopes`` (already filtered to what may be granted), in the token
         spec's answer: ``token`` and ``access_token`` (the same, for OAuth2 clients),
@@ -201,6 +206,8 @@ class TokenService:
             "sub": subject,
             "access": [[s.type, s.name, sorted(s.actions)] for s in scopes],
         }
+        if user is not None:
+            payload["usr"] = user
         if credentials is not None:
             payload["cred"] = [credentials.username, credentials.password]
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
@@ -239,7 +246,10 @@ class TokenService:
             raise ValueError("another service's token")
         expires_at = payload["exp"]
         subject = payload.get("sub")
-        if not isinstance(expires_at, int) or not (subject is None or isinstance(subject, str)):
+        user = payload.get("usr")
+        if not isinstance(expires_at, int) or not all(
+            value is None or isinstance(value, str) for value in (subject, user)
+        ):
             raise ValueError("malformed payload")
         scopes = tuple(
             Scope(str(kind), str(name), frozenset(str(a) for a in actions))
@@ -251,4 +261,4 @@ class TokenService:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise ValueError("malformed credentials")
             credentials = Credentials(username, password)
-        return Grant(subject, scopes, credentials, float(expires_at))
+        return Grant(subject, scopes, credentials, float(expires_at), user)

@@ -1,12 +1,21 @@
 """GET|POST /v2/token: passthrough's token service (the distribution token spec, and its
 OAuth2 form for clients such as containerd).
 
-The Basic credentials a client presents here (``docker login <passthrough>``, or the
-Docker Hub credentials dockerd sends for a mirror) are its upstream identity in
-PROXY_MODE=authenticated: they travel inside the token, encrypted, so any replica can
-use them and the client holds only an opaque string. They cannot be checked here (only
-upstream can judge them), so they are accepted as given. Anonymous clients get a token
-for what anonymous may do.
+Credentials that name one of passthrough's users (HTPASSWD_FILE) are checked here: a
+wrong password is a 401, so ``docker login`` fails visibly, counted and rate limited per
+client address. The token's subject is then that user, and its scopes what the user may
+do (push and delete on hosted names per ACCESS_FILE, pull on proxied names).
+
+Other credentials (``docker login <passthrough>`` with an upstream account, or the
+Docker Hub credentials dockerd sends for a mirror) are the client's upstream identity
+in PROXY_MODE=authenticated: they travel inside the token, encrypted, so any replica
+can use them and the client holds only an opaque string. They cannot be checked here
+(only upstream can judge them), so they are accepted as given. A passthrough user's
+credentials travel too in that mode, so a user whose upstream login is the same works
+on both. In transparent mode credentials naming no user are refused when they are a
+login (a request for no scope, as ``docker login`` sends) and otherwise ignored: they
+are another registry's (dockerd sends its Docker Hub login to a mirror). Anonymous
+clients get a token for what anonymous may do.
 
 When authentication is off the endpoint still answers, with a token nobody needs, so
 clients that always ask keep working.
@@ -26,10 +35,10 @@ from passthrough.config import Settings
 from passthrough.errors import BadRequest, PassthroughError
 from passthrough.export.pipeline import Services
 from passthrough.oci.reference import quote_input
+from passthrough.registry.access import Gate
 from passthrough.registry.tokens import (
     SERVICE,
     TokenService,
-    grantable_scopes,
     parse_scopes,
     rfc3339,
 )
@@ -40,6 +49,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("token", __name__)
 
 EXTENSION = "passthrough.tokens"
+#: The token endpoint's own challenge for a failed login: Basic, which is what it takes.
+LOGIN_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
 
 
 def make_token_service(settings: Settings) -> TokenService | None:
@@ -53,6 +64,12 @@ def tokens_of(app: Flask) -> TokenService | None:
     """The app's TokenService (None without TOKEN_SECRET)."""
     tokens: TokenService | None = app.extensions.get(EXTENSION)
     return tokens
+
+
+def gate_of(app: Flask) -> Gate:
+    """The app's :class:`Gate` (users, rules, the failed-login limiter)."""
+    services: Services = app.extensions["passthrough"]
+    return services.access()
 
 
 def _settings() -> Settings:
@@ -101,7 +118,18 @@ def _answer(
     settings = _settings()
     if credentials is not None and account and account != credentials.username:
         raise OAuthError("invalid_request", "the account does not match the credentials given")
-    granted = grantable_scopes(settings, parse_scopes(scope_values))
+    requested = parse_scopes(scope_values)
+    gate = gate_of(current_app)
+    authenticated_mode = settings.proxy_mode == "authenticated"
+    user: str | None = None
+    if credentials is not None and gate.users is not None:
+        # A user's credentials are checked (and so are a login's with an unknown name in
+        # transparent mode, where they could mean nothing else); see the module's text.
+        if gate.is_user(credentials.username) or not (authenticated_mode or requested):
+            user = gate.login(credentials, request.remote_addr, LOGIN_CHALLENGE)
+        elif not authenticated_mode:
+            credentials = None
+    granted = gate.grant(user, requested)
     tokens = tokens_of(current_app)
     body: dict[str, Any]
     if tokens is None:
@@ -116,9 +144,9 @@ def _answer(
     else:
         # Only authenticated mode uses the client's credentials upstream; in transparent
         # mode they would be dead weight in every request's header.
-        carried = credentials if settings.auth_enabled else None
+        carried = credentials if authenticated_mode else None
         subject = credentials.username if credentials is not None else None
-        body = tokens.issue(granted, credentials=carried, subject=subject)
+        body = tokens.issue(granted, credentials=carried, subject=subject, user=user)
     response = jsonify(body)
     # A token is a credential: no cache may keep it.
     response.headers["Cache-Control"] = "no-store"

@@ -95,10 +95,16 @@ def _identity(name: str | None, action: str = "pull") -> Identity:
     settings = _services().settings
     if not settings.auth_enabled:
         return ANONYMOUS
-    from passthrough.web.token import tokens_of
+    from passthrough.web.token import gate_of, tokens_of
 
     return check_access(
-        settings, tokens_of(current_app), request.headers.get("Authorization"), name, action
+        settings,
+        tokens_of(current_app),
+        request.headers.get("Authorization"),
+        name,
+        action,
+        gate=gate_of(current_app),
+        client=request.remote_addr,
     )
 
 
@@ -389,12 +395,9 @@ def _may_pull(identity: Identity, repository: str) -> bool:
     settings = _services().settings
     if not settings.auth_enabled:
         return True
-    from passthrough.registry import access
+    from passthrough.web.token import gate_of
 
-    may = getattr(access, "may", None)
-    if may is None:
-        return identity.subject is not None
-    return bool(may(settings, identity, repository, "pull"))
+    return gate_of(current_app).may(identity, repository, "pull")
 
 
 @bp.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET", "PATCH", "PUT", "DELETE"])
@@ -449,8 +452,20 @@ def _send(answer: BlobAnswer, start: int, end: int) -> Iterator[bytes]:
 
 @bp.get("/v2/_catalog")
 def catalog() -> Response:
-    identity = _identity(None, "pull")
     settings = _services().settings
+    identity = ANONYMOUS
+    if settings.auth_enabled:
+        # Users only (registry:catalog:*), and each sees what it may pull.
+        from passthrough.registry.access import check_catalog
+        from passthrough.web.token import gate_of, tokens_of
+
+        identity = check_catalog(
+            settings,
+            tokens_of(current_app),
+            request.headers.get("Authorization"),
+            gate=gate_of(current_app),
+            client=request.remote_addr,
+        )
     names = _hosted().repositories()
     if settings.auth_enabled:
         names = [n for n in names if _may_pull(identity, n)]
