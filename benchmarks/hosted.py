@@ -76,11 +76,19 @@ class HostedServer(PassthroughServer):
 class Target:
     """One server of a round with an empty store: passthrough or the CNCF registry."""
 
-    def __init__(self, name: str, host: str, pid: int, stop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        pid: int,
+        stop: Callable[[], None],
+        log_text: Callable[[], str],
+    ) -> None:
         self.name = name
         self.host = host
         self.pid = pid
         self.stop = stop
+        self.log_text = log_text
 
     def pids(self) -> list[int]:
         return tree(self.pid)
@@ -141,7 +149,9 @@ class HostedBench:
                 server.cleanup()
                 raise BenchmarkError("the gunicorn workers did not all start")
             time.sleep(0.05)
-        return Target("passthrough", f"{LOOPBACK}:{server.port}", server.pid, server.cleanup)
+        return Target(
+            "passthrough", f"{LOOPBACK}:{server.port}", server.pid, server.cleanup, server.log_text
+        )
 
     def cncf(self, store: Path) -> Target:
         registry = RegistryServer("basic", users={USER: self.password})
@@ -150,7 +160,7 @@ class HostedBench:
         store.mkdir(parents=True)
         registry.storage_dir = store
         registry.start()
-        return Target("cncf", registry.host, registry.pid, registry.stop)
+        return Target("cncf", registry.host, registry.pid, registry.stop, registry.log_text)
 
     def start(self, name: str, store: Path) -> Target:
         return self.passthrough(store) if name == "passthrough" else self.cncf(store)
@@ -276,11 +286,28 @@ class HostedBench:
             for name in order:
                 self.pull(targets[name], tag)
                 log(f"  {name} pull: {self.runs[f'{name}_pull'][-1]['seconds']:.2f} s")
+            self.keep_log_if_slow(number, targets["passthrough"])
         finally:
             for target in targets.values():
                 target.stop()
             for name in order:
                 shutil.rmtree(self.work / f"{name}-store-{number}", ignore_errors=True)
+
+    def keep_log_if_slow(self, number: int, target: Target) -> None:
+        """A round where passthrough took over twice the registry's time keeps the
+        server's log (the access log has every request's duration) for a look at what
+        it waited for: on a shared machine such a round is usually another process's
+        minute, not passthrough's."""
+        for step in ("push", "pull"):
+            ours = self.runs[f"passthrough_{step}"][-1]["seconds"]
+            theirs = self.runs[f"cncf_{step}"][-1]["seconds"]
+            if ours > 2 * theirs:
+                path = self.args.results / f"hosted-slow-round-{number + 1}.log"
+                path.write_text(target.log_text())
+                self.notes.append(
+                    f"round {number + 1}: passthrough {step} {ours:.2f} s against "
+                    f"{theirs:.2f} s; its log: {path}"
+                )
 
     def profile(self) -> dict[str, Any]:
         """One push and one pull into a fresh passthrough with py-spy recording every
