@@ -40,6 +40,8 @@ CATEGORIES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
         "disk read (pread, hash pass)",
         lambda frame, code: "passthrough/" in frame and ("pread" in code or ".read(" in code),
     ),
+    # A blob from local disk goes out by sendfile(2) (socket.py's loop around it).
+    ("socket send (sendfile)", lambda frame, code: "sendfile(" in code),
     (
         "socket send (gunicorn)",
         lambda frame, code: "gunicorn/util.py" in frame or "sendall" in code,
