@@ -40,6 +40,8 @@ CATEGORIES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
         "disk read (pread, hash pass)",
         lambda frame, code: "passthrough/" in frame and ("pread" in code or ".read(" in code),
     ),
+    # A blob from local disk goes out by sendfile(2) (socket.py's loop around it).
+    ("socket send (sendfile)", lambda frame, code: "sendfile(" in code),
     (
         "socket send (gunicorn)",
         lambda frame, code: "gunicorn/util.py" in frame or "sendall" in code,
@@ -51,6 +53,8 @@ CATEGORIES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
         ),
     ),
     ("tar stream (python)", lambda frame, code: "tarstream.py" in frame),
+    # An upload's body, read by gunicorn's parser off the socket (benchmarks/hosted.py).
+    ("request body read (gunicorn http)", lambda frame, code: "gunicorn/http/" in frame),
     (
         "gunicorn / flask",
         lambda frame, code: "gunicorn/" in frame or "werkzeug/" in frame or "flask/" in frame,
@@ -252,9 +256,9 @@ def stage_costs(image: BenchImage) -> dict[str, float]:
     return costs
 
 
-def describe(profiles: dict[str, Any]) -> str:
+def describe(profiles: dict[str, Any], phases: tuple[str, ...] = ("cold", "warm")) -> str:
     lines = ["where the server's time goes (py-spy, active samples of every worker thread):"]
-    for phase in ("cold", "warm"):
+    for phase in phases:
         found = profiles.get(phase)
         if not found:
             continue

@@ -4,9 +4,10 @@ never in one process's memory only.
 
 An upload is a sequence of appends at the session's current size (a chunk that does
 not start there is refused, the spec's 416), then a commit that names the digest: the
-bytes are hashed (a hash carried along by this process when it saw every append, else a
-pass over the stored bytes), and only when they match do they become the blob, through
-the backend's commit (a rename on disk): nothing unverified is ever visible.
+bytes are hashed (a hash carried along by this process when it saw every append, else the
+digest an append recorded for exactly the bytes stored, else a pass over them), and only
+when they match do they become the blob, through the backend's commit (a rename on
+disk): nothing unverified is ever visible.
 
 Implementations: :class:`FilesystemUploads` (``uploads/<id>/`` in CACHE_DIR) and the S3
 one in :mod:`passthrough.store.s3_uploads` (a multipart upload per session), which
@@ -157,11 +158,30 @@ class FilesystemUploads(Uploads):
     def _dir(self, upload_id: str) -> Path:
         return self.root / self.check_id(upload_id)
 
-    def _write_state(self, state: UploadState) -> None:
+    def _write_state(self, state: UploadState, hashed: str | None = None) -> None:
+        """``hashed``: the digest of the session's first ``state.size`` bytes, when the
+        append that wrote them saw them all."""
         path = self._dir(state.id) / "state.json"
         temporary = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        temporary.write_text(json.dumps(asdict(state)))
+        document: dict[str, object] = dict(asdict(state))
+        if hashed is not None:
+            document["hashed"] = {"size": state.size, "digest": hashed}
+        temporary.write_text(json.dumps(document))
         os.replace(temporary, path)
+
+    def _recorded_digest(self, upload_id: str, size: int) -> str | None:
+        """The digest an append recorded, if it covers exactly ``size`` bytes: a client
+        whose closing PUT reaches another worker than its PATCH (a keep-alive pool picks
+        any idle connection) is then not made to wait for a pass over the whole blob."""
+        try:
+            document = json.loads((self._dir(upload_id) / "state.json").read_text())
+            hashed = document.get("hashed")
+            if isinstance(hashed, dict) and hashed.get("size") == size:
+                digest = hashed.get("digest")
+                return digest if isinstance(digest, str) else None
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
 
     def create(self, repository: str) -> UploadState:
         upload_id = new_upload_id()
@@ -180,6 +200,7 @@ class FilesystemUploads(Uploads):
     def get(self, upload_id: str) -> UploadState | None:
         try:
             document = json.loads((self._dir(upload_id) / "state.json").read_text())
+            document.pop("hashed", None)
             state = UploadState(**document)
             state = UploadState(
                 state.id,
@@ -188,7 +209,7 @@ class FilesystemUploads(Uploads):
                 state.started,
                 state.updated,
             )
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
         return state
 
@@ -219,7 +240,8 @@ class FilesystemUploads(Uploads):
                 os.truncate(path, offset)
             raise disk_full() if is_disk_full(exc) else exc from None
         updated = UploadState(state.id, state.repository, size, state.started, time.time())
-        self._write_state(updated)
+        # hexdigest() leaves the hasher as it was: the next append goes on with it.
+        self._write_state(updated, None if hasher is None else "sha256:" + hasher.hexdigest())
         self._hash_keep(upload_id, size, hasher)
         return updated
 
@@ -230,6 +252,8 @@ class FilesystemUploads(Uploads):
         path = self._dir(upload_id) / "data"
         try:
             actual = self._hash_take(upload_id, state.size)
+            if actual is None:
+                actual = self._recorded_digest(upload_id, state.size)
             with path.open("rb") as handle:
                 if actual is None:
                     hasher = hashlib.sha256()
