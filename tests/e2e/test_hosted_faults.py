@@ -11,10 +11,12 @@
   Content-Length, sent over a raw socket, and a Content-Range that disagrees), a chunk
   after the session was closed, names that break the grammar, a 10 MB manifest.
 
-S3 filling up is not exercised: SeaweedFS's bucket quota (``s3.bucket.quota`` and
-``s3.bucket.quota.enforce`` in ``weed shell``) is enforced by a periodic check that
-turns the bucket read-only, not by refusing the write that crosses it, so no upload
-could be made to meet it on cue.
+S3 filling up is not exercised: SeaweedFS has no write that fails as "full". With a
+1 MiB volume size limit and a single volume, the PUT (or UploadPart) that no longer fits
+is answered 500 InternalError "please try again", the answer of any other internal
+error, so nothing could name the full store from it; and its bucket quota
+(``s3.bucket.quota.enforce`` in ``weed shell``) is applied by a periodic check that
+turns the bucket read-only, not by refusing the write that crosses it.
 """
 
 from __future__ import annotations
