@@ -42,7 +42,7 @@ from tests.support.images import (
     push_index,
     runnable_image,
 )
-from tests.support.loaders import _podman_store, _run, docker_load_and_run, skopeo
+from tests.support.loaders import docker_load_and_run, podman_run, podman_store, skopeo
 from tests.support.registry import RegistryServer
 
 pytestmark = pytest.mark.rig
@@ -158,16 +158,20 @@ def test_podman_push_then_pull_and_run(registry_anon: RegistryServer, hosted: Ho
     target = f"{hosted.host}/team/{mine('pod')}:1.0"
     creds = f"alice:{hosted.users['alice']}"
 
-    with _podman_store() as (podman, env):
-        _run([*podman, "pull", "--quiet", "--tls-verify=false", source], env=env)
-        _run([*podman, "tag", source, target], env=env)
-        _run([*podman, "push", "--quiet", "--tls-verify=false", "--creds", creds, target], env=env)
-        _run([*podman, "rmi", "-f", source, target], env=env)
-        _run([*podman, "pull", "--quiet", "--tls-verify=false", "--creds", creds, target], env=env)
-        inspect = json.loads(_run([*podman, "image", "inspect", target], env=env).stdout)[0]
+    with podman_store() as (podman, env):
+        podman_run([*podman, "pull", "--quiet", "--tls-verify=false", source], env=env)
+        podman_run([*podman, "tag", source, target], env=env)
+        podman_run(
+            [*podman, "push", "--quiet", "--tls-verify=false", "--creds", creds, target], env=env
+        )
+        podman_run([*podman, "rmi", "-f", source, target], env=env)
+        podman_run(
+            [*podman, "pull", "--quiet", "--tls-verify=false", "--creds", creds, target], env=env
+        )
+        inspect = json.loads(podman_run([*podman, "image", "inspect", target], env=env).stdout)[0]
         assert inspect["Id"] == image.config_digest.removeprefix("sha256:")
         assert inspect["RootFS"]["Layers"] == image.diff_ids
-        run = _run(
+        run = podman_run(
             [
                 *podman, "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
                 "--ulimit", "nproc=1024:1024", target,
