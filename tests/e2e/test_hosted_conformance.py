@@ -13,9 +13,10 @@ monolithic POST) the assertions here pin the one passthrough gives.
 The real Go suite is not run: it needs a Go toolchain and its modules (ginkgo, gomega,
 reggie), which the test machines cannot fetch.
 
-Each workflow gets a repository of its own under ``conformance/`` (the suite's
-OCI_NAMESPACE), so they run in any order; the server authenticates the suite's user with
-Basic credentials (OCI_USERNAME/OCI_PASSWORD) against passthrough's htpasswd users.
+The workflows run on both stores, CACHE_DIR and S3 (SeaweedFS). Each gets a repository
+of its own under ``conformance/`` (the suite's OCI_NAMESPACE), so they run in any order;
+the server authenticates the suite's user with Basic credentials (OCI_USERNAME and
+OCI_PASSWORD) against passthrough's htpasswd users.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import requests
 
 from tests.e2e.hosted import OCI_INDEX, OCI_MANIFEST, OCTET, Hosted, error_codes, hosted_server
 from tests.e2e.hosted import sha256 as digest_of
+from tests.support.fixtures_matrix import s3_env
+from tests.support.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.rig
 
@@ -287,10 +290,26 @@ class Workflow:
         )
 
 
-@pytest.fixture(scope="module")
-def hosted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosted]:
-    with hosted_server(tmp_path_factory.mktemp("conformance")) as server:
-        yield server
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
+def hosted(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hosted]:
+    """The hosted server on either store: CACHE_DIR, or a bucket of the rig's SeaweedFS
+    (the S3 upload sessions, a multipart upload each)."""
+    root = tmp_path_factory.mktemp(f"conformance-{request.param}")
+    if request.param == "filesystem":
+        with hosted_server(root) as server:
+            yield server
+        return
+    seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+    seaweed.ensure_running()
+    bucket = seaweed.create_bucket()
+    try:
+        with hosted_server(root, extra=s3_env(seaweed, bucket)) as server:
+            yield server
+    finally:
+        seaweed.ensure_running()
+        seaweed.delete_bucket(bucket)
 
 
 @pytest.fixture
