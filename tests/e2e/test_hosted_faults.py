@@ -1,8 +1,9 @@
 """Faults and bad input during pushes into the hosted area, against a real gunicorn.
 
-- a worker killed with SIGKILL in the middle of a blob's PATCH: no blob is visible that
-  was not verified (HEAD 404, no file in blobs/), and the client's retry, a new upload,
-  succeeds and reads back byte for byte (also through the tar route);
+- a worker killed with SIGKILL in the middle of a blob's PATCH, on the filesystem and
+  on S3 (past the multipart upload's first part): no blob is visible that was not
+  verified (HEAD 404, nothing under blobs/), and the client's retry, a new upload,
+  succeeds and reads back byte for byte;
 - the disk filling during an upload (CACHE_DIR on an 8 MiB tmpfs): a 507 that names the
   disk, nothing of the upload left in uploads/ or blobs/, and the area still takes
   pushes that fit;
@@ -30,6 +31,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,9 @@ from tests.e2e.hosted import (
     push_blob,
     sha256,
 )
+from tests.support.fixtures_matrix import s3_env
 from tests.support.procs import LOOPBACK
+from tests.support.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.rig
 
@@ -110,20 +114,72 @@ def worker_pids(master: int) -> list[int]:
 # --- SIGKILL in the middle of a push ------------------------------------------------------
 
 
-@pytest.fixture
-def one_worker(tmp_path: Path) -> Iterator[Hosted]:
-    with hosted_server(tmp_path / "one", workers=1) as hosted:
-        yield hosted
+@dataclass
+class OneWorker:
+    """A hosted server with one gunicorn worker, on the filesystem or on S3."""
+
+    hosted: Hosted
+    store: str
+    seaweed: SeaweedS3 | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def keys(self) -> list[str]:
+        assert self.seaweed is not None
+        listed = self.seaweed.client().list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
+        return [str(o["Key"]) for o in listed.get("Contents", [])]
+
+    def blob_stored(self, digest: str) -> bool:
+        if self.store == "filesystem":
+            assert self.hosted.cache is not None
+            return bool(blob_files(self.hosted.cache, digest))
+        return any(k.endswith(f"blobs/sha256/{digest[7:]}") for k in self.keys())
+
+    def session_has_bytes(self, upload_id: str) -> bool:
+        """Whether the worker has stored some of the chunk in flight."""
+        if self.store == "filesystem":
+            assert self.hosted.cache is not None
+            data = self.hosted.cache / "uploads" / upload_id / "data"
+            return data.exists() and data.stat().st_size > 0
+        # On S3: the session's multipart upload holds a part (16 MiB each).
+        assert self.seaweed is not None
+        client = self.seaweed.client()
+        uploads = client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
+        for upload in uploads.get("Uploads", []):
+            if upload_id in upload["Key"]:
+                parts = client.list_parts(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                if parts.get("Parts"):
+                    return True
+        return False
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def one_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OneWorker]:
+    if request.param == "filesystem":
+        with hosted_server(tmp_path / "one", workers=1) as hosted:
+            yield OneWorker(hosted, "filesystem")
+        return
+    seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+    seaweed.ensure_running()
+    bucket = seaweed.create_bucket()
+    env = s3_env(seaweed, bucket)
+    try:
+        with hosted_server(tmp_path / "one", workers=1, extra=env) as hosted:
+            yield OneWorker(hosted, "s3", seaweed, bucket, env["S3_PREFIX"])
+    finally:
+        seaweed.ensure_running()
+        seaweed.delete_bucket(bucket)
 
 
 def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
-    one_worker: Hosted, tmp_path: Path
+    one_worker: OneWorker, tmp_path: Path
 ) -> None:
-    hosted, cache = one_worker, one_worker.cache
-    assert cache is not None
+    hosted = one_worker.hosted
     http = hosted.session()
     name = f"team/killed-{secrets.token_hex(4)}"
-    data = os.urandom(24 << 20)
+    data = os.urandom(40 << 20)
     digest = sha256(data)
     started = http.post(hosted.url(f"/v2/{name}/blobs/uploads/"), timeout=30)
     assert started.status_code == 202, started.text
@@ -131,22 +187,20 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
     upload_id = started.headers["Docker-Upload-UUID"]
     (before,) = worker_pids(hosted.server.pid)
 
-    # The PATCH announces the whole blob, sends a third of it and waits: the worker is
-    # killed while it is writing the session's bytes.
+    # The PATCH announces the whole blob, sends half of it and waits: the worker is
+    # killed while it is storing the session's bytes (on S3, past its first part).
+    sent = len(data) // 2
     sock = socket.create_connection((LOOPBACK, int(hosted.host.rpartition(":")[2])))
     try:
         sock.sendall(raw_request_head(hosted, "PATCH", location, len(data)))
-        sock.sendall(data[: len(data) // 3])
-        session_data = cache / "uploads" / upload_id / "data"
-        wait_until(
-            "the worker to write the chunk",
-            lambda: session_data.exists() and session_data.stat().st_size > 0,
-        )
+        sock.sendall(data[:sent])
+        wait_until("the worker to store some of the chunk",
+                   lambda: one_worker.session_has_bytes(upload_id))  # fmt: skip
         os.kill(before, signal.SIGKILL)
         with pytest.raises(OSError):
             # The peer is gone: the rest of the body cannot go anywhere, or the answer
             # is a reset; either way the client sees its PATCH fail.
-            sock.sendall(data[len(data) // 3 :])
+            sock.sendall(data[sent:])
             sock.settimeout(30)
             if not sock.recv(1):
                 raise ConnectionResetError("closed without an answer")
@@ -163,12 +217,12 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
     )
     head = http.head(hosted.url(f"/v2/{name}/blobs/{digest}"), timeout=30)
     assert head.status_code == 404
-    assert blob_files(cache, digest) == []
+    assert not one_worker.blob_stored(digest)
     # The killed session holds at most what arrived, never more; it is not a blob.
     status = http.get(absolute(hosted.public_url, location), timeout=30)
     if status.status_code == 204:
         held = int(status.headers["Range"].split("-")[1]) + 1
-        assert held <= len(data) // 3
+        assert held <= sent
 
     # The client's retry: a new upload of the whole blob, in two chunks.
     retry = http.post(hosted.url(f"/v2/{name}/blobs/uploads/"), timeout=30)
@@ -187,7 +241,7 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
     assert done.status_code == 201, done.text
     got = http.get(hosted.url(f"/v2/{name}/blobs/{digest}"), timeout=120)
     assert got.status_code == 200 and got.content == data
-    assert len(blob_files(cache, digest)) == 1
+    assert one_worker.blob_stored(digest)
 
 
 # --- the disk filling up ------------------------------------------------------------------
