@@ -150,6 +150,35 @@ def test_docker_push_then_pull_run_and_the_tar_routes(
         assert run.layers == image.diff_ids
 
 
+def test_the_tar_routes_read_an_image_pushed_over_basic(
+    docker_engine: DockerEngine, hosted: Hosted, tmp_path: Path
+) -> None:
+    """The tar routes without a docker push in between: blobs and manifest PUT with Basic
+    credentials straight to /v2, then both routes' archives load and run."""
+    marker = mine("hosted-tar-")
+    image = runnable_image(marker)
+    app = mine("tar")
+    name = f"team/{app}"
+    http = hosted.session()
+    for blob in image.blobs().values():
+        push_blob(http, hosted.public_url, name, blob.read())
+    answer = http.put(
+        hosted.url(f"/v2/{name}/manifests/1.0"),
+        data=image.manifest,
+        headers={"Content-Type": image.media_type},
+        timeout=30,
+    )
+    assert answer.status_code == 201, answer.text
+    auth = ("alice", hosted.users["alice"])
+    for route in (f"/docker/team__{app}_1.0.tar", f"/ref/{name}:1.0.tar"):
+        archive = tmp_path / route.rsplit("/", 1)[1]
+        download(hosted.url(route), archive, auth=auth)
+        run = docker_load_and_run(
+            docker_engine.host, archive, f"{hosted.host}/{name}:1.0", marker=marker
+        )
+        assert run.image_id == image.config_digest and run.layers == image.diff_ids
+
+
 def test_podman_push_then_pull_and_run(registry_anon: RegistryServer, hosted: Hosted) -> None:
     marker = mine("hosted-podman-")
     image = runnable_image(marker, kind="oci")
