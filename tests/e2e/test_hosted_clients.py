@@ -150,6 +150,25 @@ def test_docker_push_then_pull_run_and_the_tar_routes(
         assert run.layers == image.diff_ids
 
 
+def test_a_wrong_password_pushes_nothing(docker: Docker, hosted: Hosted) -> None:
+    """The users are real: docker login with a wrong password fails, and so does a push
+    with it, whether as Basic straight to /v2 or through the token service."""
+    bad = "not-" + secrets.token_hex(8)
+    login = docker("login", hosted.host, "-u", "alice", "--password-stdin", stdin=bad, check=False)
+    assert login.returncode != 0, login.stdout
+    name = f"team/{mine('wrong')}"
+    wrong = hosted.session(None)
+    wrong.auth = ("alice", bad)
+    answer = wrong.post(hosted.url(f"/v2/{name}/blobs/uploads/"), timeout=30)
+    assert answer.status_code == 401, answer.text
+    token = wrong.get(
+        hosted.url("/v2/token"), params={"scope": f"repository:{name}:push"}, timeout=30
+    )
+    assert token.status_code == 401, token.text
+    assert hosted.users["alice"] not in answer.text + token.text
+    assert bad not in hosted.server.log_text()
+
+
 def test_the_tar_routes_read_an_image_pushed_over_basic(
     docker_engine: DockerEngine, hosted: Hosted, tmp_path: Path
 ) -> None:
