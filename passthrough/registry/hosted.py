@@ -217,7 +217,13 @@ class Hosted:
         """``POST ?digest=``: the whole blob in one request."""
         check_digest(digest)
         state = self.start_upload(repository)
-        return self.finish(repository, state.id, digest, chunks, start=0, length=length)
+        try:
+            return self.finish(repository, state.id, digest, chunks, start=0, length=length)
+        except BaseException:
+            # No client knows this session's id, so none could resume or cancel it: a
+            # failed body (a full disk, a short one) must not leave its bytes behind.
+            self.store.uploads.cancel(state.id)
+            raise
 
     def cancel(self, repository: str, upload_id: str) -> None:
         uploads = self.store.uploads

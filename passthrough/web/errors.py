@@ -87,6 +87,29 @@ def v2_code(status: int, kind: str, registry_code: str | None, code: str | None 
     return "UNSUPPORTED"
 
 
+#: How much of a refused request's body is read and dropped before the answer, so that
+#: the client gets to read it: gunicorn drains only 64 KiB of an unread body before it
+#: closes the connection, and a client still sending into a closed socket gets a reset
+#: instead of the error (a full disk, a manifest over the limit). Beyond this much the
+#: connection closes after all: nobody's gigabytes are read for nothing.
+DRAIN_LIMIT = 64 << 20
+
+
+def drain_request_body() -> None:
+    """Read and drop what is left of a refused upload's body (at most DRAIN_LIMIT)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    left = DRAIN_LIMIT
+    try:
+        stream = request.stream
+        while left > 0 and (chunk := stream.read(min(1 << 20, left))):
+            left -= len(chunk)
+    except (OSError, ValueError, HTTPException):
+        # The client is gone, or its body ended short of its Content-Length: there is
+        # nothing more to read either way.
+        pass
+
+
 def v2_error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -116,6 +139,7 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
         metrics.v2_error(operation, code, status)
         if operation in ("upload", "start_upload") and request.method in ("PUT", "POST"):
             metrics.upload_finished("failed")
+        drain_request_body()
         return v2_error_response(status, code, error.message, headers)
     return error_response(error.status, error.message, error.headers)
 

@@ -23,7 +23,13 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
-from passthrough.errors import BadRequest, Denied, PassthroughError, UploadInvalid
+from passthrough.errors import (
+    BadRequest,
+    Denied,
+    ManifestUnknown,
+    PassthroughError,
+    UploadInvalid,
+)
 from passthrough.export.pipeline import Services
 from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import OCI_INDEX
@@ -215,6 +221,13 @@ def manifest(name: str, reference: str) -> Response:
         if ":" in reference:
             raise DigestInvalid(f"invalid digest {quote_input(reference)}")
         if not TAG_RE.fullmatch(reference):
+            if request.method in ("GET", "HEAD") and _is_hosted(name):
+                # No manifest of a hosted repository can have such a tag: the spec's
+                # conformance suite reads one (".INVALID_MANIFEST_NAME") and wants the
+                # 404 of any absent manifest. A push still gets TAG_INVALID.
+                raise ManifestUnknown(
+                    f"{quote_input(reference)} is not a valid tag, so no manifest has it"
+                )
             raise TagInvalid(f"invalid tag {quote_input(reference)}")
     if request.method == "PUT":
         return _put_manifest(name, reference)

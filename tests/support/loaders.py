@@ -35,6 +35,8 @@ __all__ = [
     "familiar",
     "podman_load",
     "podman_pull",
+    "podman_run",
+    "podman_store",
     "skopeo",
     "skopeo_copy",
     "skopeo_copy_to_archive",
@@ -232,6 +234,21 @@ def _podman_store() -> Iterator[tuple[list[str], dict[str, str]]]:
     finally:
         _run([*base, "rmi", "-a", "-f"], env=env, check=False, timeout=120)
         shutil.rmtree(store, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def podman_store() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """The throw-away podman of podman_load and podman_pull, for a test that drives podman
+    itself (tag, push): yields (argv prefix, environment); run commands with
+    `podman_run`. Everything in it is removed afterwards."""
+    with _podman_store() as found:
+        yield found
+
+
+def podman_run(argv: Sequence[str], env: dict[str, str], *, check: bool = True,
+               timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    """One command of a podman_store's podman (argv includes its prefix)."""
+    return _run(argv, env=env, check=check, timeout=timeout)
 
 
 def _podman_inspect_and_run(base: list[str], env: dict[str, str], names: list[str],

@@ -313,3 +313,14 @@ def test_pushes_are_counted(client: FlaskClient) -> None:
     assert delta("passthrough_push_bytes_total") >= len(b'{"marker": "metrics"}') + 3
     assert delta("passthrough_v2_errors_total", code="DIGEST_INVALID") == 1
     assert delta("passthrough_v2_requests_total", operation="manifest_push") == 1
+
+
+def test_reading_an_invalid_tag_of_a_hosted_name_is_a_404(client: FlaskClient) -> None:
+    # The conformance suite's "nonexistent manifest" is ".INVALID_MANIFEST_NAME".
+    for method in ("GET", "HEAD"):
+        response = client.open("/v2/team/app/manifests/.INVALID_MANIFEST_NAME", method=method)
+        assert response.status_code == 404
+    assert codes(client.get("/v2/team/app/manifests/.bad")) == ["MANIFEST_UNKNOWN"]
+    # A push with such a tag is still the spec's TAG_INVALID.
+    pushed = client.put("/v2/team/app/manifests/.bad", data=b"{}")
+    assert pushed.status_code == 400 and codes(pushed) == ["TAG_INVALID"]
