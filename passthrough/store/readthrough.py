@@ -47,7 +47,7 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import Backend, LayerFile, LocalFile, content_key, hex_of
+from passthrough.store.base import Backend, LayerFile, content_key, hex_of
 from passthrough.store.flight import Flight
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,6 @@ class BlobStream:
             return
         assert self._tail is not None
         yield from self._tail(start, stop)
-
-    def local_handle(self) -> Any | None:
-        """The open file of a stored blob on local disk (for ``sendfile``), else None."""
-        if isinstance(self._stored, LocalFile):
-            return self._stored.handle
-        return None
 
     def close(self) -> None:
         if self._stored is not None:

@@ -16,7 +16,6 @@ and turns the answer into the spec's headers. Errors become the spec's JSON bodi
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from urllib.parse import urlencode
@@ -343,16 +342,6 @@ def blob(name: str, digest: str) -> Response:
     headers["Content-Length"] = str(end - start)
     metrics.v2_request("blob", answer.source, status)
     drop_idle_clients(_services().settings.client_idle_timeout)
-    handle = answer.stream.local_handle()
-    wrapper = request.environ.get("wsgi.file_wrapper")
-    if handle is not None and wrapper is not None:
-        # A blob on local disk: the server may send it with sendfile(2), no copy
-        # through Python (gunicorn does without TLS; it reads the file otherwise).
-        os.lseek(handle.fileno(), start, os.SEEK_SET)
-        metrics.v2_sent(answer.source, end - start)
-        return Response(
-            wrapper(handle, 1 << 20), status=status, headers=headers, direct_passthrough=True
-        )
     return Response(_send(answer, start, end), status=status, headers=headers)
 
 
