@@ -38,6 +38,7 @@ from benchmarks.measure import (
     median,
     run_timed,
     tree,
+    wait_for_workers,
 )
 from benchmarks.run import (
     MB,
@@ -142,13 +143,7 @@ class HostedBench:
             repo_root=self.args.repo_root,
         )
         server.start()
-        # /health answers with one worker up; wait for all of them.
-        deadline = time.monotonic() + 30
-        while len(tree(server.pid)) < 1 + self.args.workers:
-            if time.monotonic() > deadline:
-                server.cleanup()
-                raise BenchmarkError("the gunicorn workers did not all start")
-            time.sleep(0.05)
+        wait_for_workers(server.pid, self.args.workers, server.cleanup)
         return Target(
             "passthrough", f"{LOOPBACK}:{server.port}", server.pid, server.cleanup, server.log_text
         )

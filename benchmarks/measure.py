@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -121,6 +121,17 @@ def tree(pid: int) -> list[int]:
     for child in children(pid):
         found.extend(tree(child))
     return found
+
+
+def wait_for_workers(pid: int, workers: int, cleanup: Callable[[], object]) -> None:
+    """Wait until gunicorn master ``pid`` has all its ``workers`` (/health answers with
+    one up); ``cleanup`` stops it when they do not come within 30 s."""
+    deadline = time.monotonic() + 30
+    while len(tree(pid)) < 1 + workers:
+        if time.monotonic() > deadline:
+            cleanup()
+            raise BenchmarkError("the gunicorn workers did not all start")
+        time.sleep(0.05)
 
 
 def _status_kib(pid: int, *fields: str) -> dict[str, int]:

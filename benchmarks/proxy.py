@@ -43,6 +43,7 @@ from benchmarks.measure import (
     median,
     run_timed,
     tree,
+    wait_for_workers,
 )
 from benchmarks.run import MB, OUT, Bench, add_common_arguments, code_version, log, machine
 from tests.support.registry import (
@@ -256,13 +257,7 @@ class ProxyBench:
             repo_root=self.args.repo_root,
         )
         server.start()
-        # /health answers with one worker up; wait for all of them.
-        deadline = time.monotonic() + 30
-        while len(tree(server.pid)) < 1 + self.args.workers:
-            if time.monotonic() > deadline:
-                server.cleanup()
-                raise BenchmarkError("the gunicorn workers did not all start")
-            time.sleep(0.05)
+        wait_for_workers(server.pid, self.args.workers, server.cleanup)
         return server
 
     def timed_pull(

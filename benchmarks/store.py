@@ -31,6 +31,7 @@ from benchmarks.measure import (
     download,
     median,
     tree,
+    wait_for_workers,
 )
 from benchmarks.run import (
     MB,
@@ -92,12 +93,7 @@ class StoreBench:
             repo_root=self.args.repo_root,
         )
         server.start()
-        deadline = time.monotonic() + 30
-        while len(tree(server.pid)) < 1 + self.args.workers:
-            if time.monotonic() > deadline:
-                server.cleanup()
-                raise BenchmarkError("the gunicorn workers did not all start")
-            time.sleep(0.05)
+        wait_for_workers(server.pid, self.args.workers, server.cleanup)
         return server
 
     def list_objects(self, under: str) -> list[dict[str, Any]]:
