@@ -45,6 +45,7 @@ from passthrough.oci.manifest import (
     FOREIGN_LAYER_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
+    sha256_digest,
 )
 from passthrough.oci.reference import DIGEST_RE, TAG_RE
 from passthrough.registry.proxy import Manifest
@@ -64,12 +65,6 @@ class Pushed:
 
     digest: str
     subject: str | None
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def check_digest(digest: str) -> str:
@@ -239,7 +234,7 @@ class Hosted:
         limit = self.settings.hosted_manifest_max_bytes
         if len(body) > limit:
             raise SizeInvalid(f"the manifest is larger than {limit >> 10} KiB", status=413)
-        digest = _sha256(body)
+        digest = sha256_digest(body)
         if DIGEST_RE.fullmatch(reference):
             if reference != digest:
                 raise DigestMismatch(f"the manifest's content is {digest}, not {reference}")

@@ -18,7 +18,6 @@ refuse. Non-2xx answers are never cached.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import time
@@ -42,6 +41,7 @@ from passthrough.oci.manifest import (
     OCI_INDEX,
     OCI_MANIFEST,
     SCHEMA1_TYPES,
+    sha256_digest,
 )
 from passthrough.oci.reference import DIGEST_RE
 from passthrough.registry.routing import ProxyRoute, upstream_credentials
@@ -108,10 +108,6 @@ def sniff_media_type(body: bytes) -> str:
     if document.get("schemaVersion") == 1:
         return SCHEMA1_TYPES[1] if "signatures" in document else SCHEMA1_TYPES[0]
     return OCI_INDEX if "manifests" in document else OCI_MANIFEST
-
-
-def _digest_of(body: bytes) -> str:
-    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 class Proxy:
@@ -243,7 +239,7 @@ class Proxy:
                 if found is not None:
                     return found
             body, media_type = self._get_manifest(client, digest, what)
-            if _digest_of(body) != digest:
+            if sha256_digest(body) != digest:
                 raise UpstreamInvalid(f"{what}: the content does not match its digest")
             self.store.put_document("manifests", digest, body)
             return Manifest(digest, media_type, len(body), body, "upstream")
@@ -290,7 +286,7 @@ class Proxy:
                 if not want_body:
                     return head
             body, media_type = self._get_manifest(client, tag, what)
-        digest = _digest_of(body)
+        digest = sha256_digest(body)
         # Had the tag moved between the HEAD and the GET, the GET's bytes are the answer.
         self.store.put_document("manifests", digest, body)
         self._remember(key, record, digest, media_type)
@@ -350,7 +346,7 @@ class Proxy:
         # digest the registry named with it was damaged on the way, and would be
         # stored, remembered for the tag and served stale later.
         if claimed.startswith("sha256:") and DIGEST_RE.fullmatch(claimed):
-            if _digest_of(body) != claimed:
+            if sha256_digest(body) != claimed:
                 raise UpstreamInvalid(f"{what}: the content does not match its digest")
         if not media_type or media_type in ("application/json", "text/plain"):
             media_type = sniff_media_type(body)

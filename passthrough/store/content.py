@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from passthrough.errors import UpstreamInvalid, disk_full, is_disk_full
 from passthrough.observe import metrics
-from passthrough.oci.manifest import LayerDescriptor
+from passthrough.oci.manifest import LayerDescriptor, sha256_digest
 from passthrough.store.base import (
     KINDS,
     Backend,
@@ -269,7 +269,7 @@ class ContentStore:
         data = self.backend.get_bytes(key)
         if data is None:
             return None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             self.backend.delete(key)
             self._count(corrupt=1)
             return None
@@ -277,7 +277,7 @@ class ContentStore:
         return data
 
     def put_document(self, kind: str, digest: str, data: bytes) -> None:
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             return  # never store what does not match its name
         try:
             self.backend.put_bytes(content_key(kind, digest), data)

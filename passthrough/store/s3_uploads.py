@@ -69,6 +69,7 @@ from passthrough.errors import (
     TooLarge,
     UploadUnknown,
 )
+from passthrough.oci.manifest import sha256_digest
 from passthrough.store.base import content_key
 from passthrough.store.flight import Flight
 from passthrough.store.s3 import _S3_ERRORS, S3Backend, _error_code, _is_missing
@@ -390,7 +391,7 @@ class S3Uploads(Uploads):
         """No part yet: the pending bytes are the blob, checked here, then put."""
         data = bytes(self._read_pending(session))
         if actual is None:
-            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            actual = sha256_digest(data)
         _check_digest(actual, digest)
         try:
             self.s3.client.put_object(
