@@ -27,7 +27,6 @@ from typing import Any
 
 from passthrough.config import Settings
 from passthrough.errors import (
-    BadRequest,
     BlobUnknown,
     DigestMismatch,
     ManifestBlobUnknown,
@@ -474,19 +473,6 @@ class Hosted:
         if record.get("annotations"):
             descriptor["annotations"] = record["annotations"]
         return descriptor
-
-
-def page(items: list[str], n: str | None, last: str | None) -> tuple[list[str], bool]:
-    """The spec's pagination: items after ``last`` (lexically), at most ``n``; and
-    whether more follow."""
-    if last:
-        items = [item for item in items if item > last]
-    if n is None or n == "":
-        return items, False
-    if not n.isdigit():
-        raise BadRequest("n must be a whole number")
-    count = int(n)
-    return items[:count], len(items) > count
 
 
 def _counted(chunks: Iterator[bytes], length: int | None) -> Iterator[bytes]:

@@ -44,6 +44,7 @@ from passthrough.oci.manifest import (
     sha256_digest,
 )
 from passthrough.oci.reference import DIGEST_RE
+from passthrough.registry.pages import next_page_link, page
 from passthrough.registry.routing import ProxyRoute, upstream_credentials
 from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream
@@ -428,16 +429,11 @@ class Proxy:
         # order, so the page is cut here; on a page the upstream cut itself (in that
         # same order) sorting and cutting again change nothing.
         names = sorted(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else []
-        if "last" in params:
-            names = [t for t in names if t > params["last"]]
-        if "n" in params:
-            limit = int(params["n"])
-            if len(names) > limit:
-                names = names[:limit]
-                following = urlencode({"n": limit, "last": names[-1]}) if names else ""
-                next_link = f'<{own_path}?{following}>; rel="next"' if names else None
-            if limit == 0:
-                next_link = None
+        names, more = page(names, params.get("n"), params.get("last"))
+        if more and names:
+            next_link = next_page_link(own_path, params["n"], names[-1])
+        elif "n" in params and int(params["n"]) == 0:
+            next_link = None
         answer = json.dumps({"name": route.name, "tags": names}).encode()
         headers: dict[str, str] = {}
         if next_link:

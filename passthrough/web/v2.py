@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
@@ -34,7 +33,8 @@ from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import OCI_INDEX
 from passthrough.oci.reference import DIGEST_RE, TAG_RE, quote_input
 from passthrough.registry.access import ANONYMOUS, Identity, check_access
-from passthrough.registry.hosted import Hosted, check_digest, page
+from passthrough.registry.hosted import Hosted, check_digest
+from passthrough.registry.pages import next_page_link, page
 from passthrough.registry.proxy import BlobAnswer, Manifest, Proxy
 from passthrough.registry.routing import ProxyRoute, check_name, is_hosted, route_name
 from passthrough.store.readthrough import BlobStream
@@ -183,7 +183,7 @@ def _paged(items: list[str], base: str) -> tuple[list[str], dict[str, str]]:
     chosen, more = page(items, n, last)
     headers = {"Cache-Control": "no-cache"}
     if more and chosen:
-        headers["Link"] = f'<{base}?{urlencode({"n": n or "", "last": chosen[-1]})}>; rel="next"'
+        headers["Link"] = next_page_link(base, n or "", chosen[-1])
     return chosen, headers
 
 
