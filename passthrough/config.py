@@ -154,6 +154,14 @@ class Settings:
         return self.proxy_mode == "authenticated" or self.htpasswd_file is not None
 
     @property
+    def uses_client_identity(self) -> bool:
+        """Whether proxied reads go upstream with each client's own identity, every
+        cached read confirmed upstream first (PROXY_MODE=authenticated). Users of the
+        hosted area (HTPASSWD_FILE) turn authentication on without changing this: in
+        transparent mode the service's identity still serves proxied names."""
+        return self.proxy_mode == "authenticated"
+
+    @property
     def tls_enabled(self) -> bool:
         return self.tls_self_signed or self.tls_cert_file is not None
 

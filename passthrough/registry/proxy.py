@@ -142,7 +142,7 @@ class Proxy:
         realm = settings.registry_auth_url if is_environment else None
         service = settings.registry_service if is_environment else None
         source = "environment" if is_environment else "request"
-        if settings.auth_enabled:
+        if settings.uses_client_identity:
             if client_credentials is None:
                 return Target(
                     endpoint,
@@ -225,7 +225,7 @@ class Proxy:
     ) -> Manifest:
         what = self._what(route, f"manifest {digest[:19]}")
         with contextlib.closing(self.client(route, credentials)) as client:
-            if self.settings.auth_enabled:
+            if self.settings.uses_client_identity:
                 # Upstream decides whether this client may read it, every time.
                 self._head_manifest(client, digest, what)
             body = (
@@ -254,7 +254,7 @@ class Proxy:
         # stale): each side keeps what its own stale serving needs.
         key = ContentStore.tag_key("v2 " + route.upstream.url, route.repository, tag)
         record = self.store.recall_tag(key)
-        shared = not settings.auth_enabled
+        shared = not settings.uses_client_identity
         if shared and record is not None and settings.tag_ttl > 0:
             seen = float(record.get("seen", 0))
             if time.time() - seen < settings.tag_ttl:
@@ -365,7 +365,7 @@ class Proxy:
         allow_redirect: bool,
     ) -> BlobAnswer:
         what = self._what(route, f"blob {digest[:19]}")
-        if self.settings.auth_enabled:
+        if self.settings.uses_client_identity:
             with contextlib.closing(self.client(route, credentials)) as client:
                 client.blob_exists(digest, what=what)  # 401/403/404 raised and passed on
         stored_size = self.store.blob_size(digest) if digest.startswith("sha256:") else None

@@ -193,11 +193,15 @@ def _route(name: str) -> ProxyRoute:
     return route
 
 
-def _cache_control(immutable: bool) -> str:
+def _cache_control(immutable: bool, source: str) -> str:
+    """Content by digest may be cached for good; shared caches may keep it unless only
+    some clients may read it (hosted repositories behind users, proxied reads with each
+    client's own upstream identity)."""
     if not immutable:
         return "no-cache"
-    scope = "private" if _services().settings.auth_enabled else "public"
-    return f"{scope}, {IMMUTABLE}"
+    settings = _services().settings
+    private = settings.auth_enabled if source == "hosted" else settings.uses_client_identity
+    return f"{'private' if private else 'public'}, {IMMUTABLE}"
 
 
 @bp.after_app_request
@@ -279,7 +283,7 @@ def _manifest_headers(found: Manifest, *, immutable: bool) -> dict[str, str]:
         "Docker-Content-Digest": found.digest,
         "Content-Type": found.media_type,
         "ETag": f'"{found.digest}"',
-        "Cache-Control": _cache_control(immutable),
+        "Cache-Control": _cache_control(immutable, found.source),
     }
     if found.source == "stale":
         reason = " ".join((found.stale_reason or "upstream unavailable").split())[:200]
@@ -317,7 +321,7 @@ def blob(name: str, digest: str) -> Response:
         "Docker-Content-Digest": digest,
         "Content-Type": "application/octet-stream",
         "ETag": f'"{digest}"',
-        "Cache-Control": _cache_control(True),
+        "Cache-Control": _cache_control(True, answer.source),
         "Accept-Ranges": "bytes",
     }
     if answer.redirect is not None:

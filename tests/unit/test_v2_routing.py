@@ -139,3 +139,35 @@ def test_bad_auth_files(tmp_path: Path, content: str, message: str) -> None:
 def test_missing_auth_file() -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         settings(REGISTRY_AUTH_FILE="/nonexistent/auth.json")
+
+
+def test_users_of_the_hosted_area_leave_the_proxy_transparent(tmp_path: Path) -> None:
+    """HTPASSWD_FILE turns authentication on, not PROXY_MODE=authenticated: proxied
+    names still go upstream with the service's identity, cached reads stay shared."""
+    from passthrough.registry.proxy import Proxy
+    from passthrough.store.content import ContentStore
+    from passthrough.upstream.auth import Credentials, TokenCache
+    from passthrough.upstream.netguard import HostPolicy
+    from passthrough.upstream.target import AuthKind
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("")
+    current = settings(
+        HTPASSWD_FILE=str(htpasswd),
+        PUBLIC_URL="http://127.0.0.1:8080",
+        TOKEN_SECRET="s" * 20,
+        REGISTRY_USERNAME="robot",
+        REGISTRY_PASSWORD="pw",
+    )
+    assert current.auth_enabled and not current.uses_client_identity
+    proxy = Proxy(current, ContentStore.on_filesystem(tmp_path / "c", 0), TokenCache(),
+                  HostPolicy())
+    target = proxy.target(route_name(current, "acc/plain"), None)
+    assert target.auth is AuthKind.CREDENTIALS and target.credentials_source == "environment"
+    authenticated = settings(
+        PROXY_MODE="authenticated", PUBLIC_URL="http://127.0.0.1:8080", TOKEN_SECRET="s" * 20
+    )
+    own = Proxy(authenticated, proxy.store, TokenCache(), HostPolicy()).target(
+        route_name(authenticated, "acc/plain"), Credentials("alice", "x")
+    )
+    assert own.credentials_source == "client"
