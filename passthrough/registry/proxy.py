@@ -142,47 +142,26 @@ class Proxy:
         realm = settings.registry_auth_url if is_environment else None
         service = settings.registry_service if is_environment else None
         source = "environment" if is_environment else "request"
+
+        def made(auth: AuthKind, **identity: Any) -> Target:
+            return Target(
+                endpoint, source, auth, realm_override=realm, service_override=service, **identity
+            )
+
         if settings.uses_client_identity:
             if client_credentials is None:
-                return Target(
-                    endpoint,
-                    source,
-                    AuthKind.ANONYMOUS,
-                    realm_override=realm,
-                    service_override=service,
-                )
-            return Target(
-                endpoint,
-                source,
-                AuthKind.CREDENTIALS,
-                credentials=client_credentials,
-                credentials_source="client",
-                realm_override=realm,
-                service_override=service,
+                return made(AuthKind.ANONYMOUS)
+            return made(
+                AuthKind.CREDENTIALS, credentials=client_credentials, credentials_source="client"
             )
         if is_environment and settings.bearer_token:
-            return Target(
-                endpoint,
-                source,
-                AuthKind.STATIC_BEARER,
-                bearer_token=settings.bearer_token,
-                realm_override=realm,
-                service_override=service,
-            )
+            return made(AuthKind.STATIC_BEARER, bearer_token=settings.bearer_token)
         credentials = upstream_credentials(settings, endpoint)
         if credentials is not None:
-            return Target(
-                endpoint,
-                source,
-                AuthKind.CREDENTIALS,
-                credentials=credentials,
-                credentials_source="environment",
-                realm_override=realm,
-                service_override=service,
+            return made(
+                AuthKind.CREDENTIALS, credentials=credentials, credentials_source="environment"
             )
-        return Target(
-            endpoint, source, AuthKind.ANONYMOUS, realm_override=realm, service_override=service
-        )
+        return made(AuthKind.ANONYMOUS)
 
     def client(
         self, route: ProxyRoute, credentials: Credentials | None, *, attempts: int | None = None

@@ -37,6 +37,7 @@ from passthrough.registry.hosted import Hosted, check_digest
 from passthrough.registry.pages import next_page_link, page
 from passthrough.registry.proxy import BlobAnswer, Manifest, Proxy
 from passthrough.registry.routing import ProxyRoute, check_name, is_hosted, route_name
+from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream
 from passthrough.store.uploads import UploadState
 from passthrough.upstream.auth import Credentials
@@ -68,15 +69,20 @@ def _services() -> Services:
     return found
 
 
+def _store() -> ContentStore:
+    store = _services().store
+    if store is None:
+        raise StoreRequired(
+            "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
+        )
+    return store
+
+
 def _proxy() -> Proxy:
     proxy: Proxy | None = current_app.extensions.get("passthrough.proxy")
     if proxy is None:
         services = _services()
-        if services.store is None:
-            raise StoreRequired(
-                "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
-            )
-        proxy = Proxy(services.settings, services.store, services.tokens, services.policy)
+        proxy = Proxy(services.settings, _store(), services.tokens, services.policy)
         current_app.extensions["passthrough.proxy"] = proxy
     return proxy
 
@@ -84,12 +90,7 @@ def _proxy() -> Proxy:
 def _hosted() -> Hosted:
     hosted: Hosted | None = current_app.extensions.get("passthrough.hosted")
     if hosted is None:
-        services = _services()
-        if services.store is None:
-            raise StoreRequired(
-                "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
-            )
-        hosted = Hosted(services.settings, services.store)
+        hosted = Hosted(_services().settings, _store())
         current_app.extensions["passthrough.hosted"] = hosted
     return hosted
 
