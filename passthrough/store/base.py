@@ -20,6 +20,7 @@ unverified is ever visible under a final key.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -47,6 +48,14 @@ def content_key(kind: str, digest: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
     return f"{kind}/sha256/{value}"
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a small local file so that readers see the old content or the new, never
+    part of it (a temporary file beside it, then a rename)."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def hex_of(digest: str) -> str:

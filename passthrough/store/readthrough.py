@@ -47,7 +47,7 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import Backend, LayerFile, content_key, hex_of
+from passthrough.store.base import Backend, LayerFile, content_key, hex_of, replace_file
 from passthrough.store.flight import Flight
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,7 @@ class ReadThrough:
         return state if isinstance(state, dict) else None
 
     def _write_state(self, hex_digest: str, state: dict[str, Any]) -> None:
-        path = self._state_path(hex_digest)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        temporary.write_bytes(json.dumps(state).encode())
-        os.replace(temporary, path)
+        replace_file(self._state_path(hex_digest), json.dumps(state).encode())
 
     def _remove_stale_states(self) -> None:
         now = time.time()

@@ -38,7 +38,7 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import Backend, content_key
+from passthrough.store.base import Backend, content_key, replace_file
 from passthrough.store.flight import Flight
 
 UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -161,13 +161,10 @@ class FilesystemUploads(Uploads):
     def _write_state(self, state: UploadState, hashed: str | None = None) -> None:
         """``hashed``: the digest of the session's first ``state.size`` bytes, when the
         append that wrote them saw them all."""
-        path = self._dir(state.id) / "state.json"
-        temporary = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
         document: dict[str, object] = dict(asdict(state))
         if hashed is not None:
             document["hashed"] = {"size": state.size, "digest": hashed}
-        temporary.write_text(json.dumps(document))
-        os.replace(temporary, path)
+        replace_file(self._dir(state.id) / "state.json", json.dumps(document).encode())
 
     def _recorded_digest(self, upload_id: str, size: int) -> str | None:
         """The digest an append recorded, if it covers exactly ``size`` bytes: a client
