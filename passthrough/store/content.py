@@ -116,13 +116,18 @@ class ContentStore:
             raise disk_full() if is_disk_full(exc) else exc from None
 
     def _remove_stale_parts(self) -> None:
-        """Parts left by a process that died: its pid is gone, or the file is a day old."""
+        """Parts left by a process that died: its pid is gone, or the file is a day old.
+
+        Age is the inode's change time, not its mtime: a commit seals a part (sets its
+        mtime to the digest's seal, years back) just before renaming it into place, and
+        a store opened by another process in that instant (``passthrough gc``, a new
+        worker) must not take a live writer's sealed part for an old one."""
         now = time.time()
         for part in self.backend.staging_dir().glob("*.part"):
             try:
                 pid = int(part.name.split(".")[-3])
                 alive = pid != os.getpid() and _pid_alive(pid)
-                if not alive or now - part.stat().st_mtime > STALE_PART_SECONDS:
+                if not alive or now - part.stat().st_ctime > STALE_PART_SECONDS:
                     part.unlink(missing_ok=True)
             except (ValueError, IndexError, OSError):
                 continue

@@ -269,3 +269,38 @@ def test_pinned_entries_are_never_evicted(tmp_path):
     assert store.get_document("blobs", names[2]) is None
     store.unpin("blobs", names[0])
     assert store.pinned() == set()
+
+
+def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, monkeypatch):
+    """A commit seals the part (mtime years back) just before its rename: a store
+    opened in that instant by another process (gc, a new worker) must leave it alone,
+    and still remove the parts of a dead writer and those untouched for a day."""
+    import subprocess
+    import sys
+
+    from passthrough.store import content
+
+    root = tmp_path / "store"
+    ContentStore.on_filesystem(root, 0)
+    staging = root / "tmp"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sealed = staging / f"put-1.{writer.pid}.aaaaaa.part"
+        sealed.write_bytes(b"manifest")
+        os.utime(sealed, ns=(0, 946_684_800 * 1_000_000_000))  # what commit_file does
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        orphan = staging / f"put-2.{dead.pid}.bbbbbb.part"
+        orphan.write_bytes(b"left behind")
+
+        ContentStore.on_filesystem(root, 0)
+        assert sealed.exists()
+        assert not orphan.exists()
+
+        # A day later (by the inode's change time) a live pid does not keep it.
+        monkeypatch.setattr(content, "STALE_PART_SECONDS", -1)
+        ContentStore.on_filesystem(root, 0)
+        assert not sealed.exists()
+    finally:
+        writer.kill()
+        writer.wait()
