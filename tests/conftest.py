@@ -5,12 +5,15 @@ seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import pytest
 
 from tests.support.fixtures_loaders import *  # noqa: F403
 from tests.support.fixtures_matrix import *  # noqa: F403
 from tests.support.fixtures_registry import *  # noqa: F403
 from tests.support.fixtures_store import *  # noqa: F403
+from tests.support.server import log_errors, running_servers
 
 RIG_FIXTURES = {
     "token_issuer_session", "token_issuer", "registry_anon", "registry_basic", "registry_token",
@@ -25,3 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RIG_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.rig)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # A failing test's report carries the errors its servers logged (the failure a
+    # client saw as a 500 is a traceback there), since CI shows only the report.
+    report = yield
+    if report.failed:
+        for server in running_servers():
+            errors = log_errors(server.log_text())
+            if errors:
+                report.sections.append((f"errors logged by {server!r}", "\n".join(errors)))
+    return report

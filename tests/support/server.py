@@ -12,6 +12,7 @@ import shutil
 import ssl
 import sys
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,6 +84,31 @@ def _gunicorn() -> str:
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: Servers started and not yet stopped: a failing test's report shows their errors.
+_RUNNING: weakref.WeakSet[PassthroughServer] = weakref.WeakSet()
+
+
+def running_servers() -> list[PassthroughServer]:
+    return list(_RUNNING)
+
+
+def log_errors(text: str, limit: int = 80) -> list[str]:
+    """The error lines of a server log with their tracebacks, the last `limit` of them:
+    what a CI report needs when a request failed in the server."""
+    picked: list[str] = []
+    in_traceback = False
+    for line in text.splitlines():
+        if line.startswith("Traceback") or " ERROR " in line or " CRITICAL " in line:
+            in_traceback = line.startswith("Traceback")
+            picked.append(line)
+        elif in_traceback and (line.startswith((" ", "\t")) or not line.strip()):
+            picked.append(line)
+        elif in_traceback:
+            picked.append(line)  # the exception line ends the traceback
+            in_traceback = False
+    return picked[-limit:]
 
 
 class PassthroughServer:
@@ -211,6 +237,7 @@ class PassthroughServer:
                     continue
                 raise
             self.process = proc
+            _RUNNING.add(self)
             return self
         raise AssertionError("unreachable")
 
@@ -221,6 +248,7 @@ class PassthroughServer:
         """SIGTERM the master by pid, then SIGKILL; returns its exit code."""
         if self.process is None:
             return None
+        _RUNNING.discard(self)
         return self.process.stop(timeout)
 
     def cleanup(self) -> None:
