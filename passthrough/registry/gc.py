@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from passthrough.oci.reference import DIGEST_RE
-from passthrough.registry.hosted import GC_LOCK
 from passthrough.store.base import ObjectInfo, content_key
 from passthrough.store.content import ContentStore
+from passthrough.store.flight import Held
 from passthrough.store.uploads import UploadState
 
 DEFAULT_GRACE = "1h"
@@ -437,7 +437,7 @@ class Collector:
         if not self.plan(list_store(self.store)):
             return
         while True:
-            with self.store.flight.host_lock(GC_LOCK, exclusive=True):
+            with self.store.flight.gc_lock(exclusive=True) as held:
                 # Listed and marked again under the lock: a push completed since the last
                 # batch is seen whole, and what it reaches stays.
                 listing = list_store(self.store)
@@ -447,7 +447,7 @@ class Collector:
                 for step in steps[:BATCH]:
                     done.add(step.key)
                     if step.repository is not None:
-                        self._delete(step.key)
+                        self._delete(step.key, held)
                         repositories.setdefault((step.kind, step.digest), set()).add(
                             step.repository
                         )
@@ -456,14 +456,17 @@ class Collector:
                     if not step.cached:
                         # The bytes before the pin: a run killed in between leaves a pin
                         # that the next one finds and removes.
-                        self._delete(content_key(step.kind + "s", step.digest))
-                    self._delete(step.key)
+                        self._delete(content_key(step.kind + "s", step.digest), held)
+                    self._delete(step.key, held)
                     names = repositories.pop((step.kind, step.digest), set())
                     self.out(summary.content(step, size, names, done=True))
         for (kind, digest), names in sorted(repositories.items()):
             self.out(summary.unlinked(kind, digest, names, done=True))
 
-    def _delete(self, key: str) -> None:
+    def _delete(self, key: str, held: Held) -> None:
+        # Only while the lock surely holds: a lease that may have run out lets pushes of
+        # other replicas in, and what was decided unreachable may no longer be.
+        held.check()
         self.backend.delete(key)
         self._deletes += 1
         if self._kill_after and self._deletes >= self._kill_after:

@@ -50,12 +50,11 @@ from passthrough.oci.reference import DIGEST_RE, TAG_RE
 from passthrough.registry.proxy import Manifest
 from passthrough.store.base import LayerFile, content_key, hex_of
 from passthrough.store.content import ContentStore
+from passthrough.store.flight import Held
 from passthrough.store.uploads import UploadState
 
 PUSHABLE_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-#: The host lock pushes hold shared and ``passthrough gc`` exclusive.
-GC_LOCK = "hosted-gc"
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,12 @@ class Hosted:
             raise BlobUnknown(f"blob {digest[:19]}… is not in {repository}")
         return found
 
-    def _pushing(self) -> contextlib.AbstractContextManager[None]:
+    def _pushing(self) -> contextlib.AbstractContextManager[Held]:
         """Held (shared) while a push checks what it needs and writes its records, so
         that ``passthrough gc`` (exclusive, :mod:`passthrough.registry.gc`) sees a push
-        either not begun or complete, never half done."""
-        return self.store.flight.host_lock(GC_LOCK, exclusive=False)
+        either not begun or complete, never half done: this host's lock, and with
+        ``REDIS_URL`` the replicas' too (:meth:`~passthrough.store.flight.Flight.gc_lock`)."""
+        return self.store.flight.gc_lock(exclusive=False)
 
     def link_blob(self, repository: str, digest: str, size: int) -> None:
         with self._pushing():

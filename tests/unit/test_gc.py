@@ -26,6 +26,7 @@ from passthrough.registry import hosted as hosted_module
 from passthrough.registry.gc import Collector, Summary, human_bytes, parse_duration
 from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
+from passthrough.store.flight import Held
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -403,12 +404,12 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
     wanted = reference.snapshot()
 
     deletes = 0
-    count_original: Callable[[Collector, str], None] = Collector._delete
+    count_original: Callable[[Collector, str, Held], None] = Collector._delete
 
-    def counting(self: Collector, key: str) -> None:
+    def counting(self: Collector, key: str, held: Held) -> None:
         nonlocal deletes
         deletes += 1
-        count_original(self, key)
+        count_original(self, key, held)
 
     monkeypatch.setattr(Collector, "_delete", counting)
     probe = Rig(tmp_path / "probe")
@@ -424,7 +425,7 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
         monkeypatch.setenv(gc_module.KILL_AFTER_ENV, "")
         done = 0
 
-        def interrupted(self: Collector, key: str, stop: int = stop) -> None:
+        def interrupted(self: Collector, key: str, held: Held, stop: int = stop) -> None:
             nonlocal done
             if done == stop:
                 raise KeyboardInterrupt  # as a kill: nothing after this delete runs
@@ -519,7 +520,7 @@ def test_a_push_waits_while_gc_holds_the_lock(rig: Rig) -> None:
         rig.manifest("team/app", "1.0", body, MANIFEST_TYPE)
         finished.set()
 
-    with rig.store.flight.host_lock(hosted_module.GC_LOCK, exclusive=True):
+    with rig.store.flight.gc_lock(exclusive=True):
         thread = threading.Thread(target=push)
         thread.start()
         # Never set while the lock is held, however long this waits.
