@@ -23,14 +23,23 @@ proxy's copy away. (A blob the proxy fetched whose manifest has already been evi
 cannot be told from a pushed one: deleting it costs one upstream fetch, never a wrong
 answer.)
 
-**Safety while pushes run.** A push holds the host's ``hosted-gc`` lock shared while it
-checks its references and writes its pins and records
+**Safety while pushes run.** A push holds the gc lock shared while it checks its
+references and writes its pins and records
 (:meth:`passthrough.registry.hosted.Hosted.put_manifest`, ``link_blob``); gc deletes in
 batches, each under the lock held exclusive, after listing the records again and
 marking afresh (records that are new, changed, or recent are read again), so a push is
-either not begun or complete when gc decides. The lock is a ``flock`` of this host: on
-an S3 store shared by replicas on other hosts, pushes there are protected by the grace
-period alone (keep it well above the time a push takes: the default is an hour).
+either not begun or complete when gc decides. The lock
+(:meth:`passthrough.store.flight.Flight.gc_lock`) is this host's ``hosted-gc``
+``flock`` and, with ``REDIS_URL``, inside it a readers-writer lock in Redis shared by
+every replica and by gc wherever it runs (the chart's CronJob pod): a push on any host
+waits for gc's batch, gc for the pushes in progress everywhere. Its keys are leases
+(``REDIS_LOCK_LEASE``), so a killed replica or gc holds the others up at most that long;
+gc checks its lease before every delete and stops when it may have run out. Redis
+unreachable: pushes go on with the host's lock alone, but gc stops with an error before
+its first delete (or at the next one), since deleting then is exactly what the lock
+prevents. Without ``REDIS_URL`` the lock is the ``flock`` alone: on an S3 store shared
+by replicas on other hosts, pushes there are protected by the grace period alone (keep
+it well above the time a push takes: the default is an hour).
 
 **Killed half way.** Every delete is of something unreachable, decided under the lock,
 so any prefix of the deletions leaves every tag pullable; records go before the bytes

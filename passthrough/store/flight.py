@@ -107,8 +107,7 @@ class Flight:
     @contextlib.contextmanager
     def host_lock(self, name: str, *, exclusive: bool) -> Iterator[None]:
         """A readers-writer lock of this host (``flock`` shared or exclusive), never a
-        Redis lease: the hosted area's pushes hold ``hosted-gc`` shared while they check
-        and write their records, ``passthrough gc`` exclusive while it deletes."""
+        Redis lease: the host's half of :meth:`gc_lock`."""
         path = self.lock_dir / f"{name}.lock"
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -194,13 +193,15 @@ class RedisLease:
       key, waits and tries again.
 
     Why no reader and writer are ever in at once: Redis executes commands one at a
-    time (linearizable, a single instance). Say reader R is in and writer W too. R is
-    in, so R's EXISTS ran before W's SET (the writer's key exists from that SET until
-    W leaves), and R's own SET before its EXISTS: R's key existed before W's SET, hence
-    before every SCAN of W began, and it exists until R leaves. SCAN returns every key
-    present for the whole of the iteration, so a SCAN of W that found no reader key
-    cannot have run wholly while R was in: it ended after R's DEL, i.e. after R was out.
-    A reader that backs off only ever makes the writer wait one more SCAN.
+    time, so they are linearizable (one instance, or a primary: a failover to a replica
+    that missed the last writes can break this, as it can any lock in Redis). Say
+    reader R is in and writer W too. R is in, so R's EXISTS ran before W's SET (the
+    writer's key exists from that SET until W leaves), and R's own SET before its
+    EXISTS: R's key existed before W's SET, hence before every SCAN of W began, and it
+    exists until R leaves. SCAN returns every key present for the whole of the
+    iteration, so the SCAN after which W went in (one that found no reader key) cannot
+    have run wholly while R was in: it ended after R's DEL, i.e. after R was out, and W
+    went in after that. A reader that backs off only makes the writer SCAN once more.
 
     Both keys are leases, renewed while held: a replica or a gc killed inside never
     blocks the others beyond the lease. The price of leases: a holder stalled longer
