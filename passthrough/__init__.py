@@ -56,4 +56,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(metrics.bp)
     app.register_blueprint(v2.bp)
+    if settings.trusted_proxies:
+        from passthrough.web.clients import ClientAddress
+
+        # Outermost, after the instrumentation wrapped the app: the span, the handlers
+        # and the access log all see the client, not the ingress.
+        app.wsgi_app = ClientAddress(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign,assignment]
     return app

@@ -7,6 +7,7 @@ start-up instead of failing on the first download.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -147,6 +148,11 @@ class Settings:
     #: The largest manifest a push may PUT.
     hosted_manifest_max_bytes: int = 4 << 20
 
+    # -- the clients' addresses -------------------------------------------------------------
+    #: TRUSTED_PROXIES: addresses and networks (an ingress, a load balancer) whose
+    #: X-Forwarded-For names the client. Empty: the peer of the connection is the client.
+    trusted_proxies: tuple[str, ...] = ()
+
     @property
     def auth_enabled(self) -> bool:
         """Whether /v2 asks clients to authenticate (the Bearer challenge): with
@@ -278,6 +284,18 @@ def _allowlist(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         if not re.fullmatch(r"[a-z0-9.*?\[\]:-]+", pattern):
             raise ConfigError(f"{name} has an invalid host pattern {pattern!r}")
     return patterns
+
+
+def parse_networks(text: str | None, name: str = "TRUSTED_PROXIES") -> tuple[str, ...]:
+    """Comma- or space-separated addresses and CIDR networks, normalised
+    (``10.0.0.0/8``, ``fd00::/8``, ``192.0.2.7`` → ``192.0.2.7/32``)."""
+    networks: list[str] = []
+    for item in (text or "").replace(",", " ").split():
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name} has {item!r}, which is not an address or network") from None
+    return tuple(networks)
 
 
 def _platform(env: Mapping[str, str], name: str) -> str:
@@ -579,6 +597,7 @@ def load_settings(
         access_file=access_file,
         hosted_anonymous_pull=_boolean(env, "HOSTED_ANONYMOUS_PULL", False),
         hosted_manifest_max_bytes=_size(env, "HOSTED_MANIFEST_MAX_BYTES", 4 << 20),
+        trusted_proxies=parse_networks(env.get("TRUSTED_PROXIES")),
         upstreams=upstreams,
         upstream_credentials=upstream_credentials,
         proxy_mode=proxy_mode,

@@ -79,6 +79,7 @@ ENV_VARS: tuple[str, ...] = (
     "ACCESS_FILE",
     "HOSTED_ANONYMOUS_PULL",
     "HOSTED_MANIFEST_MAX_BYTES",
+    "TRUSTED_PROXIES",
 )
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.

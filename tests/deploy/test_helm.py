@@ -335,6 +335,7 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "ACCESS_FILE": ("hosted.access", ACCESS, "/etc/passthrough/access/access.yaml"),
     "HOSTED_ANONYMOUS_PULL": ("hosted.anonymousPull", True, "true"),
     "HOSTED_MANIFEST_MAX_BYTES": ("hosted.manifestMaxBytes", 1048576, "1048576"),
+    "TRUSTED_PROXIES": ("config.trustedProxies", ["10.0.0.0/8", "fd00::/8"], "10.0.0.0/8,fd00::/8"),
 }
 
 # Settings that only apply with the s3 store: rendered on top of S3.

@@ -338,6 +338,40 @@ def test_failed_logins_are_rate_limited_and_counted(tmp_path_factory, registry_a
         server.stop()
 
 
+def test_behind_a_trusted_proxy_the_limit_and_the_log_follow_the_forwarded_client(
+    tmp_path_factory, registry_anon
+):
+    # The rig's loopback plays the ingress: its X-Forwarded-For names the clients.
+    server, public, root = start(
+        tmp_path_factory, registry_anon, workers=1, TRUSTED_PROXIES="127.0.0.0/8"
+    )
+    try:
+        base = f"http://{public}"
+        mallory = ("-H", "X-Forwarded-For: 198.51.100.66")
+        for _ in range(10):
+            status, _, _ = curl(*mallory, "-u", f"{ALICE.name}:guess", f"{base}/v2/")
+            assert status == 401
+        status, _, _ = curl(*mallory, "-u", f"{ALICE.name}:{ALICE.password}", f"{base}/v2/")
+        assert status == 429
+        # A header the client wrote itself, to the left of what the proxy appended.
+        spoof = ("-H", "X-Forwarded-For: 192.0.2.1, 198.51.100.66")
+        status, _, _ = curl(*spoof, "-u", f"{ALICE.name}:{ALICE.password}", f"{base}/v2/")
+        assert status == 429
+        # Everyone else behind the same proxy still logs in.
+        other = ("-H", "X-Forwarded-For: 198.51.100.7")
+        status, _, _ = curl(*other, "-u", f"{ALICE.name}:{ALICE.password}", f"{base}/v2/")
+        assert status == 200
+        log = server.log_text()
+        assert "login refused (wrong_password) from 198.51.100.66" in log
+        # gunicorn's access log reads the same environ: the client, not the proxy.
+        access = [line for line in log.splitlines() if '"GET /v2/ HTTP/1.1"' in line]
+        assert access and all(" 127.0.0.1 " not in f" {line} " for line in access), access
+        assert any("198.51.100.7" in line and '" 200 ' in line for line in access), access
+        assert_no_secret_in(log, root)
+    finally:
+        server.stop()
+
+
 def test_a_non_bcrypt_user_stops_start_up_naming_the_line(tmp_path, registry_anon):
     weak = htpasswd("-m", "mallory", "md5-pw")
     users = tmp_path / "htpasswd"

@@ -52,6 +52,7 @@ SCRUBBED_NAMES = frozenset(
         "UPSTREAMS",
         "PUBLIC_URL",
         "TAG_TTL",
+        "TRUSTED_PROXIES",
         # The registries are on loopback: a proxy from the environment would break them.
         "HTTP_PROXY",
         "HTTPS_PROXY",
