@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -278,16 +278,24 @@ class RedisLease:
     def _acquire(self, key: str, token: str) -> bool:
         """Wait for the lease; False when it could not be had within ``max_wait`` (the
         holder keeps renewing: a very slow fetch), and the caller goes on without."""
-        deadline = time.monotonic() + self.max_wait
+        if self._poll(
+            lambda: bool(self.client.set(key, token, nx=True, px=self.lease_ms)), self.max_wait
+        ):
+            return True
+        log.warning("waited %.0fs for the lock of %s; fetching anyway", self.max_wait, key)
+        return False
+
+    def _poll(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Ask ``done`` again, less and less often (up to twice a second), until it says
+        True, or False once ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
         delay = self.poll
-        while True:
-            if self.client.set(key, token, nx=True, px=self.lease_ms):
-                return True
+        while not done():
             if time.monotonic() >= deadline:
-                log.warning("waited %.0fs for the lock of %s; fetching anyway", self.max_wait, key)
                 return False
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+        return True
 
     def _renew(
         self,
@@ -361,21 +369,20 @@ class RedisLease:
                 self._failed(exc, "pushing")  # the lease runs out by itself
 
     def _enter_reader(self, key: str, token: str, writer: str) -> bool:
-        deadline = time.monotonic() + self.rw_max_wait
-        delay = self.poll
-        while True:
+        def entered() -> bool:
             # First our key, then the look at the writer's: the order the proof needs.
             self.client.set(key, token, px=self.lease_ms)
             if not self.client.exists(writer):
                 return True
             self.client.delete(key)
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable(
-                    f"garbage collection held the push lock for over {self.rw_max_wait:.0f}s: "
-                    "push again later"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            return False
+
+        if not self._poll(entered, self.rw_max_wait):
+            raise StoreUnavailable(
+                f"garbage collection held the push lock for over {self.rw_max_wait:.0f}s: "
+                "push again later"
+            )
+        return True
 
     @contextlib.contextmanager
     def write_lock(self, name: str) -> Iterator[Held]:
@@ -397,28 +404,22 @@ class RedisLease:
             yield held
 
     def _take_writer(self, key: str, token: str) -> None:
-        deadline = time.monotonic() + self.rw_max_wait
-        delay = self.poll
-        while not self.client.set(key, token, nx=True, px=self.lease_ms):
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable(
-                    f"another gc has held its lock in redis at {self.where} for over "
-                    f"{self.rw_max_wait:.0f}s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+        if not self._poll(
+            lambda: bool(self.client.set(key, token, nx=True, px=self.lease_ms)), self.rw_max_wait
+        ):
+            raise StoreUnavailable(
+                f"another gc has held its lock in redis at {self.where} for over "
+                f"{self.rw_max_wait:.0f}s"
+            )
 
     def _wait_for_readers(self, pattern: str) -> None:
-        deadline = time.monotonic() + self.rw_max_wait
-        delay = self.poll
-        while any(True for _ in self.client.scan_iter(match=pattern, count=1000)):
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable(
-                    f"pushes held the gc lock in redis at {self.where} for over "
-                    f"{self.rw_max_wait:.0f}s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+        def no_reader() -> bool:
+            return not any(True for _ in self.client.scan_iter(match=pattern, count=1000))
+
+        if not self._poll(no_reader, self.rw_max_wait):
+            raise StoreUnavailable(
+                f"pushes held the gc lock in redis at {self.where} for over {self.rw_max_wait:.0f}s"
+            )
 
     def _release_writer(self, key: str, token: str) -> None:
         try:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,23 +279,45 @@ def test_gc_killed_at_several_points_leaves_every_tag_pullable(
 IMAGES_PER_PUSHER = 40
 
 
-def test_gc_while_pushes_run(fs_server: PassthroughServer) -> None:
-    base = fs_server.url
-    completed: dict[tuple[str, str], str] = {}
+@dataclass
+class Churn:
+    """What :func:`push_while_gc_runs` saw: the pushes that completed (and still have
+    their tag), the gc runs made meanwhile, and the pushes a client had to retry."""
+
+    completed: dict[tuple[str, str], str] = field(default_factory=dict)
+    runs: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
+    retried: int = 0
+
+    @property
+    def blobs_removed(self) -> int:
+        lines = (line for run in self.runs for line in run.stdout.splitlines())
+        return sum(1 for line in lines if line.startswith("removed blob"))
+
+
+def push_while_gc_runs(
+    urls: list[str],
+    prefix: str,
+    pushers: int,
+    images: int,
+    gc: Callable[[], subprocess.CompletedProcess[str]],
+) -> Churn:
+    """``pushers`` threads (pusher n on ``urls[n % len(urls)]``) each push ``images``
+    images into ``team/<prefix><n>``, untagging every other one (garbage made while gc
+    runs), while ``gc`` runs in a loop; every gc run must succeed."""
+    churn = Churn()
     lock = threading.Lock()
     stop = threading.Event()
     failures: list[BaseException] = []
-    retried = [0]
 
     def pusher(number: int) -> None:
-        push = Pusher(base)
-        name = f"team/busy{number}"
-        shared = layer_bytes(f"busy-shared-{number}", 16 * 1024)
+        push = Pusher(urls[number % len(urls)])
+        name = f"team/{prefix}{number}"
+        shared = layer_bytes(f"{prefix}-shared-{number}", 16 * 1024)
         try:
-            for i in range(IMAGES_PER_PUSHER):
+            for i in range(images):
                 for attempt in range(6):
                     try:
-                        manifest = push.image(name, f"v{i}", f"busy-{number}-{i}", shared)
+                        manifest = push.image(name, f"v{i}", f"{prefix}-{number}-{i}", shared)
                         break
                     except requests.HTTPError as exc:
                         # gc removed an old copy of a blob between its upload and the
@@ -304,26 +326,23 @@ def test_gc_while_pushes_run(fs_server: PassthroughServer) -> None:
                         codes = [e["code"] for e in exc.response.json()["errors"]]
                         assert codes in (["MANIFEST_BLOB_UNKNOWN"], ["BLOB_UNKNOWN"]), codes
                         with lock:
-                            retried[0] += 1
+                            churn.retried += 1
                         if attempt == 5:
                             raise
                 with lock:
-                    completed[(name, f"v{i}")] = manifest
+                    churn.completed[(name, f"v{i}")] = manifest
                 if i % 2:
-                    # Garbage made while gc runs: the previous tag goes.
                     push.untag(name, f"v{i - 1}")
                     with lock:
-                        del completed[(name, f"v{i - 1}")]
+                        del churn.completed[(name, f"v{i - 1}")]
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
-    runs: list[subprocess.CompletedProcess[str]] = []
-
     def collector() -> None:
         while not stop.is_set():
-            runs.append(run_gc(fs_server, "--delete", "--grace", "0s"))
+            churn.runs.append(gc())
 
-    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(3)]
+    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(pushers)]
     gc_thread = threading.Thread(target=collector)
     gc_thread.start()
     for thread in threads:
@@ -333,18 +352,28 @@ def test_gc_while_pushes_run(fs_server: PassthroughServer) -> None:
     stop.set()
     gc_thread.join(timeout=300)
     assert not failures, failures
-    assert runs and all(run.returncode == 0 for run in runs), [r.stderr for r in runs]
-    removed = sum(
-        1 for run in runs for line in run.stdout.splitlines() if line.startswith("removed blob")
+    assert churn.runs and all(run.returncode == 0 for run in churn.runs), [
+        run.stderr for run in churn.runs
+    ]
+    assert len(churn.runs) >= 2, "gc should have run several times while pushes ran"
+    assert len(churn.completed) == pushers * images // 2
+    return churn
+
+
+def test_gc_while_pushes_run(fs_server: PassthroughServer) -> None:
+    base = fs_server.url
+    churn = push_while_gc_runs(
+        [base], "busy", 3, IMAGES_PER_PUSHER, lambda: run_gc(fs_server, "--delete", "--grace", "0s")
     )
     final = run_gc(fs_server, "--delete", "--grace", "0s")
     assert final.returncode == 0, final.stderr
-    for (name, tag), manifest in sorted(completed.items()):
+    for (name, tag), manifest in sorted(churn.completed.items()):
         pulls(base, name, tag)
         pulls(base, name, manifest)
-    assert len(completed) == 3 * IMAGES_PER_PUSHER // 2
-    assert len(runs) >= 2, "gc should have run several times while pushes ran"
-    print(f"gc runs {len(runs)}, blobs removed meanwhile {removed}, pushes retried {retried[0]}")
+    print(
+        f"gc runs {len(churn.runs)}, blobs removed meanwhile {churn.blobs_removed}, "
+        f"pushes retried {churn.retried}"
+    )
 
 
 # -- the S3 store -------------------------------------------------------------------------

@@ -14,12 +14,9 @@ either replica, and a last gc run leaves it so.
 from __future__ import annotations
 
 import subprocess
-import threading
 from pathlib import Path
 
-import requests
-
-from tests.e2e.test_gc import Pusher, gc_command, hosted_env, layer_bytes, pulls
+from tests.e2e.test_gc import gc_command, hosted_env, pulls, push_while_gc_runs
 from tests.support.fixtures_matrix import s3_env
 from tests.support.redis_server import RedisServer
 from tests.support.seaweed import SeaweedS3
@@ -58,60 +55,13 @@ def test_gc_on_its_own_host_while_two_replicas_take_pushes(
     gc_host.mkdir()
     with PassthroughServer(env) as first, PassthroughServer(env) as second:
         replicas = (first, second)
-        completed: dict[tuple[str, str], str] = {}
-        lock = threading.Lock()
-        stop = threading.Event()
-        failures: list[BaseException] = []
-        retried = [0]
-
-        def pusher(number: int) -> None:
-            push = Pusher(replicas[number % 2].url)
-            name = f"team/rep{number}"
-            shared = layer_bytes(f"rep-shared-{number}", 16 * 1024)
-            try:
-                for i in range(IMAGES_PER_PUSHER):
-                    for attempt in range(6):
-                        try:
-                            manifest = push.image(name, f"v{i}", f"rep-{number}-{i}", shared)
-                            break
-                        except requests.HTTPError as exc:
-                            # gc (under the lock) removed a blob of this push between its
-                            # upload and the manifest: the push failed, the client retries.
-                            assert exc.response is not None
-                            codes = [e["code"] for e in exc.response.json()["errors"]]
-                            assert codes in (["MANIFEST_BLOB_UNKNOWN"], ["BLOB_UNKNOWN"]), codes
-                            with lock:
-                                retried[0] += 1
-                            if attempt == 5:
-                                raise
-                    with lock:
-                        completed[(name, f"v{i}")] = manifest
-                    if i % 2:
-                        push.untag(name, f"v{i - 1}")  # garbage made while gc runs
-                        with lock:
-                            del completed[(name, f"v{i - 1}")]
-            except BaseException as exc:  # reported by the main thread
-                failures.append(exc)
-
-        runs: list[subprocess.CompletedProcess[str]] = []
-
-        def collector() -> None:
-            while not stop.is_set():
-                runs.append(run_gc_on_its_host(env, gc_host, "--delete", "--grace", "0s"))
-
-        count = 2 * PUSHERS_PER_REPLICA
-        threads = [threading.Thread(target=pusher, args=(n,)) for n in range(count)]
-        gc_thread = threading.Thread(target=collector)
-        gc_thread.start()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
-        stop.set()
-        gc_thread.join(timeout=300)
-        assert not failures, failures
-        assert runs and all(run.returncode == 0 for run in runs), [r.stderr for r in runs]
-        assert len(runs) >= 2, "gc should have run several times while pushes ran"
+        churn = push_while_gc_runs(
+            [first.url, second.url],
+            "rep",
+            2 * PUSHERS_PER_REPLICA,
+            IMAGES_PER_PUSHER,
+            lambda: run_gc_on_its_host(env, gc_host, "--delete", "--grace", "0s"),
+        )
 
         # Three hosts' lock files, three different files: only Redis was shared.
         held = [*lock_files(first.tmpdir), *lock_files(second.tmpdir), *lock_files(gc_host)]
@@ -119,8 +69,7 @@ def test_gc_on_its_own_host_while_two_replicas_take_pushes(
 
         final = run_gc_on_its_host(env, gc_host, "--delete", "--grace", "0s")
         assert final.returncode == 0, final.stderr
-        assert len(completed) == count * IMAGES_PER_PUSHER // 2
-        for (name, tag), manifest in sorted(completed.items()):
+        for (name, tag), manifest in sorted(churn.completed.items()):
             for replica in replicas:
                 pulls(replica.url, name, tag)
                 pulls(replica.url, name, manifest)
@@ -128,7 +77,7 @@ def test_gc_on_its_own_host_while_two_replicas_take_pushes(
         assert again.stdout.startswith("removed 0 manifests, 0 blobs, 0 bytes"), again.stdout
         # Every lease was given back.
         assert not list(redis_server.client().scan_iter(match="passthrough:*:gc:*"))
-        removed = sum(
-            1 for r in runs for line in r.stdout.splitlines() if line.startswith("removed blob")
+        print(
+            f"gc runs {len(churn.runs)}, blobs removed meanwhile {churn.blobs_removed}, "
+            f"pushes retried {churn.retried}"
         )
-        print(f"gc runs {len(runs)}, blobs removed meanwhile {removed}, retried {retried[0]}")
