@@ -9,21 +9,14 @@ import pytest
 
 from passthrough.config import ConfigError, load_settings, parse_networks
 from passthrough.web.clients import ClientAddress
-from tests.unit.test_access_hosted import ACCESS, PASSWORDS
-from tests.unit.test_token_users import basic, make_app
-from tests.unit.test_users import bcrypt_line
+from tests.unit.test_token_users import basic, make_app, user_files
 
 INGRESS = ("10.0.0.0/8", "fd00::/8")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("clients")
-    users = root / "htpasswd"
-    users.write_text("".join(bcrypt_line(u, p) + "\n" for u, p in PASSWORDS.items()))
-    access = root / "access.yaml"
-    access.write_text(ACCESS)
-    return {"users": users, "access": access, "root": root}
+    return user_files(tmp_path_factory.mktemp("clients"))
 
 
 def client_of(peer: str, forwarded_for: str | None) -> str:

@@ -33,14 +33,18 @@ def basic(user: str, password: str | None = None) -> str:
     return "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("token-users")
+def user_files(root: Path) -> dict[str, Path]:
+    """HTPASSWD_FILE and ACCESS_FILE of the users of these tests, under ``root``."""
     users = root / "htpasswd"
     users.write_text("".join(bcrypt_line(u, p) + "\n" for u, p in PASSWORDS.items()))
     access = root / "access.yaml"
     access.write_text(ACCESS)
     return {"users": users, "access": access, "root": root}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return user_files(tmp_path_factory.mktemp("token-users"))
 
 
 def make_app(files: dict[str, Path], **env: str) -> Flask:
