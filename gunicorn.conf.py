@@ -72,6 +72,7 @@ def on_starting(server: object) -> None:
     from passthrough.observe import metrics
     from passthrough.registry.access import Gate
     from passthrough.store import check_store
+    from passthrough.upstream.trust import ca_bundle
 
     try:
         settings = load_settings()
@@ -81,6 +82,10 @@ def on_starting(server: object) -> None:
         # HTPASSWD_FILE and ACCESS_FILE too: a non-bcrypt hash or a bad rule stops
         # start-up here with the file's variable and line, not in every worker.
         Gate.create(settings)
+        # UPSTREAM_CA_FILE's bundle too: a directory it cannot be written to stops
+        # start-up here; the workers then find the same file (named by its content).
+        if settings.upstream_ca_file:
+            ca_bundle(settings.upstream_ca_file)
         _configure_tls(server, settings)
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None

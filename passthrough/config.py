@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -111,6 +112,9 @@ class Settings:
     upstreams: tuple[tuple[str, RegistryEndpoint], ...] = ()
     #: REGISTRY_AUTH_FILE: the service's identity per upstream host (docker config.json).
     upstream_credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    #: UPSTREAM_CA_FILE: a PEM file of CA certificates trusted for every upstream
+    #: connection (registries, token realms, blob redirects) besides the public CAs.
+    upstream_ca_file: str | None = None
     #: PROXY_MODE: "transparent" (the service's identity upstream; cached content is
     #: served to anyone who reaches the port) or "authenticated" (each client's own).
     proxy_mode: str = "transparent"
@@ -409,6 +413,33 @@ def read_auth_file(path: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+#: One PEM certificate block; anything else in a CA file (comments, keys) is ignored.
+_PEM_CERTIFICATE_RE = re.compile(
+    r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----"
+)
+
+
+def read_ca_file(path: str, variable: str = "UPSTREAM_CA_FILE") -> str:
+    """The PEM certificates of a CA file, one block a line apart, checked loadable by
+    OpenSSL (what verification will use) so a bad file stops start-up, not every pull."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            # A CA file is a few KiB; a path to something huge is not read whole.
+            text = handle.read(16 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{variable} {path!r} cannot be read: {exc.strerror}") from None
+    blocks = _PEM_CERTIFICATE_RE.findall(text)
+    if not blocks:
+        raise ConfigError(f"{variable} {path!r} holds no PEM certificate")
+    pem = "\n".join(block.replace("\r\n", "\n") for block in blocks) + "\n"
+    try:
+        # A bare context: only these certificates are parsed, not the system's.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"{variable} {path!r} holds a malformed certificate") from None
+    return pem
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, env_file: str | None = None
 ) -> dict[str, str]:
@@ -532,6 +563,9 @@ def load_settings(
     upstreams = parse_upstreams(env.get("UPSTREAMS"))
     auth_file = _optional(env, "REGISTRY_AUTH_FILE")
     upstream_credentials = read_auth_file(auth_file) if auth_file else {}
+    upstream_ca_file = _optional(env, "UPSTREAM_CA_FILE")
+    if upstream_ca_file is not None:
+        read_ca_file(upstream_ca_file)
     proxy_mode = (_optional(env, "PROXY_MODE") or "transparent").lower()
     if proxy_mode not in PROXY_MODES:
         raise ConfigError(f"PROXY_MODE must be one of {', '.join(PROXY_MODES)}, got {proxy_mode!r}")
@@ -600,6 +634,7 @@ def load_settings(
         trusted_proxies=parse_networks(env.get("TRUSTED_PROXIES")),
         upstreams=upstreams,
         upstream_credentials=upstream_credentials,
+        upstream_ca_file=upstream_ca_file,
         proxy_mode=proxy_mode,
         public_url=public_url,
         token_secret=token_secret,

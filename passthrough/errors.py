@@ -270,6 +270,15 @@ class UpstreamUnreachable(UpstreamError):
     kind = "upstream_unreachable"
 
 
+class UpstreamCertificateError(UpstreamError):
+    """The TLS handshake with the registry, its token service or a redirect target
+    failed: most often a certificate no trusted CA signed (UPSTREAM_CA_FILE adds one).
+    Never retried (it will not heal by itself) nor answered from the store (502)."""
+
+    status = 502
+    kind = "upstream_certificate"
+
+
 class UpstreamTimeout(UpstreamError):
     """The registry did not answer in time (504)."""
 

@@ -71,29 +71,30 @@ def default_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"passthrough-tls-{os.getuid()}"
 
 
-def _private_directory(directory: Path) -> None:
+def private_directory(directory: Path, variable: str = "TLS_DIR") -> None:
     """Create ``directory`` 0700, or accept an existing one only when this user owns
-    it and no one else may enter it (a shared TMPDIR is writable by everyone)."""
+    it and no one else may enter it (a shared TMPDIR is writable by everyone).
+    ``variable`` is the setting a :class:`ConfigError` names."""
+    shown = f"{variable} {str(directory)!r}"
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = directory.lstat()
     except OSError as exc:
-        raise ConfigError(f"TLS_DIR {str(directory)!r} cannot be created: {exc.strerror}") from None
+        raise ConfigError(f"{shown} cannot be created: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"TLS_DIR {str(directory)!r} is not a directory")
+        raise ConfigError(f"{shown} is not a directory")
     if info.st_uid != os.getuid():
-        raise ConfigError(f"TLS_DIR {str(directory)!r} belongs to another user")
+        raise ConfigError(f"{shown} belongs to another user")
     if info.st_mode & 0o077:
         try:
             directory.chmod(0o700)
         except OSError as exc:
             raise ConfigError(
-                f"TLS_DIR {str(directory)!r} is open to other users and cannot be made "
-                f"private: {exc.strerror}"
+                f"{shown} is open to other users and cannot be made private: {exc.strerror}"
             ) from None
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` atomically with ``data`` at ``mode`` (the mode is set before a
     byte is written, so a key is never readable by others, not even for a moment)."""
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -252,21 +253,21 @@ def make_self_signed(
     if not chosen:
         raise ConfigError("TLS_NAMES is empty: the certificate needs at least one name")
     where = Path(directory) if directory is not None else default_directory()
-    _private_directory(where)
+    private_directory(where)
     moment = now or datetime.datetime.now(datetime.UTC)
     found = _load_ca(where, moment)
     try:
         if found is None:
             ca, ca_key = _new_ca(moment)
             # The key first: a CA certificate without its key is never reused.
-            _write(where / CA_KEY_NAME, _key_pem(ca_key), 0o600)
-            _write(where / CA_CERT_NAME, _cert_pem(ca), 0o644)
+            write_atomically(where / CA_KEY_NAME, _key_pem(ca_key), 0o600)
+            write_atomically(where / CA_CERT_NAME, _cert_pem(ca), 0o644)
         else:
             ca, ca_key = found
         cert, key = _server_cert(chosen, ca, ca_key, moment)
-        _write(where / KEY_NAME, _key_pem(key), 0o600)
+        write_atomically(where / KEY_NAME, _key_pem(key), 0o600)
         # The chain: a client that was given only the CA still gets the whole path.
-        _write(where / CERT_NAME, _cert_pem(cert) + _cert_pem(ca), 0o644)
+        write_atomically(where / CERT_NAME, _cert_pem(cert) + _cert_pem(ca), 0o644)
     except OSError as exc:
         raise ConfigError(f"TLS_DIR {str(where)!r} cannot be written: {exc.strerror}") from None
     return SelfSignedFiles(where, where / CA_CERT_NAME, where / CERT_NAME, where / KEY_NAME)

@@ -86,6 +86,7 @@ from passthrough.upstream.blobs import blob_chunks
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
 from passthrough.upstream.netguard import HostPolicy, trusted_hosts
 from passthrough.upstream.target import AuthKind, Route, Target, choose_target, registry_from_url
+from passthrough.upstream.trust import ca_bundle
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ class Services:
                 + [endpoint.url for _, endpoint in settings.upstreams]
             ),
             allow_link_local=settings.allow_link_local,
+            # UPSTREAM_CA_FILE: the bundle is written once per process, here.
+            ca_bundle=(
+                str(ca_bundle(settings.upstream_ca_file)) if settings.upstream_ca_file else None
+            ),
         )
         slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
         # The users and rules are read (and checked: ConfigError) once, here.

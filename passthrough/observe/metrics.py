@@ -22,8 +22,8 @@ Metric names (all prefixed ``passthrough_``):
 - ``upstream_requests_total{operation,method,status}``: every HTTP exchange with a
   registry, its token service or its blob storage (operation ``manifest``, ``blob``,
   ``token``, ``redirect`` or ``other``; status the HTTP code, or ``timeout``,
-  ``connection_error``, ``error``); ``upstream_rate_limited_total{operation}`` (429s);
-  ``upstream_ratelimit_remaining`` (the last ``ratelimit-remaining`` Docker Hub sent).
+  ``connection_error``, ``tls_error``, ``error``); ``upstream_rate_limited_total{operation}``
+  (429s); ``upstream_ratelimit_remaining`` (the last ``ratelimit-remaining`` Docker Hub sent).
 - ``login_failures_total{reason}``: refused logins of HTPASSWD_FILE's users
   (``wrong_password``, ``unknown_user``, ``rate_limited``).
 - ``cache_hits_total``, ``cache_misses_total``, ``cache_written_bytes_total``,

@@ -5,7 +5,9 @@ status codes mapped to meaningful errors.
 - Authorization goes only to the registry's own origin (and credentials to the token
   realm the registry names); a redirect to another host (S3, a CDN) gets none.
 - Every failure becomes a :class:`~passthrough.errors.UpstreamError` leaf whose message
-  names the cause and never holds a secret or an upstream body.
+  names the cause and never holds a secret or an upstream body; a refused certificate
+  is :class:`~passthrough.errors.UpstreamCertificateError`, named as such and never
+  retried.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import requests
 from passthrough.errors import (
     PassthroughError,
     TooLarge,
+    UpstreamCertificateError,
     UpstreamError,
     UpstreamForbidden,
     UpstreamInvalid,
@@ -48,6 +51,7 @@ from passthrough.upstream.auth import (
 )
 from passthrough.upstream.netguard import GuardedAdapter, HostPolicy
 from passthrough.upstream.target import AuthKind, Target
+from passthrough.upstream.trust import tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +243,11 @@ class RegistryClient:
                     allow_redirects=False,
                     timeout=self.timeouts.as_tuple(),
                 )
+        except requests.exceptions.SSLError as exc:
+            # Before ConnectionError, its parent: "cannot connect" would hide that the
+            # host answered and its certificate was refused (a private CA, a wrong name).
+            metrics.upstream_response(call.operation, method, "tls_error")
+            raise UpstreamCertificateError(f"{what}: {tls_failure(url, exc)}") from None
         except requests.Timeout:
             metrics.upstream_response(call.operation, method, "timeout")
             raise UpstreamTimeout(

@@ -13,6 +13,9 @@ to (after DNS resolution), which defeats names that resolve to a metadata endpoi
 - With REGISTRY_ALLOWLIST set, every host must match one of its patterns (``ghcr.io``,
   ``*.docker.io``, ``registry.internal:5000``, ``127.0.0.1:*``), except the hosts of
   REGISTRY_URL and REGISTRY_AUTH_URL, which the operator configured.
+- The CAs a TLS connection trusts: the public ones, plus UPSTREAM_CA_FILE's when set
+  (``ca_bundle``, built by :mod:`passthrough.upstream.trust`), given to every request
+  by the adapter, so registries, realms and redirect targets are verified alike.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -43,6 +47,9 @@ class HostPolicy:
     #: host or host:port that are always allowed (the operator's own registry).
     trusted: frozenset[str] = field(default_factory=frozenset)
     allow_link_local: bool = False
+    #: The CA bundle file every https connection verifies with (the public CAs and the
+    #: operator's, :func:`passthrough.upstream.trust.ca_bundle`); None: requests' own.
+    ca_bundle: str | None = None
 
     def check_host(self, host: str, port: int | None) -> None:
         """Raise :class:`Forbidden` unless the allowlist (when set) admits host:port."""
@@ -121,6 +128,24 @@ class GuardedAdapter(HTTPAdapter):
     def __init__(self, policy: HostPolicy, **kwargs: Any) -> None:
         self.policy = policy
         super().__init__(**kwargs)
+
+    def send(
+        self,
+        request: PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float, float] | tuple[float, None] | None = None,
+        verify: bool | str = True,
+        cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> Response:
+        # Here rather than on each session: every request of every session this adapter
+        # serves (the registry client's, the /ready probe's) verifies with the bundle.
+        # Only the default is replaced; nothing here ever turns verification off.
+        if verify is True and self.policy.ca_bundle is not None:
+            verify = self.policy.ca_bundle
+        return super().send(
+            request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+        )
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)

@@ -14,6 +14,7 @@ import requests
 
 from passthrough.errors import PassthroughError
 from passthrough.upstream.netguard import GuardedAdapter, HostPolicy
+from passthrough.upstream.trust import tls_failure
 
 #: Seconds a probe waits to connect, and then for the answer.
 PROBE_TIMEOUT = 2.0
@@ -32,7 +33,8 @@ def probe_registry(url: str, policy: HostPolicy, timeout: float = PROBE_TIMEOUT)
     """``GET <url>/v2/``: reachable when it answers 2xx or 401."""
     host = urlsplit(url).netloc
     session = requests.Session()
-    # No proxy, .netrc or CA bundle from the environment, as for the registry client.
+    # No proxy, .netrc or CA bundle from the environment, as for the registry client;
+    # UPSTREAM_CA_FILE's CAs come with the policy, through the adapter.
     session.trust_env = False
     session.headers["User-Agent"] = USER_AGENT
     adapter = GuardedAdapter(policy, pool_connections=1, pool_maxsize=1, max_retries=0)
@@ -47,8 +49,8 @@ def probe_registry(url: str, policy: HostPolicy, timeout: float = PROBE_TIMEOUT)
         return ProbeResult(False, None, exc.message)
     except requests.Timeout:
         return ProbeResult(False, None, f"{host} did not answer within {timeout:g} s")
-    except requests.exceptions.SSLError:
-        return ProbeResult(False, None, f"{host}: the TLS handshake failed")
+    except requests.exceptions.SSLError as exc:
+        return ProbeResult(False, None, tls_failure(url, exc))
     except requests.ConnectionError:
         return ProbeResult(False, None, f"cannot connect to {host}")
     except requests.RequestException as exc:
