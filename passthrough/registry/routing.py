@@ -85,8 +85,17 @@ def is_hosted(settings: Settings, name: str) -> bool:
 
 
 def check_name(name: str) -> str:
-    """A repository name by the distribution grammar, or NAME_INVALID."""
-    _check_components(name.split("/") if name else [], name)
+    """A repository name by the distribution grammar, or NAME_INVALID; a first component
+    that is a registry host with a port (``127.0.0.1:5000/app``), which the grammar has
+    no room for, is accepted as :func:`route_name` accepts it."""
+    components = name.split("/") if name else []
+    first = components[0] if components else ""
+    if len(components) > 1 and ":" in first and looks_like_host(first):
+        if not _HOST_COMPONENT_RE.fullmatch(first):
+            raise NameInvalid(f"invalid registry host {quote_input(first)} in the name")
+        _check_components(components[1:], name)
+        return name
+    _check_components(components, name)
     return name
 
 

@@ -2,8 +2,11 @@
 
 `RegistryServer` runs /usr/bin/docker-registry on a random loopback port with its
 filesystem storage in a temp dir, as "anonymous", "basic" (htpasswd) or "token"
-(auth.token against a `TokenIssuer`). `registry_session` answers Basic and Bearer
-challenges the way docker does; `push_blob` and `push_manifest` use the upload API.
+(auth.token against a `TokenIssuer`); with ``tls=True`` it serves HTTPS (``http.tls``)
+with a certificate for its address signed by a CA of its own (`ca_file`), made with
+passthrough.tls's helpers: a registry behind a private CA. `registry_session` answers
+Basic and Bearer challenges the way docker does; `push_blob` and `push_manifest` use
+the upload API.
 The rig's users, passwords and grants are defined here, once.
 """
 
@@ -15,6 +18,7 @@ import json
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -25,6 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from passthrough.tls import SelfSignedFiles, make_self_signed
 from tests.support.procs import LOOPBACK, ManagedProcess, StartupError, free_port, wait_for_http
 from tests.support.token_issuer import TokenIssuer
 
@@ -98,6 +103,8 @@ class RegistryServer:
         users: Mapping[str, str] | None = None,
         token_issuer: TokenIssuer | None = None,
         host: str = LOOPBACK,
+        tls: bool = False,
+        tls_names: tuple[str, ...] = (),
     ) -> None:
         if flavour not in ("anonymous", "basic", "token"):
             raise ValueError(f"unknown registry flavour {flavour!r}")
@@ -113,6 +120,11 @@ class RegistryServer:
         self.storage_dir = self.root / "storage"
         self.storage_dir.mkdir()
         self.config_path = self.root / "config.yml"
+        #: With tls: the CA and the server certificate (for the bind address and
+        #: `tls_names`), made now so a test can hand the CA out before start().
+        self.tls_files: SelfSignedFiles | None = None
+        if tls:
+            self.tls_files = make_self_signed((host, *tls_names), self.root / "tls")
         self.port = 0
         self.process: ManagedProcess | None = None
 
@@ -121,8 +133,22 @@ class RegistryServer:
         return f"{self.bind_host}:{self.port}"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls_files is not None else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA that signed the certificate (None over plain HTTP)."""
+        return None if self.tls_files is None else self.tls_files.ca_cert
+
+    @property
+    def verify(self) -> bool | str:
+        """What a requests client passes as ``verify`` to reach this registry."""
+        return True if self.ca_file is None else str(self.ca_file)
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -145,6 +171,11 @@ class RegistryServer:
             },
             "health": {"storagedriver": {"enabled": False}},
         }
+        if self.tls_files is not None:
+            config["http"]["tls"] = {
+                "certificate": str(self.tls_files.cert),
+                "key": str(self.tls_files.key),
+            }
         if self.flavour == "basic":
             htpasswd = self.root / "htpasswd"
             htpasswd.write_text("".join(_htpasswd_line(u, p) for u, p in self.users.items()))
@@ -180,7 +211,12 @@ class RegistryServer:
                 raise StartupError(f"{REGISTRY_BINARY} missing (Debian package docker-registry)")
             proc.start()
             try:
-                wait_for_http(f"{self.url}/v2/", timeout, ok=(200, 401), process=proc)
+                context = None
+                if self.ca_file is not None:
+                    context = ssl.create_default_context(cafile=str(self.ca_file))
+                wait_for_http(
+                    f"{self.url}/v2/", timeout, ok=(200, 401), process=proc, context=context
+                )
             except StartupError:
                 proc.stop()
                 if attempt < 2 and "address already in use" in proc.log_text():

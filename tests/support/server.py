@@ -265,6 +265,8 @@ class PassthroughServer:
             relative = path.relative_to(self.tmpdir).parts
             if relative[0].startswith("passthrough-tls-"):
                 continue  # TLS_SELF_SIGNED's CA and certificate: kept for the next start
+            if relative[0].startswith("passthrough-upstream-ca-"):
+                continue  # UPSTREAM_CA_FILE's bundle: public CAs, named by its content
             if relative[0].startswith("passthrough-s3-"):
                 if len(relative) == 1 or relative[1:] in (("tmp",), ("locks",)):
                     continue

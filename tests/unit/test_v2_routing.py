@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from passthrough.config import ConfigError, Settings, load_settings
-from passthrough.registry.routing import NameInvalid, route_name, upstream_credentials
+from passthrough.registry.routing import (
+    NameInvalid,
+    check_name,
+    route_name,
+    upstream_credentials,
+)
 
 ENV = {
     "REGISTRY_URL": "http://127.0.0.1:5000",
@@ -66,6 +71,23 @@ def test_default_namespace_applies_to_the_default_upstream() -> None:
 def test_bad_names_are_name_invalid(name: str) -> None:
     with pytest.raises(NameInvalid):
         route_name(settings(), name)
+
+
+@pytest.mark.parametrize(
+    "name", ["10.1.2.3:5000/acc/plain", "127.0.0.1:5000/app", "[::1]:5000/a/b", "acc/plain"]
+)
+def test_check_name_takes_a_host_with_a_port_as_route_name_does(name: str) -> None:
+    """The web layer checks a name (check_name) before it routes it: a host:port first
+    component must pass there too, or /v2/127.0.0.1:5000/app/manifests/v1 would be
+    NAME_INVALID although route_name knows where it goes."""
+    assert check_name(name) == name
+    route_name(settings(), name)
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1:5000", "bad host:1/app", "h:5000/UPPER", "h:x:1/a"])
+def test_check_name_still_refuses_bad_names_with_a_colon(name: str) -> None:
+    with pytest.raises(NameInvalid):
+        check_name(name)
 
 
 def test_bad_ns_is_name_invalid() -> None:
