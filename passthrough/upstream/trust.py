@@ -41,7 +41,7 @@ from passthrough.tls import private_directory, write_atomically
 VARIABLE = "UPSTREAM_CA_FILE"
 
 _lock = threading.Lock()
-#: (the operator's file, its certificates) -> the bundle written for them, per process.
+#: (the directory, the operator's certificates) -> the bundle written for them.
 _bundles: dict[tuple[str, str], Path] = {}
 
 
@@ -65,13 +65,13 @@ def ca_bundle(extra_file: str, directory: Path | None = None) -> Path:
     time it is asked for in this process. Raises :class:`ConfigError` naming
     UPSTREAM_CA_FILE when the file is unusable or the bundle cannot be written."""
     extra_pem = read_ca_file(extra_file, VARIABLE)
-    key = (extra_file, extra_pem)
+    where = directory or bundle_directory()
+    key = (str(where), extra_pem)
     with _lock:
         found = _bundles.get(key)
         if found is not None and found.is_file():
             return found
-        where = directory or bundle_directory()
-        private_directory(where, VARIABLE)
+        private_directory(where, f"{VARIABLE}'s bundle directory")
         try:
             data = bundle_pem(extra_pem)
             path = where / f"ca-bundle-{hashlib.sha256(data).hexdigest()[:16]}.pem"
