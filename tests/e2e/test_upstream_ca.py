@@ -22,6 +22,7 @@ import requests
 
 from tests.e2e.helpers import PUSH_AUTH, download, fetch, load_and_run, one_line_error, unique
 from tests.support.images import Image, push_image, runnable_image
+from tests.support.procs import StartupError
 from tests.support.registry import RegistryServer
 from tests.support.server import PassthroughServer
 
@@ -223,3 +224,18 @@ def test_with_the_ca_ready_reports_the_upstream_reachable(
     assert private_registry.ca_file.read_text().strip() in text
     assert text.count("BEGIN CERTIFICATE") > 10
     json.dumps(upstream)  # the report is plain JSON
+
+
+def test_a_file_without_a_certificate_stops_start_up_with_one_line(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    not_pem = tmp_path_factory.mktemp("ca") / "ca.crt"
+    not_pem.write_text("this is not a certificate\n")
+    with pytest.raises(StartupError) as raised:
+        start(tmp_path_factory, {"UPSTREAM_CA_FILE": str(not_pem)})
+    (line,) = [line for line in str(raised.value).splitlines() if "UPSTREAM_CA_FILE" in line]
+    assert line.endswith(
+        f"passthrough: configuration error: UPSTREAM_CA_FILE {str(not_pem)!r} holds no PEM "
+        "certificate"
+    ), line
+    assert "Traceback" not in str(raised.value)
