@@ -80,6 +80,7 @@ ENV_VARS: tuple[str, ...] = (
     "HOSTED_ANONYMOUS_PULL",
     "HOSTED_MANIFEST_MAX_BYTES",
     "TRUSTED_PROXIES",
+    "UPSTREAM_CA_FILE",
 )
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.

@@ -336,6 +336,11 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "HOSTED_ANONYMOUS_PULL": ("hosted.anonymousPull", True, "true"),
     "HOSTED_MANIFEST_MAX_BYTES": ("hosted.manifestMaxBytes", 1048576, "1048576"),
     "TRUSTED_PROXIES": ("config.trustedProxies", ["10.0.0.0/8", "fd00::/8"], "10.0.0.0/8,fd00::/8"),
+    "UPSTREAM_CA_FILE": (
+        "upstream.caBundle.existingConfigMap",
+        "corp-ca",
+        "/etc/passthrough/upstream-ca/ca.crt",
+    ),
 }
 
 # Settings that only apply with the s3 store: rendered on top of S3.
@@ -1410,6 +1415,69 @@ def test_each_v2_and_tls_option_alone_is_valid(values: Obj) -> None:
             kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["messages"] == [] and report["errors"] == []
+
+
+# --- upstream registries behind a private CA -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [("existingConfigMap", "configMap"), ("existingSecret", "secret")],
+)
+def test_upstream_ca_is_a_read_only_mount_naming_the_file(source: str, name: str) -> None:
+    values = merged(
+        HOSTED,
+        {
+            "upstream": {"caBundle": {source: "corp-ca", "key": "root.pem"}},
+            "hosted": {"gc": {"enabled": True}},
+            "persistence": {"enabled": True},
+        },
+    )
+    objects = render(values)
+    path = effective_env(objects)["UPSTREAM_CA_FILE"]
+    assert path == "/etc/passthrough/upstream-ca/ca.crt"
+    volumes = {v["name"]: v for v in deployment_pod(objects)["volumes"]}
+    [mount] = [m for m in container(objects)["volumeMounts"] if path.startswith(m["mountPath"])]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volume = volumes[mount["name"]]
+    assert set(volume) == {"name", name}
+    reference = volume[name]
+    assert reference.get("name", reference.get("secretName")) == "corp-ca"
+    assert reference["items"] == [{"key": "root.pem", "path": "ca.crt"}]
+    assert f"{mount['mountPath']}/ca.crt" == path
+    # gc reads the same ConfigMap (envFrom), so it mounts the file too.
+    pod = gc_pod(one(objects, "CronJob"))
+    assert mount["name"] in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mount["name"] in {v["name"] for v in pod["volumes"]}
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_no_upstream_ca_by_default() -> None:
+    objects = render()
+    assert "UPSTREAM_CA_FILE" not in effective_env(objects)
+    assert "upstream-ca" not in {v["name"] for v in deployment_pod(objects)["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"upstream": {"caBundle": {"existingConfigMap": "a", "existingSecret": "b"}}},
+            "upstream.caBundle: set either existingConfigMap or existingSecret, not both",
+        ),
+        (
+            {"upstream": {"caBundle": {"existingSecret": "b", "key": ""}}},
+            "upstream.caBundle needs upstream.caBundle.key: the PEM file's key",
+        ),
+    ],
+    ids=["both", "no-key"],
+)
+def test_upstream_ca_values_that_cannot_work_fail_with_one_line(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError) as failure:
+        render(values)
+    reason = str(failure.value).split("): ", 1)[-1].strip()
+    assert reason == message
 
 
 # --- the hosted area and its gc CronJob ----------------------------------------------

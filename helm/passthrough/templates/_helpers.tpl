@@ -169,6 +169,15 @@ Where the pod finds REGISTRY_AUTH_FILE, the TLS certificate, HTPASSWD_FILE and A
 {{- define "passthrough.tlsDir" -}}/etc/passthrough/tls{{- end }}
 {{- define "passthrough.htpasswdDir" -}}/etc/passthrough/htpasswd{{- end }}
 {{- define "passthrough.accessDir" -}}/etc/passthrough/access{{- end }}
+{{- define "passthrough.upstreamCaDir" -}}/etc/passthrough/upstream-ca{{- end }}
+
+{{/*
+"true" when upstream.caBundle names a ConfigMap or a Secret (UPSTREAM_CA_FILE), else empty.
+*/}}
+{{- define "passthrough.upstreamCa" -}}
+{{- $c := .Values.upstream.caBundle -}}
+{{- if or $c.existingConfigMap $c.existingSecret -}}true{{- end -}}
+{{- end }}
 
 {{/*
 Name of the Secret holding HTPASSWD_FILE (hosted users), or empty when there is none.
@@ -297,6 +306,13 @@ Checks of values that would otherwise fail only at run time.
 {{- end }}
 {{- if and $v2.authFile.existingSecret (not $v2.authFile.key) }}
 {{- fail "v2.authFile.existingSecret needs v2.authFile.key" }}
+{{- end }}
+{{- $ca := .Values.upstream.caBundle }}
+{{- if and $ca.existingConfigMap $ca.existingSecret }}
+{{- fail "upstream.caBundle: set either existingConfigMap or existingSecret, not both" }}
+{{- end }}
+{{- if and (include "passthrough.upstreamCa" .) (not $ca.key) }}
+{{- fail "upstream.caBundle needs upstream.caBundle.key: the PEM file's key" }}
 {{- end }}
 {{- if and $v2.s3Redirect (ne $store.type "s3") }}
 {{- fail "v2.s3Redirect needs store.type=s3: it redirects blob reads to the bucket" }}
@@ -467,6 +483,11 @@ they name: load_settings checks them) and opens the same store.
   mountPath: {{ include "passthrough.accessDir" . }}
   readOnly: true
 {{- end }}
+{{- if include "passthrough.upstreamCa" . }}
+- name: upstream-ca
+  mountPath: {{ include "passthrough.upstreamCaDir" . }}
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -532,6 +553,26 @@ they name: load_settings checks them) and opens the same store.
     items:
       - key: access.yaml
         path: access.yaml
+{{- end }}
+{{- with .Values.upstream.caBundle }}
+{{- if .existingConfigMap }}
+- name: upstream-ca
+  # A directory mount (not subPath): a renewed CA reaches the pods at their next start.
+  configMap:
+    name: {{ .existingConfigMap }}
+    defaultMode: 292
+    items:
+      - key: {{ .key | quote }}
+        path: ca.crt
+{{- else if .existingSecret }}
+- name: upstream-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 292
+    items:
+      - key: {{ .key | quote }}
+        path: ca.crt
+{{- end }}
 {{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
