@@ -98,7 +98,6 @@ def with_ca(
     env = {
         "REGISTRY_URL": f"https://localhost:{private_registry.port}",
         "UPSTREAM_CA_FILE": str(private_registry.ca_file),
-        "UPSTREAM_RETRIES": "0",
     }
     server = start(tmp_path_factory, env)
     try:
