@@ -10,8 +10,9 @@ failing step says which one: ``Push / Blob Upload Chunked / Retry previous blob 
 should return 416: ...``. Where the suite accepts several answers (201 or 202 for a
 monolithic POST) the assertions here pin the one passthrough gives.
 
-The real Go suite is not run: it needs a Go toolchain and its modules (ginkgo, gomega,
-reggie), which the test machines cannot fetch.
+The real Go suite is not run here: it needs a Go toolchain and its modules (ginkgo,
+gomega, reggie), which the test machines cannot fetch. docs/conformance.md records a run
+of it by hand (v1.0.1 and v1.1.1, built offline) and how to repeat it.
 
 The workflows run on both stores, CACHE_DIR and S3 (SeaweedFS). Each gets a repository
 of its own under ``conformance/`` (the suite's OCI_NAMESPACE), so they run in any order;
