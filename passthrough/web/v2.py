@@ -358,18 +358,8 @@ def start_upload(name: str) -> Response:
     if mount and source:
         check_digest(mount)
         if _may_pull(identity, source):
-            size = hosted.mount(name, source, mount)
-            if size is not None:
-                metrics.v2_request("blob_mount", "hosted", 201)
-                metrics.upload_finished("mounted")
-                return Response(
-                    status=201,
-                    headers={
-                        "Location": f"/v2/{name}/blobs/{mount}",
-                        "Docker-Content-Digest": mount,
-                        "Content-Length": "0",
-                    },
-                )
+            if hosted.mount(name, source, mount) is not None:
+                return _blob_created(name, mount, "blob_mount", "mounted")
     digest = request.args.get("digest")
     if digest:
         with telemetry.span(
@@ -377,18 +367,24 @@ def start_upload(name: str) -> Response:
         ):
             size = hosted.monolithic(name, digest, _body(), request.content_length)
             telemetry.set_attributes({"oci.blob.size": size})
-        metrics.v2_request("blob_push", "hosted", 201)
-        metrics.upload_finished("committed")
-        return Response(
-            status=201,
-            headers={
-                "Location": f"/v2/{name}/blobs/{digest}",
-                "Docker-Content-Digest": digest,
-                "Content-Length": "0",
-            },
-        )
+        return _blob_created(name, digest, "blob_push", "committed")
     state = hosted.start_upload(name)
     return Response(status=202, headers=_upload_headers(name, state))
+
+
+def _blob_created(name: str, digest: str, operation: str, outcome: str) -> Response:
+    """201 for a blob that is now in ``name`` (pushed whole, closed, or mounted),
+    counted under ``operation`` and the upload ``outcome``."""
+    metrics.v2_request(operation, "hosted", 201)
+    metrics.upload_finished(outcome)
+    return Response(
+        status=201,
+        headers={
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": digest,
+            "Content-Length": "0",
+        },
+    )
 
 
 def _may_pull(identity: Identity, repository: str) -> bool:
@@ -431,16 +427,7 @@ def upload(name: str, upload_id: str) -> Response:
     with telemetry.span("hosted_blob_commit", {"oci.blob.digest": digest, "oci.repository": name}):
         size = hosted.finish(name, upload_id, digest, _body(), start=start, length=length)
         telemetry.set_attributes({"oci.blob.size": size})
-    metrics.v2_request("blob_push", "hosted", 201)
-    metrics.upload_finished("committed")
-    return Response(
-        status=201,
-        headers={
-            "Location": f"/v2/{name}/blobs/{digest}",
-            "Docker-Content-Digest": digest,
-            "Content-Length": "0",
-        },
-    )
+    return _blob_created(name, digest, "blob_push", "committed")
 
 
 def _send(answer: BlobAnswer, start: int, end: int) -> Iterator[bytes]:
