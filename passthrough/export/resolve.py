@@ -20,7 +20,6 @@ from passthrough.oci.manifest import (
     LAYER_TYPES,
     MAX_CONFIG_BYTES,
     MAX_LAYERS,
-    MAX_MANIFEST_BYTES,
     LayerDescriptor,
     ResolvedImage,
     choose_platform,
@@ -80,16 +79,7 @@ def _parsed_and_stored(
 
 
 def _get_manifest(client: RegistryClient, reference: str, what: str) -> tuple[bytes, str]:
-    response = client.request(
-        "GET",
-        f"/v2/{client.repository}/manifests/{reference}",
-        headers={"Accept": ACCEPT},
-        stream=True,
-        what=what,
-    )
-    with response:
-        body = read_limited(response, MAX_MANIFEST_BYTES, what)
-        header_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    body, header_type, _ = client.get_manifest(reference, ACCEPT, what)
     return body, header_type
 
 

@@ -37,7 +37,6 @@ from passthrough.errors import (
 )
 from passthrough.oci.manifest import (
     ACCEPT,
-    MAX_MANIFEST_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
     SCHEMA1_TYPES,
@@ -311,17 +310,7 @@ class Proxy:
         return Manifest(digest, media_type, int(length), None, "upstream")
 
     def _get_manifest(self, client: RegistryClient, reference: str, what: str) -> tuple[bytes, str]:
-        response = client.request(
-            "GET",
-            f"/v2/{client.repository}/manifests/{reference}",
-            headers={"Accept": MANIFEST_ACCEPT},
-            stream=True,
-            what=what,
-        )
-        with response:
-            body = read_limited(response, MAX_MANIFEST_BYTES, what)
-            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-            claimed = response.headers.get("Docker-Content-Digest", "").strip()
+        body, media_type, claimed = client.get_manifest(reference, MANIFEST_ACCEPT, what)
         # By tag nothing else vouches for the bytes: a body that does not hash to the
         # digest the registry named with it was damaged on the way, and would be
         # stored, remembered for the tag and served stale later.

@@ -42,6 +42,7 @@ from passthrough.errors import (
     UpstreamUnreachable,
 )
 from passthrough.observe import metrics, telemetry
+from passthrough.oci.manifest import MAX_MANIFEST_BYTES
 from passthrough.upstream.auth import (
     DEFAULT_EXPIRES_IN,
     Challenge,
@@ -261,6 +262,23 @@ class RegistryClient:
             raise UpstreamError(f"{what}: request failed ({type(exc).__name__})") from None
         metrics.upstream_response(call.operation, method, str(response.status_code))
         return response
+
+    def get_manifest(self, reference: str, accept: str, what: str) -> tuple[bytes, str, str]:
+        """``GET /v2/<repository>/manifests/<reference>``: the bytes (at most
+        MAX_MANIFEST_BYTES), the media type upstream named (no parameters) and the digest
+        it claimed for them (``""`` when it named none)."""
+        response = self.request(
+            "GET",
+            f"/v2/{self.repository}/manifests/{reference}",
+            headers={"Accept": accept},
+            stream=True,
+            what=what,
+        )
+        with response:
+            body = read_limited(response, MAX_MANIFEST_BYTES, what)
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            claimed = response.headers.get("Docker-Content-Digest", "").strip()
+        return body, media_type, claimed
 
     def request(
         self,
