@@ -22,10 +22,7 @@ read before are kept.
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +31,7 @@ import yaml
 
 from passthrough.config import ConfigError, parse_hosted_patterns
 from passthrough.registry.routing import matches_pattern
-
-log = logging.getLogger(__name__)
+from passthrough.registry.watched import WatchedFile
 
 VARIABLE = "ACCESS_FILE"
 #: The actions a rule grants, in the order of the token spec's scopes.
@@ -165,54 +161,21 @@ def parse_access(text: str) -> AccessRules:
 
 
 class AccessFile:
-    """ACCESS_FILE, read again when it changes (mtime, size or inode)."""
+    """ACCESS_FILE, read again when it changes (:class:`WatchedFile`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._rules = AccessRules(())
-        self._load(initial=True)
+        self._file = WatchedFile(
+            path,
+            VARIABLE,
+            parse_access,
+            noun="rules",
+            count=lambda rules: len(rules.rules),
+            max_bytes=MAX_FILE_BYTES,
+        )
 
     def __repr__(self) -> str:
-        return f"AccessFile(path={self.path!r}, rules={len(self._rules.rules)})"
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        status = os.stat(self.path)
-        return (status.st_mtime_ns, status.st_size, status.st_ino)
-
-    def _load(self, *, initial: bool = False) -> None:
-        try:
-            stamp = self._file_stamp()
-            if stamp[1] > MAX_FILE_BYTES:
-                raise _fail(f"larger than {MAX_FILE_BYTES} bytes")
-            with open(self.path, encoding="utf-8") as handle:
-                rules = parse_access(handle.read())
-        except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            if isinstance(exc, OSError):
-                reason = f"{VARIABLE}: {exc.strerror}"
-            elif isinstance(exc, UnicodeDecodeError):
-                reason = f"{VARIABLE}: the file is not UTF-8"
-            else:
-                reason = str(exc)
-            if initial:
-                raise ConfigError(reason) from None
-            log.warning("%s not reloaded, keeping the rules read before: %s", VARIABLE, reason)
-            try:
-                self._stamp = self._file_stamp()
-            except OSError:
-                pass
-            return
-        if not initial:
-            log.info("%s reloaded: %d rules", VARIABLE, len(rules.rules))
-        self._rules, self._stamp = rules, stamp
+        return f"AccessFile(path={self.path!r}, rules={len(self.rules().rules)})"
 
     def rules(self) -> AccessRules:
-        with self._lock:
-            try:
-                stamp: tuple[int, int, int] | None = self._file_stamp()
-            except OSError:
-                stamp = None
-            if stamp != self._stamp:
-                self._load()
-            return self._rules
+        return self._file.current()

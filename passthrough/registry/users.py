@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import os
 import re
 import secrets
 import threading
@@ -29,8 +27,7 @@ from dataclasses import dataclass
 import bcrypt
 
 from passthrough.config import ConfigError
-
-log = logging.getLogger(__name__)
+from passthrough.registry.watched import WatchedFile
 
 VARIABLE = "HTPASSWD_FILE"
 # $2y$ (Apache), $2b$ (OpenBSD, Python's bcrypt) and $2a$ (older libraries) are one
@@ -125,80 +122,44 @@ class Users:
         self._clock = clock
         self._verified_ttl = verified_ttl
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._users: dict[str, _Entry] = {}
         # A key of this process only: the cache's keys mean nothing outside it.
         self._cache_key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._dummy: dict[int, bytes] = {}
-        self._load(initial=True)
+        # A changed file may have changed a password: logins verified before are not.
+        # (Reloads happen in _users(), under self._lock, which guards the cache too.)
+        self._file = WatchedFile(
+            path,
+            variable,
+            lambda text: parse_htpasswd(text, variable),
+            noun="users",
+            count=len,
+            on_change=lambda _: self._verified.clear(),
+        )
         # Made now, not on the first unknown user: a bcrypt is slow by design.
         self._dummy_hash(self._typical_cost())
 
     def __repr__(self) -> str:
-        return f"Users(path={self.path!r}, users={len(self._users)})"
+        with self._lock:
+            return f"Users(path={self.path!r}, users={len(self._users())})"
 
-    # -- the file --------------------------------------------------------------------------
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        status = os.stat(self.path)
-        return (status.st_mtime_ns, status.st_size, status.st_ino)
-
-    def _load(self, *, initial: bool = False) -> None:
-        try:
-            stamp = self._file_stamp()
-            with open(self.path, encoding="utf-8") as handle:
-                text = handle.read()
-            users = parse_htpasswd(text, self._variable)
-        except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            if isinstance(exc, UnicodeDecodeError):
-                reason = "the file is not UTF-8"
-            if initial:
-                raise ConfigError(
-                    reason if isinstance(exc, ConfigError) else f"{self._variable}: {reason}"
-                ) from None
-            log.warning(
-                "%s not reloaded, keeping the users read before: %s", self._variable, reason
-            )
-            # Do not try again on every request until the file changes once more.
-            try:
-                self._stamp = self._file_stamp()
-            except OSError:
-                pass
-            return
-        if not initial:
-            log.info("%s reloaded: %d users", self._variable, len(users))
-        self._users = users
-        self._stamp = stamp
-        # A changed file may have changed a password: logins verified before are not.
-        self._verified.clear()
-
-    def _refresh(self) -> None:
-        try:
-            stamp = self._file_stamp()
-        except OSError:
-            stamp = None
-        if stamp != self._stamp:
-            self._load()
+    def _users(self) -> dict[str, _Entry]:
+        return self._file.current()
 
     # -- queries ---------------------------------------------------------------------------
 
     def exists(self, user: str) -> bool:
         with self._lock:
-            self._refresh()
-            return user in self._users
+            return user in self._users()
 
     def names(self) -> frozenset[str]:
         with self._lock:
-            self._refresh()
-            return frozenset(self._users)
+            return frozenset(self._users())
 
     def verify(self, user: str, password: str) -> bool:
         """Whether ``password`` is ``user``'s. An unknown user costs a bcrypt as well."""
         with self._lock:
-            self._refresh()
-            entry = self._users.get(user)
+            entry = self._users().get(user)
             key = self._cache_digest(user, password)
             if entry is not None:
                 cached = self._verified.get(key)
@@ -225,7 +186,7 @@ class Users:
         return hmac.new(self._cache_key, message, hashlib.sha256).digest()
 
     def _typical_cost(self) -> int:
-        costs = [entry.cost for entry in self._users.values()]
+        costs = [entry.cost for entry in self._users().values()]
         # The most common cost: an unknown user then takes as long as most known ones.
         return max(set(costs), key=costs.count) if costs else 10
 
