@@ -48,6 +48,7 @@ from passthrough.registry.routing import is_hosted
 from passthrough.registry.rules import ACTIONS, AccessFile
 from passthrough.registry.tokens import (
     SERVICE,
+    Grant,
     Scope,
     TokenService,
     grantable_scopes,
@@ -431,21 +432,10 @@ def check_access(
             if repository is not None or not gate.is_user(credentials.username):
                 return upstream_login
         header = {"WWW-Authenticate": challenge(settings, repository, wanted)}
-        user = gate.login(credentials, client, header)
-        carried = credentials if authenticated_mode else None
-        identity = Identity(carried, user, "basic", user)
+        identity = _user_login(settings, gate, credentials, client, header)
     elif scheme == "bearer":
-        if tokens is None:
-            raise PassthroughError("TOKEN_SECRET is not set: Bearer tokens cannot be verified")
-        try:
-            grant = tokens.verify(value.strip())
-        except TokenInvalid as exc:
-            raise TokenInvalid(
-                exc.message,
-                headers={
-                    "WWW-Authenticate": challenge(settings, repository, wanted, "invalid_token")
-                },
-            ) from None
+        invalid = challenge(settings, repository, wanted, "invalid_token")
+        grant = _verify_bearer(tokens, value, invalid)
         identity = Identity(grant.credentials, grant.subject, "bearer", grant.user)
         if repository is not None and not grant.allows(repository, action):
             if hosted and grant.user is not None and not gate.may(identity, repository, action):
@@ -481,6 +471,31 @@ def check_access(
     return identity
 
 
+def _user_login(
+    settings: Settings,
+    gate: Gate,
+    credentials: Credentials,
+    client: str | None,
+    header: dict[str, str],
+) -> Identity:
+    """A passthrough user's Basic login (401 with ``header``, or 429, when it fails);
+    in authenticated mode the credentials travel on, as the client's upstream login."""
+    user = gate.login(credentials, client, header)
+    carried = credentials if settings.proxy_mode == "authenticated" else None
+    return Identity(carried, user, "basic", user)
+
+
+def _verify_bearer(tokens: TokenService | None, value: str, invalid_challenge: str) -> Grant:
+    """The grant of a Bearer token; an invalid or expired one is TokenInvalid (401)
+    carrying ``invalid_challenge``."""
+    if tokens is None:
+        raise PassthroughError("TOKEN_SECRET is not set: Bearer tokens cannot be verified")
+    try:
+        return tokens.verify(value.strip())
+    except TokenInvalid as exc:
+        raise TokenInvalid(exc.message, headers={"WWW-Authenticate": invalid_challenge}) from None
+
+
 def check_catalog(
     settings: Settings,
     tokens: TokenService | None,
@@ -500,23 +515,12 @@ def check_catalog(
             raise LoginFailed(
                 "the catalog lists hosted repositories: it needs a user", headers=header
             )
-        user = gate.login(credentials, client, header)
-        carried = credentials if settings.proxy_mode == "authenticated" else None
-        return Identity(carried, user, "basic", user)
+        return _user_login(settings, gate, credentials, client, header)
     scheme, _, value = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer":
         raise TokenRequired("the catalog needs a login", headers=header)
-    if tokens is None:
-        raise PassthroughError("TOKEN_SECRET is not set: Bearer tokens cannot be verified")
-    try:
-        grant = tokens.verify(value.strip())
-    except TokenInvalid as exc:
-        raise TokenInvalid(
-            exc.message,
-            headers={
-                "WWW-Authenticate": challenge(settings, scope=CATALOG_SCOPE, error="invalid_token")
-            },
-        ) from None
+    invalid = challenge(settings, scope=CATALOG_SCOPE, error="invalid_token")
+    grant = _verify_bearer(tokens, value, invalid)
     allowed = any(
         s.type == "registry" and s.name == "catalog" and "*" in s.actions for s in grant.scopes
     )
