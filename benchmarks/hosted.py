@@ -35,6 +35,7 @@ from benchmarks.measure import (
     Timed,
     Transfer,
     cpu_seconds,
+    machine_line,
     median,
     run_timed,
     tree,
@@ -372,10 +373,7 @@ def report(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = [
         f"passthrough hosted-area benchmark, {result['date']}",
-        f"machine: {result['machine']['cpus']} x {result['machine']['cpu']}, load at start "
-        + " ".join(f"{x:.2f}" for x in result["machine"]["load_average_at_start"])
-        + ", at end "
-        + " ".join(f"{x:.2f}" for x in result["load_average_at_end"]),
+        machine_line(result),
         f"image: {len(image['layers'])} layers, {image['gzip_bytes'] / MB:.1f} MB gzip, "
         f"pushed from an OCI layout with skopeo, pulled into dir:",
         f"passthrough: gunicorn {settings['workers']} workers x {settings['threads']} threads, "

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 CHUNK = 1 << 20
@@ -237,6 +238,18 @@ def run_timed(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> T
     if proc.returncode != 0:
         raise BenchmarkError(f"{argv[0]} exited {proc.returncode}: {stderr.strip()[-2000:]}")
     return Timed(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, stderr)
+
+
+def machine_line(result: Mapping[str, Any]) -> str:
+    """The report's line on the machine: CPUs and the load average at the start of the
+    run and, when recorded, at its end (a noisy machine shows there)."""
+    machine = result["machine"]
+    line = f"machine: {machine['cpus']} x {machine['cpu']}, load at start " + " ".join(
+        f"{x:.2f}" for x in machine["load_average_at_start"]
+    )
+    if "load_average_at_end" in result:
+        line += ", at end " + " ".join(f"{x:.2f}" for x in result["load_average_at_end"])
+    return line
 
 
 def median(values: Sequence[float]) -> float:

@@ -40,6 +40,7 @@ from benchmarks.measure import (
     Transfer,
     cpu_seconds,
     download,
+    machine_line,
     median,
     run_timed,
     tree,
@@ -605,10 +606,7 @@ def report(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = [
         f"passthrough /v2 proxy benchmark, {result['date']}",
-        f"machine: {result['machine']['cpus']} x {result['machine']['cpu']}, load at start "
-        + " ".join(f"{x:.2f}" for x in result["machine"]["load_average_at_start"])
-        + ", at end "
-        + " ".join(f"{x:.2f}" for x in result["load_average_at_end"]),
+        machine_line(result),
         f"image: {len(image['layers'])} layers, {image['gzip_bytes'] / MB:.1f} MB gzip; "
         f"big blob {result['big_blob_bytes'] / MB:.0f} MB random",
         f"passthrough: gunicorn {settings['workers']} workers x {settings['threads']} threads"

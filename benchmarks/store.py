@@ -29,6 +29,7 @@ from benchmarks.measure import (
     Transfer,
     cpu_seconds,
     download,
+    machine_line,
     median,
     tree,
     wait_for_workers,
@@ -269,13 +270,7 @@ def report(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = [
         f"passthrough S3 store benchmark, {result['date']}",
-        f"machine: {result['machine']['cpus']} x {result['machine']['cpu']}, load at start "
-        + " ".join(f"{x:.2f}" for x in result["machine"]["load_average_at_start"])
-        + (
-            ", at end " + " ".join(f"{x:.2f}" for x in result["load_average_at_end"])
-            if "load_average_at_end" in result
-            else ""
-        ),
+        machine_line(result),
         f"image: {len(image['layers'])} layers, {image['gzip_bytes'] / MB:.1f} MB gzip, "
         f"{image['tar_bytes'] / MB:.1f} MB tar; archive {result['archive_bytes'] / MB:.1f} MB",
         f"server: gunicorn {settings['workers']} workers x {settings['threads']} threads"
