@@ -55,10 +55,6 @@ class ProxyRoute:
     #: The alias, when UPSTREAMS chose the upstream.
     alias: str | None = None
 
-    @property
-    def is_default(self) -> bool:
-        return self.via == "default"
-
 
 @functools.lru_cache(maxsize=256)
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

@@ -22,6 +22,7 @@ from flask import Blueprint, Response, current_app
 
 from passthrough.errors import PassthroughError
 from passthrough.export.pipeline import Services
+from passthrough.registry.routing import configured_upstreams
 from passthrough.upstream.probe import PROBE_TIMEOUT, ProbeResult, probe_registry
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,7 @@ def ready() -> Response:
 
 def upstream_targets(services: Services) -> list[tuple[str, str]]:
     """(name, url) of every upstream: REGISTRY_URL as "default", then each UPSTREAMS alias."""
-    settings = services.settings
-    return [("default", settings.registry.url)] + [
-        (alias, endpoint.url) for alias, endpoint in settings.upstreams
-    ]
+    return [(name, endpoint.url) for name, endpoint in configured_upstreams(services.settings)]
 
 
 def readiness(services: Services) -> dict[str, Any]:
