@@ -67,7 +67,6 @@ from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
 from passthrough.store.uploads import UploadState
 
-DEFAULT_GRACE = "1h"
 #: An upload session idle this long is abandoned (Docker and containerd retry a failed
 #: upload from the start).
 UPLOAD_EXPIRY = 24 * 3600.0
