@@ -50,11 +50,12 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from passthrough.errors import NotAcceptable, UnsupportedImage, UpstreamInvalid
-from passthrough.export.pipeline import DownloadRequest, Selection, Services, open_client, select
+from passthrough.export.request import DownloadRequest, Selection, open_client, select
 from passthrough.export.resolve import fetch_manifest, resolve_image
 from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
 from passthrough.oci.platforms import Platform
 from passthrough.oci.reference import DIGEST_RE, ImageReference
+from passthrough.services import Services
 from passthrough.upstream.client import RegistryClient
 from passthrough.upstream.target import Route
 
