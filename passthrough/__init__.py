@@ -10,8 +10,8 @@ from typing import Any
 from flask import Flask
 
 from passthrough.config import Settings, load_settings
-from passthrough.export.pipeline import Services
 from passthrough.observe import logs, telemetry
+from passthrough.services import EXTENSION, Services
 
 __all__ = ["create_app"]
 
@@ -30,7 +30,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # No implicit /static route: the UI blueprint serves its own files.
     app = Flask(__name__, static_folder=None)
     app.config.update(overrides)
-    app.extensions["passthrough"] = Services.create(settings)
+    # All the process's shared objects, made here and nowhere else (passthrough.services).
+    app.extensions[EXTENSION] = Services.create(settings)
     logs.configure(settings.log_level, settings.log_format)
     # Under gunicorn each worker sets tracing up after the fork (gunicorn.conf.py).
     if not telemetry.is_active() and not telemetry.under_gunicorn():
@@ -38,24 +39,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             telemetry.setup_tracing(environ=env)
     telemetry.instrument_app(app)
 
-    from passthrough.web import downloads, errors, health, tls, token
+    from passthrough.web import describe, downloads, errors, health, metrics, tls, token, ui, v2
 
-    # One TokenService per app: every worker derives the same key from TOKEN_SECRET.
-    app.extensions[token.EXTENSION] = token.make_token_service(settings)
-    app.register_blueprint(errors.bp)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(tls.bp)
-    # Before any other /v2 blueprint: /v2/token is this service, never a repository name.
-    app.register_blueprint(token.bp)
-    app.register_blueprint(downloads.bp)
-    from passthrough.web import describe, ui
-
-    app.register_blueprint(describe.bp)
-    app.register_blueprint(ui.bp)
-    from passthrough.web import metrics, v2
-
-    app.register_blueprint(metrics.bp)
-    app.register_blueprint(v2.bp)
+    # Order matters where paths overlap: /v2/token is this service, never a repository
+    # name, so the token blueprint comes before the /v2 API.
+    for blueprint in (errors, health, tls, token, downloads, describe, ui, metrics, v2):
+        app.register_blueprint(blueprint.bp)
     if settings.trusted_proxies:
         from passthrough.web.clients import ClientAddress
 

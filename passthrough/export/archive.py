@@ -174,18 +174,49 @@ def _plan_docker(
 
     config_name = image.config_digest.split(":", 1)[1] + ".json"
     metadata.append(MetadataEntry(config_name, image.config))
-    manifest = [{"Config": config_name, "RepoTags": [repo_tag], "Layers": [s.name for s in slots]}]
-    metadata.append(MetadataEntry("manifest.json", json.dumps(manifest).encode()))
-    name, tag = _split_repo_tag(repo_tag)
     top = slots[-1].name.split("/")[0] if slots else ""
-    repositories = {name: {tag: top}} if top else {}
-    metadata.append(MetadataEntry("repositories", json.dumps(repositories).encode()))
+    metadata.extend(_loader_entries(config_name, repo_tag, slots, top))
     return ArchivePlan(tuple(metadata), tuple(slots), repo_tag)
+
+
+def _loader_entries(
+    config_name: str, repo_tag: str, slots: list[LayerSlot], top: str
+) -> list[MetadataEntry]:
+    """``manifest.json`` and ``repositories``, which docker load reads in both layouts;
+    ``top`` names the top layer (its directory, or its blob), empty without layers."""
+    manifest = [{"Config": config_name, "RepoTags": [repo_tag], "Layers": [s.name for s in slots]}]
+    name, tag = _split_repo_tag(repo_tag)
+    repositories = {name: {tag: top}} if top else {}
+    return [
+        MetadataEntry("manifest.json", json.dumps(manifest).encode()),
+        MetadataEntry("repositories", json.dumps(repositories).encode()),
+    ]
 
 
 def _plan_oci(
     image: ResolvedImage, repo_tag: str, compressed: Callable[[int], bool], full_name: str
 ) -> ArchivePlan:
+    slots = _oci_slots(image, compressed)
+    config_name = "blobs/sha256/" + image.config_digest.split(":", 1)[1]
+    metadata = [
+        MetadataEntry("blobs/", None),
+        MetadataEntry("blobs/sha256/", None),
+        MetadataEntry("oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"})),
+    ]
+    # A config that is also a layer's blob (the same bytes) is written once.
+    if config_name not in {slot.name for slot in slots}:
+        metadata.append(MetadataEntry(config_name, image.config))
+    top = slots[-1].name.rsplit("/", 1)[1] if slots else ""
+    metadata.extend(_loader_entries(config_name, repo_tag, slots, top))
+    _, tag = _split_repo_tag(repo_tag)
+    return ArchivePlan(
+        tuple(metadata), tuple(slots), repo_tag, _oci_late(image, slots, full_name, tag)
+    )
+
+
+def _oci_slots(image: ResolvedImage, compressed: Callable[[int], bool]) -> list[LayerSlot]:
+    """Each layer as a blob named by its digest (the registry's blob when sent
+    compressed, else its diff_id); a blob already written is referenced again."""
     slots: list[LayerSlot] = []
     seen: set[str] = set()
     for layer in image.layers:
@@ -194,72 +225,64 @@ def _plan_oci(
         name = "blobs/sha256/" + digest.split(":", 1)[1]
         slots.append(LayerSlot(layer.index, name, name not in seen, is_compressed))
         seen.add(name)
+    return slots
 
-    config_hex = image.config_digest.split(":", 1)[1]
-    metadata = [
-        MetadataEntry("blobs/", None),
-        MetadataEntry("blobs/sha256/", None),
-        MetadataEntry("oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"})),
-    ]
-    if "blobs/sha256/" + config_hex not in seen:
-        metadata.append(MetadataEntry("blobs/sha256/" + config_hex, image.config))
-    manifest = [
-        {
-            "Config": "blobs/sha256/" + config_hex,
-            "RepoTags": [repo_tag],
-            "Layers": [slot.name for slot in slots],
-        }
-    ]
-    metadata.append(MetadataEntry("manifest.json", json.dumps(manifest).encode()))
-    name, tag = _split_repo_tag(repo_tag)
-    top = slots[-1].name.rsplit("/", 1)[1] if slots else ""
-    metadata.append(
-        MetadataEntry("repositories", json.dumps({name: {tag: top}} if top else {}).encode())
-    )
-    written = [slot for slot in slots]
+
+def _oci_late(
+    image: ResolvedImage, slots: list[LayerSlot], full_name: str, tag: str
+) -> LateBuilder:
+    """The builder of the OCI manifest and index.json, once the written layers' final
+    sizes and media types are known."""
 
     def late(layers: list[WrittenLayer]) -> tuple[MetadataEntry, ...]:
         by_index = dict(zip((s.index for s in slots if s.first), layers, strict=True))
         first_of = {s.name: s.index for s in slots if s.first}
-        descriptors = []
-        for slot in written:
-            info = by_index[first_of[slot.name]]
-            descriptors.append(
-                {"mediaType": info.media_type, "digest": info.digest, "size": info.size}
-            )
-        oci_manifest = canonical_json(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": OCI_CONFIG,
-                    "digest": image.config_digest,
-                    "size": len(image.config),
-                },
-                "layers": descriptors,
-            }
-        )
+        # Every occurrence of a repeated layer is listed, described by its first one.
+        described = [by_index[first_of[slot.name]] for slot in slots]
+        oci_manifest = _oci_manifest(image, described)
         manifest_digest = "sha256:" + hashlib.sha256(oci_manifest).hexdigest()
-        index = canonical_json(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_INDEX,
-                "manifests": [
-                    {
-                        "mediaType": OCI_MANIFEST,
-                        "digest": manifest_digest,
-                        "size": len(oci_manifest),
-                        "annotations": {
-                            "io.containerd.image.name": full_name,
-                            "org.opencontainers.image.ref.name": tag,
-                        },
-                    }
-                ],
-            }
-        )
         return (
             MetadataEntry("blobs/sha256/" + manifest_digest.split(":", 1)[1], oci_manifest),
-            MetadataEntry("index.json", index),
+            MetadataEntry("index.json", _oci_index(oci_manifest, manifest_digest, full_name, tag)),
         )
 
-    return ArchivePlan(tuple(metadata), tuple(slots), repo_tag, late)
+    return late
+
+
+def _oci_manifest(image: ResolvedImage, layers: list[WrittenLayer]) -> bytes:
+    return canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": image.config_digest,
+                "size": len(image.config),
+            },
+            "layers": [
+                {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+                for layer in layers
+            ],
+        }
+    )
+
+
+def _oci_index(manifest: bytes, manifest_digest: str, full_name: str, tag: str) -> bytes:
+    """index.json: the one manifest, with the names containerd and OCI tools read."""
+    return canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": manifest_digest,
+                    "size": len(manifest),
+                    "annotations": {
+                        "io.containerd.image.name": full_name,
+                        "org.opencontainers.image.ref.name": tag,
+                    },
+                }
+            ],
+        }
+    )

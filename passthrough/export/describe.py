@@ -50,11 +50,13 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from passthrough.errors import NotAcceptable, UnsupportedImage, UpstreamInvalid
-from passthrough.export.pipeline import DownloadRequest, Selection, Services, open_client, select
+from passthrough.export.request import DownloadRequest, Selection, open_client, select
 from passthrough.export.resolve import fetch_manifest, resolve_image
 from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
 from passthrough.oci.platforms import Platform
 from passthrough.oci.reference import DIGEST_RE, ImageReference
+from passthrough.services import Services
+from passthrough.store.content import ContentStore
 from passthrough.upstream.client import RegistryClient
 from passthrough.upstream.target import Route
 
@@ -125,21 +127,11 @@ def _describe(
     query: Mapping[str, str],
 ) -> dict[str, Any]:
     ref = selection.reference
-    registry = selection.target.registry
     image = str(ref)
     body, media_type, digest, document = fetch_manifest(
         client, ref.reference, f"manifest of {image}", services.store
     )
-    described: dict[str, Any] = {
-        "reference": f"{registry.name}/{image}",
-        "registry": {"url": registry.url, "name": registry.name},
-        "repository": ref.repository,
-        "tag": ref.tag,
-        "digest": digest,
-        "mediaType": media_type,
-        "requestedPlatform": str(request.platform),
-        "platforms": [],
-    }
+    described = _heading(selection, request, media_type, digest)
     download = {
         "url": url,
         "pinnedUrl": _pinned_url(request, ref, digest, query),
@@ -157,17 +149,7 @@ def _describe(
             described["error"] = exc.message
             described["download"] = download
             raise PlatformNotFound(exc.message, described) from None
-        entry_digest = entry.get("digest")
-        if not isinstance(entry_digest, str) or not DIGEST_RE.fullmatch(entry_digest):
-            raise UpstreamInvalid(f"the {chosen} entry of {image} has an invalid digest")
-        resolved = resolve_image(
-            client,
-            ImageReference(ref.repository, tag=ref.tag, digest=entry_digest),
-            chosen,
-            services.store,
-        )
-        if resolved.index_digest is not None:  # an index inside the index
-            raise UnsupportedImage(f"the {chosen} entry of {image} is not an image manifest")
+        resolved = _resolve_entry(client, ref, chosen, entry, services.store)
         selected_platform = str(chosen)
     else:
         # Resolve by the digest just read, so the description is of one manifest even
@@ -184,6 +166,48 @@ def _describe(
     described["selected"] = _selected(resolved, selected_platform)
     described["download"] = download
     return described
+
+
+def _heading(
+    selection: Selection, request: DownloadRequest, media_type: str, digest: str
+) -> dict[str, Any]:
+    """The description's first keys, in the order the JSON shows them; ``platforms`` is
+    filled in once the manifest was read as an index or an image."""
+    ref = selection.reference
+    registry = selection.target.registry
+    return {
+        "reference": f"{registry.name}/{ref}",
+        "registry": {"url": registry.url, "name": registry.name},
+        "repository": ref.repository,
+        "tag": ref.tag,
+        "digest": digest,
+        "mediaType": media_type,
+        "requestedPlatform": str(request.platform),
+        "platforms": [],
+    }
+
+
+def _resolve_entry(
+    client: RegistryClient,
+    ref: ImageReference,
+    chosen: Platform,
+    entry: dict[str, Any],
+    store: ContentStore | None,
+) -> ResolvedImage:
+    """The image an index entry names, which must be an image manifest itself."""
+    image = str(ref)
+    entry_digest = entry.get("digest")
+    if not isinstance(entry_digest, str) or not DIGEST_RE.fullmatch(entry_digest):
+        raise UpstreamInvalid(f"the {chosen} entry of {image} has an invalid digest")
+    resolved = resolve_image(
+        client,
+        ImageReference(ref.repository, tag=ref.tag, digest=entry_digest),
+        chosen,
+        store,
+    )
+    if resolved.index_digest is not None:  # an index inside the index
+        raise UnsupportedImage(f"the {chosen} entry of {image} is not an image manifest")
+    return resolved
 
 
 def _platform_entry(platform: str, digest: Any, size: Any) -> dict[str, Any]:

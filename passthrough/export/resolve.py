@@ -33,6 +33,10 @@ from passthrough.oci.reference import DIGEST_RE, ImageReference
 from passthrough.store.content import ContentStore
 from passthrough.upstream.client import RegistryClient, read_limited
 
+#: A manifest as :func:`~passthrough.oci.manifest.parse_manifest` returns it: the bytes,
+#: the media type, the digest and the parsed document.
+ParsedManifest = tuple[bytes, str, str, dict[str, Any]]
+
 
 def head_manifest(client: RegistryClient, reference: str, what: str) -> str | None:
     """The digest a tag points at, by HEAD (free of Docker Hub's pull quota); None when
@@ -50,7 +54,7 @@ def head_manifest(client: RegistryClient, reference: str, what: str) -> str | No
 
 def fetch_manifest(
     client: RegistryClient, reference: str, what: str, cache: ContentStore | None = None
-) -> tuple[bytes, str, str, dict[str, Any]]:
+) -> ParsedManifest:
     """A manifest by tag or digest; returns (bytes, media type, digest, parsed document).
 
     With a cache, the registry is still asked every time, with this request's
@@ -70,7 +74,7 @@ def fetch_manifest(
 
 def _parsed_and_stored(
     body: bytes, header_type: str, reference: str, what: str, store: ContentStore | None
-) -> tuple[bytes, str, str, dict[str, Any]]:
+) -> ParsedManifest:
     """A manifest checked (:func:`parse_manifest`), then kept in the store by digest."""
     parsed = parse_manifest(body, header_type, reference, what)
     if store is not None:
@@ -104,13 +108,13 @@ class Documents:
             raise UpstreamUnavailable(f"{what}: the registry is unreachable and it is not cached")
         return data
 
-    def top_manifest(self, reference: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
+    def top_manifest(self, reference: str, what: str) -> ParsedManifest:
         if self.offline_digest is not None:
             body = self._cached("manifests", self.offline_digest, what)
             return parse_manifest(body, "", self.offline_digest, what)
         return fetch_manifest(self.client, reference, what, self.cache)
 
-    def manifest_by_digest(self, digest: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
+    def manifest_by_digest(self, digest: str, what: str) -> ParsedManifest:
         """An index entry: access to the repository was just proven upstream, so it may
         come from the cache without asking again."""
         cached = self.cache.get_document("manifests", digest) if self.cache else None
@@ -162,18 +166,47 @@ def resolve_image(
     chosen_platform = platform
     if media_type in INDEX_TYPES:
         index_digest = digest
-        chosen_platform, entry = choose_platform(document, platform, image)
-        entry_digest, _, _ = descriptor(entry, f"the {chosen_platform} entry of {image}")
-        body, media_type, digest, document = documents.manifest_by_digest(
-            entry_digest, f"{chosen_platform} manifest of {image}"
+        chosen_platform, (body, media_type, digest, document) = _platform_manifest(
+            documents, document, platform, image
         )
-        if media_type not in IMAGE_MANIFEST_TYPES:
-            raise UnsupportedImage(
-                f"the {chosen_platform} entry of {image} is not an image manifest"
-            )
+    # Every check the manifest allows comes before the config is fetched.
+    config_digest, config_size = _config_descriptor(document, image)
+    layer_fields = _layer_fields(document, image)
+    config = documents.config(config_digest, config_size, f"config of {image}")
+    diff_ids = _diff_ids(json_object(config, f"the config of {image}"), len(layer_fields), image)
+    layers = tuple(
+        LayerDescriptor(i, d, s, t, c, diff_ids[i]) for i, (d, s, t, c) in enumerate(layer_fields)
+    )
+    return ResolvedImage(
+        reference=ref,
+        manifest_digest=digest,
+        manifest_media_type=media_type,
+        manifest=body,
+        index_digest=index_digest,
+        platform=chosen_platform,
+        config_digest=config_digest,
+        config=config,
+        layers=layers,
+    )
 
+
+def _platform_manifest(
+    documents: Documents, index: dict[str, Any], platform: Platform, image: str
+) -> tuple[Platform, ParsedManifest]:
+    """The platform an index offers for ``platform``, and its image manifest."""
+    chosen, entry = choose_platform(index, platform, image)
+    entry_digest, _, _ = descriptor(entry, f"the {chosen} entry of {image}")
+    manifest = documents.manifest_by_digest(entry_digest, f"{chosen} manifest of {image}")
+    if manifest[1] not in IMAGE_MANIFEST_TYPES:
+        raise UnsupportedImage(f"the {chosen} entry of {image} is not an image manifest")
+    return chosen, manifest
+
+
+def _config_descriptor(manifest: dict[str, Any], image: str) -> tuple[str, int]:
+    """The config's digest and size, once it is known to be a container image's config
+    small enough to hold in memory."""
     config_digest, config_size, config_type = descriptor(
-        document.get("config"), f"the config descriptor of {image}"
+        manifest.get("config"), f"the config descriptor of {image}"
     )
     if config_type not in CONFIG_TYPES:
         raise UnsupportedImage(
@@ -181,7 +214,13 @@ def resolve_image(
         )
     if config_size > MAX_CONFIG_BYTES:
         raise TooLarge(f"the config of {image} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
-    raw_layers = document.get("layers")
+    return config_digest, config_size
+
+
+def _layer_fields(manifest: dict[str, Any], image: str) -> list[tuple[str, int, str, str]]:
+    """Each layer's (digest, size, media type, compression), refusing foreign layers and
+    media types no loader can unpack."""
+    raw_layers = manifest.get("layers")
     if not isinstance(raw_layers, list):
         raise UpstreamInvalid(f"the manifest of {image} has no layers list")
     if len(raw_layers) > MAX_LAYERS:
@@ -200,33 +239,22 @@ def resolve_image(
                 f"layer {position} of {image} has an unsupported media type {layer_type[:80]!r}"
             )
         layer_fields.append((layer_digest, size, layer_type, compression))
+    return layer_fields
 
-    config = documents.config(config_digest, config_size, f"config of {image}")
-    config_document = json_object(config, f"the config of {image}")
-    rootfs = config_document.get("rootfs")
+
+def _diff_ids(config: dict[str, Any], layer_count: int, image: str) -> list[str]:
+    """The config's rootfs.diff_ids (the uncompressed layers' digests), one per layer."""
+    rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(
         isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids
     ):
         raise UpstreamInvalid(f"the config of {image} has no valid rootfs.diff_ids")
-    if len(diff_ids) != len(layer_fields):
+    if len(diff_ids) != layer_count:
         raise UpstreamInvalid(
-            f"the config of {image} lists {len(diff_ids)} diff_ids for {len(layer_fields)} layers"
+            f"the config of {image} lists {len(diff_ids)} diff_ids for {layer_count} layers"
         )
-    layers = tuple(
-        LayerDescriptor(i, d, s, t, c, diff_ids[i]) for i, (d, s, t, c) in enumerate(layer_fields)
-    )
-    return ResolvedImage(
-        reference=ref,
-        manifest_digest=digest,
-        manifest_media_type=media_type,
-        manifest=body,
-        index_digest=index_digest,
-        platform=chosen_platform,
-        config_digest=config_digest,
-        config=config,
-        layers=layers,
-    )
+    return diff_ids
 
 
 def fetch_config(client: RegistryClient, digest: str, size: int, what: str) -> bytes:

@@ -15,14 +15,10 @@ import socket
 from flask import Blueprint, Response, current_app, request
 
 from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
-from passthrough.export.pipeline import (
-    DownloadRequest,
-    OutputOptions,
-    Services,
-    parse_platform,
-    prepare_download,
-)
+from passthrough.export.download import prepare_download
+from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
+from passthrough.services import Services
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
 from passthrough.web.errors import error_response

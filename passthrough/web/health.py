@@ -21,8 +21,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app
 
 from passthrough.errors import PassthroughError
-from passthrough.export.pipeline import Services
 from passthrough.registry.routing import configured_upstreams
+from passthrough.services import Services
 from passthrough.upstream.probe import PROBE_TIMEOUT, ProbeResult, probe_registry
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import os
 from flask import Blueprint, Response, current_app
 
 from passthrough.errors import PassthroughError
-from passthrough.export.pipeline import Services
+from passthrough.services import Services
 from passthrough.tls import CA_FILE_ENV
 
 bp = Blueprint("tls", __name__)

@@ -33,7 +33,6 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from passthrough.config import Settings
 from passthrough.errors import BadRequest, PassthroughError
-from passthrough.export.pipeline import Services
 from passthrough.oci.reference import quote_input
 from passthrough.registry.access import Gate
 from passthrough.registry.tokens import (
@@ -42,39 +41,29 @@ from passthrough.registry.tokens import (
     parse_scopes,
     rfc3339,
 )
+from passthrough.services import services_of
 from passthrough.upstream.auth import Credentials, parse_basic_authorization
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("token", __name__)
 
-EXTENSION = "passthrough.tokens"
 #: The token endpoint's own challenge for a failed login: Basic, which is what it takes.
 LOGIN_CHALLENGE = {"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
 
 
-def make_token_service(settings: Settings) -> TokenService | None:
-    """One TokenService per app, when TOKEN_SECRET is set."""
-    if settings.token_secret is None:
-        return None
-    return TokenService(settings.token_secret, settings.token_ttl)
-
-
 def tokens_of(app: Flask) -> TokenService | None:
     """The app's TokenService (None without TOKEN_SECRET)."""
-    tokens: TokenService | None = app.extensions.get(EXTENSION)
-    return tokens
+    return services_of(app).token_service
 
 
 def gate_of(app: Flask) -> Gate:
     """The app's :class:`Gate` (users, rules, the failed-login limiter)."""
-    services: Services = app.extensions["passthrough"]
-    return services.access()
+    return services_of(app).access()
 
 
 def _settings() -> Settings:
-    services: Services = current_app.extensions["passthrough"]
-    return services.settings
+    return services_of(current_app).settings
 
 
 class OAuthError(BadRequest):

@@ -28,7 +28,6 @@ from passthrough.errors import (
     PassthroughError,
     UploadInvalid,
 )
-from passthrough.export.pipeline import Services
 from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import OCI_INDEX
 from passthrough.oci.reference import DIGEST_RE, TAG_RE, quote_input
@@ -37,6 +36,7 @@ from passthrough.registry.hosted import Hosted, check_digest
 from passthrough.registry.pages import next_page_link, page
 from passthrough.registry.proxy import BlobAnswer, Manifest, Proxy
 from passthrough.registry.routing import ProxyRoute, check_name, is_hosted, route_name
+from passthrough.services import Services
 from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream
 from passthrough.store.uploads import UploadState

@@ -239,7 +239,8 @@ def test_explicit_platform_refuses_a_single_platform_image_of_another(app):
 
 
 def test_default_namespace_belongs_to_the_environment_registry():
-    from passthrough.export.pipeline import DownloadRequest, Services, select
+    from passthrough.export.request import DownloadRequest, select
+    from passthrough.services import Services
     from passthrough.upstream.target import Route
 
     settings = load_settings(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from passthrough.capacity import DownloadSlots, check_free_space
 from passthrough.errors import InsufficientStorage, TooBusy
-from passthrough.export.limits import DownloadSlots, check_free_space
 
 
 def test_slots_refuse_beyond_capacity_with_retry_after():

@@ -120,7 +120,7 @@ def test_the_download_line_is_structured(tmp_path, caplog):
     body = make_app(tmp_path).test_client().get("/docker/team__api_v1.tar").data
     (line,) = [r for r in caplog.records if r.getMessage().startswith("download image=")]
     document = json.loads(logs.JsonFormatter().format(line))
-    assert document["logger"] == "passthrough.export.pipeline" and document["level"] == "INFO"
+    assert document["logger"] == "passthrough.export.download" and document["level"] == "INFO"
     assert document["image"] == "reg.test:5000/team/api:v1"
     assert document["digest"].startswith("sha256:")
     assert document["bytes"] == len(body)

@@ -1,6 +1,8 @@
-"""Per-worker limits that keep a worker responsive: a cap on concurrent downloads
-(each holds a thread for its whole life, and routers read slowly), so /health and
-/metrics always find a free thread; and the free-space check before a download starts."""
+"""What one worker takes on at once, a property of the pod rather than of any one route:
+a cap on concurrent downloads (each holds a thread for its whole life, and routers read
+slowly), so /health and /metrics always find a free thread; and the free-space check
+before a download starts. Below the wings, so :mod:`passthrough.services` makes the one
+:class:`DownloadSlots` of the process and any wing may share it."""
 
 from __future__ import annotations
 

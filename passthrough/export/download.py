@@ -1,7 +1,7 @@
-"""The download pipeline, one stage per module:
-
-parse (reference) → choose registry and credentials (registry) → resolve (resolve) →
-fetch and verify (fetch, store, cache) → assemble (archive) → stream (tarstream).
+"""The download: resolve (:mod:`~passthrough.export.resolve`) → fetch and verify each
+layer through the store (:mod:`passthrough.store`) → assemble
+(:mod:`~passthrough.export.archive`) → stream (:mod:`~passthrough.export.tarstream`),
+after the request was parsed and its registry chosen (:mod:`~passthrough.export.request`).
 
 :func:`prepare_download` runs everything that can fail with an HTTP status before the
 first byte: the reference is parsed, manifest and config resolved and verified, and
@@ -19,12 +19,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from passthrough.capacity import check_free_space
 from passthrough.config import Settings
 from passthrough.errors import (
-    BadRequest,
     BlobUnknown,
     ClientAuthRequired,
     NotAcceptable,
@@ -35,14 +33,19 @@ from passthrough.errors import (
     UpstreamUnreachable,
 )
 from passthrough.export.archive import (
-    FORMATS,
     OCI_LAYER_GZIP,
     OCI_LAYER_TAR,
     ArchivePlan,
     WrittenLayer,
     plan_archive,
 )
-from passthrough.export.limits import RESERVED_THREADS, DownloadSlots, check_free_space
+from passthrough.export.request import (
+    DownloadRequest,
+    OutputOptions,
+    Selection,
+    open_client,
+    select,
+)
 from passthrough.export.resolve import resolve_image
 from passthrough.export.tarstream import (
     END_OF_ARCHIVE,
@@ -55,256 +58,21 @@ from passthrough.export.tarstream import (
     produce_range,
     total_size,
 )
-from passthrough.export.trace import (
-    DownloadTrace,
-    annotate_credentials,
-    annotate_image,
-    annotate_reference,
-)
+from passthrough.export.trace import DownloadTrace, annotate_image
 from passthrough.observe import metrics, telemetry
-from passthrough.oci.endpoint import RegistryEndpoint
 from passthrough.oci.manifest import LayerDescriptor, ResolvedImage, layer_what
-from passthrough.oci.platforms import DEFAULT_PLATFORM, Platform
-from passthrough.oci.reference import (
-    ImageReference,
-    archive_filename,
-    familiar_name,
-    parse_filename,
-    parse_reference_path,
-    qualify,
-    synthetic_tag,
-)
-from passthrough.registry.access import Gate, check_access
+from passthrough.oci.platforms import Platform
+from passthrough.oci.reference import archive_filename
+from passthrough.registry.access import check_access
 from passthrough.registry.hosted import Hosted
-from passthrough.registry.routing import is_hosted
-from passthrough.store import open_store
+from passthrough.services import Services
 from passthrough.store.base import BlobSource, LayerFile, LayerStore
 from passthrough.store.content import ContentStore
 from passthrough.store.temp import TempStore
-from passthrough.upstream.auth import Credentials, TokenCache
 from passthrough.upstream.blobs import blob_chunks
-from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
-from passthrough.upstream.netguard import HostPolicy, trusted_hosts
-from passthrough.upstream.target import AuthKind, Route, Target, choose_target, registry_from_url
-from passthrough.upstream.trust import ca_bundle
+from passthrough.upstream.client import RegistryClient
 
 log = logging.getLogger(__name__)
-
-LAYER_MODES = ("tar", "gzip")
-
-
-@dataclass
-class Services:
-    """What lives for the whole process: settings, the token cache, the content store."""
-
-    settings: Settings
-    tokens: TokenCache = field(default_factory=TokenCache)
-    store: ContentStore | None = None
-    policy: HostPolicy = field(default_factory=HostPolicy)
-    slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(16 - RESERVED_THREADS))
-    #: Who may do what (HTPASSWD_FILE, ACCESS_FILE, the failed-login limiter).
-    gate: Gate | None = None
-
-    def access(self) -> Gate:
-        """The gate; made on first use for Services built without :meth:`create`."""
-        if self.gate is None:
-            self.gate = Gate.create(self.settings)
-        return self.gate
-
-    @classmethod
-    def create(cls, settings: Settings) -> Services:
-        store = open_store(settings)
-        policy = HostPolicy(
-            allowlist=settings.registry_allowlist,
-            # The operator's own registries: REGISTRY_URL, its realm and UPSTREAMS.
-            trusted=trusted_hosts(
-                [settings.registry.url, settings.registry_auth_url]
-                + [endpoint.url for _, endpoint in settings.upstreams]
-            ),
-            allow_link_local=settings.allow_link_local,
-            # UPSTREAM_CA_FILE: the bundle is written once per process, here.
-            ca_bundle=(
-                str(ca_bundle(settings.upstream_ca_file)) if settings.upstream_ca_file else None
-            ),
-        )
-        slots = DownloadSlots(settings.max_concurrent_downloads or 16 - RESERVED_THREADS)
-        # The users and rules are read (and checked: ConfigError) once, here.
-        gate = Gate.create(settings)
-        return cls(settings, store=store, policy=policy, slots=slots, gate=gate)
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """How the archive is packaged.
-
-    - ``format=docker`` (default): the Docker 1.10–24 layout IOx documents;
-      ``format=oci``: the Docker 25+ OCI layout.
-    - ``layers=gzip`` keeps the registry's gzip blobs as the layer files (docker, podman
-      and containerd load them; IOx is unknown); ``layers=tar`` (default) decompresses.
-    """
-
-    layers: str = "tar"
-    format: str = "docker"
-
-    @classmethod
-    def from_query(
-        cls, layers: str | None = None, output_format: str | None = None
-    ) -> OutputOptions:
-        mode = (layers or "tar").lower()
-        if mode not in LAYER_MODES:
-            raise BadRequest(f"layers must be one of {', '.join(LAYER_MODES)}")
-        chosen = (output_format or "docker").lower()
-        if chosen not in FORMATS:
-            raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
-        return cls(layers=mode, format=chosen)
-
-    @property
-    def tag(self) -> str:
-        return f"{self.format}-{self.layers}"
-
-
-def parse_platform(text: str | None, default: str) -> Platform:
-    try:
-        return Platform.parse(text or default)
-    except ValueError as exc:
-        raise BadRequest(f"invalid platform: {exc}") from None
-
-
-@dataclass(frozen=True)
-class DownloadRequest:
-    """What the client asked for, straight from the URL and headers."""
-
-    route: Route
-    #: ``nginx_latest.tar`` on the /docker/ routes; None on the /ref/ routes.
-    filename: str | None
-    scheme: str | None = None
-    host: str | None = None
-    client_credentials: Credentials | None = field(default=None, repr=False)
-    client_address: str | None = None
-    platform: Platform = DEFAULT_PLATFORM
-    #: The client named the platform (?platform=): a single-platform image of another
-    #: platform is then refused rather than delivered.
-    platform_explicit: bool = False
-    options: OutputOptions = field(default_factory=OutputOptions)
-    #: ``team/api:v1_beta.tar`` or ``team/api@sha256:….tar`` on the /ref/ routes.
-    reference_path: str | None = None
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Stages 1 and 2: the parsed reference and the chosen registry and credentials."""
-
-    reference: ImageReference
-    target: Target
-    #: A repository of the hosted area (HOSTED_REPOSITORIES): read from the store only,
-    #: never from any upstream.
-    hosted: bool = False
-
-    @property
-    def repo_tag(self) -> str:
-        """RepoTags: familiar name and the tag (a synthetic one for a digest download)."""
-        name = familiar_name(self.target.registry, self.reference.repository)
-        return f"{name}:{synthetic_tag(self.reference)}"
-
-    @property
-    def full_name(self) -> str:
-        """The fully qualified name containerd records (io.containerd.image.name)."""
-        return f"{self.target.registry.name}/{self.reference.repository}:" + synthetic_tag(
-            self.reference
-        )
-
-    @property
-    def access_class(self) -> str:
-        """Who is asking, coarsely, for SERVE_STALE: only anonymous and the service's own
-        identity may be served without asking the registry."""
-        if self.target.credentials_source == "client":
-            return "client"
-        if self.target.auth is AuthKind.ANONYMOUS:
-            return "anonymous"
-        return "environment"
-
-
-def select(services: Services, request: DownloadRequest) -> Selection:
-    """Parse the filename and choose registry and credentials; no upstream call yet."""
-    settings = services.settings
-    with telemetry.span("parse_image_request"):
-        if request.reference_path is not None:
-            reference = parse_reference_path(request.reference_path)
-        else:
-            reference = parse_filename(request.filename or "")
-    if request.route is Route.ENVIRONMENT and is_hosted(settings, reference.repository):
-        # The hosted area answers for its names whatever REGISTRY_URL is: no upstream
-        # is ever asked for them (nothing public can shadow a team's image).
-        target = Target(hosted_endpoint(settings), "hosted", AuthKind.ANONYMOUS)
-        annotate_reference(reference, target)
-        return Selection(reference, target, hosted=True)
-    with telemetry.span("extract_registry_client_credentials"):
-        annotate_credentials(settings, request.client_credentials)
-        registry: RegistryEndpoint | None = None
-        if request.route is not Route.ENVIRONMENT:
-            registry = registry_from_url(request.scheme or "", request.host or "")
-        if registry is not None:
-            # Before anything else: a client may not make us connect where policy forbids.
-            services.policy.check_host(*_host_port(registry.url))
-        target = choose_target(settings, request.route, request.client_credentials, registry)
-        annotate_credentials(settings, request.client_credentials, target)
-    annotate_credentials(settings, request.client_credentials, target)
-    # REGISTRY_DEFAULT_NAMESPACE belongs to the environment's registry: another registry
-    # named in the URL keeps its own defaults (library/ on Docker Hub).
-    namespace = settings.default_namespace if target.source == "environment" else None
-    reference = qualify(reference, target.registry, namespace)
-    annotate_reference(reference, target)
-    return Selection(reference, target)
-
-
-def hosted_endpoint(settings: Settings) -> RegistryEndpoint:
-    """How archives name the hosted area's images: PUBLIC_URL's host (``localhost``
-    without one), as ``docker pull`` from this service would."""
-    if settings.public_url:
-        parts = urlsplit(settings.public_url)
-        return RegistryEndpoint(f"{parts.scheme}://{parts.netloc}", parts.netloc.lower())
-    return RegistryEndpoint("http://localhost", "localhost")
-
-
-def _resolve_hosted(
-    services: Services, selection: Selection, request: DownloadRequest, client: RegistryClient
-) -> ResolvedImage:
-    """A hosted image, from the store: the client must be allowed to pull it, as on /v2."""
-    settings = services.settings
-    if services.store is None:
-        raise UpstreamUnavailable("the hosted area needs a content store (CACHE_DIR or STORE=s3)")
-    repository = selection.reference.repository
-    if settings.auth_enabled:
-        credentials = request.client_credentials
-        authorization = credentials.basic_header() if credentials is not None else None
-        try:
-            check_access(
-                settings,
-                None,
-                authorization,
-                repository,
-                "pull",
-                gate=services.access(),
-                client=request.client_address,
-            )
-        except PassthroughError as exc:
-            if exc.status == 401:
-                raise ClientAuthRequired(
-                    "this hosted repository needs a passthrough user (HTTP Basic)"
-                ) from None
-            raise
-    reference = selection.reference
-    found = Hosted(settings, services.store).manifest(
-        repository, reference.digest or reference.tag or "latest"
-    )
-    return resolve_image(
-        client, reference, request.platform, services.store, offline_digest=found.digest
-    )
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class Download:
@@ -664,22 +432,39 @@ def _resolve(
     return image
 
 
-def open_client(services: Services, selection: Selection, *, pool_size: int) -> RegistryClient:
-    """A client for this request's registry, repository and credentials, with the
-    service's timeouts, retries, deadline and outbound policy."""
+def _resolve_hosted(
+    services: Services, selection: Selection, request: DownloadRequest, client: RegistryClient
+) -> ResolvedImage:
+    """A hosted image, from the store: the client must be allowed to pull it, as on /v2."""
     settings = services.settings
-    return RegistryClient(
-        selection.target,
-        selection.reference.repository,
-        services.tokens,
-        Timeouts(settings.connect_timeout, settings.read_timeout),
-        pool_size=pool_size,
-        policy=services.policy,
-        retry=RetryPolicy(
-            attempts=settings.upstream_retries,
-            retry_after_max=settings.retry_after_max,
-            deadline=time.monotonic() + settings.download_deadline,
-        ),
+    if services.store is None:
+        raise UpstreamUnavailable("the hosted area needs a content store (CACHE_DIR or STORE=s3)")
+    repository = selection.reference.repository
+    if settings.auth_enabled:
+        credentials = request.client_credentials
+        authorization = credentials.basic_header() if credentials is not None else None
+        try:
+            check_access(
+                settings,
+                None,
+                authorization,
+                repository,
+                "pull",
+                gate=services.access(),
+                client=request.client_address,
+            )
+        except PassthroughError as exc:
+            if exc.status == 401:
+                raise ClientAuthRequired(
+                    "this hosted repository needs a passthrough user (HTTP Basic)"
+                ) from None
+            raise
+    reference = selection.reference
+    found = Hosted(settings, services.store).manifest(
+        repository, reference.digest or reference.tag or "latest"
+    )
+    return resolve_image(
+        client, reference, request.platform, services.store, offline_digest=found.digest
     )
 
 

@@ -1,0 +1,106 @@
+"""The composition root: everything that lives for the whole process, made once from the
+settings by :meth:`Services.create` (``create_app`` calls it and keeps the result in
+``app.extensions["passthrough"]``).
+
+Every blueprint and the tar export take what they need from here: the content store,
+the upstream token cache and outbound policy, the gate (users, rules, the failed-login
+limiter), the service's own token issuer, the download slots, and the hosted area and
+pull-through proxy built on the store. It sits below the wings that use it (web,
+export) and above those it wires (registry, store, upstream, capacity), so no view has
+to import the tar pipeline, or any wing another, just to reach a shared object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flask import Flask
+
+from passthrough.capacity import RESERVED_THREADS, DownloadSlots
+from passthrough.config import Settings
+from passthrough.registry.access import Gate
+from passthrough.registry.hosted import Hosted
+from passthrough.registry.proxy import Proxy
+from passthrough.registry.tokens import TokenService
+from passthrough.store import open_store
+from passthrough.store.content import ContentStore
+from passthrough.upstream.auth import TokenCache
+from passthrough.upstream.netguard import HostPolicy, trusted_hosts
+from passthrough.upstream.trust import ca_bundle
+
+__all__ = ["EXTENSION", "Services", "services_of"]
+
+#: Where the app keeps its Services (``app.extensions``).
+EXTENSION = "passthrough"
+#: The download cap before gunicorn tells the worker its thread count (fit_to_threads).
+DEFAULT_SLOTS = 16 - RESERVED_THREADS
+
+
+@dataclass
+class Services:
+    """What lives for the whole process: settings, the token cache, the content store."""
+
+    settings: Settings
+    tokens: TokenCache = field(default_factory=TokenCache)
+    store: ContentStore | None = None
+    policy: HostPolicy = field(default_factory=HostPolicy)
+    slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(DEFAULT_SLOTS))
+    #: Who may do what (HTPASSWD_FILE, ACCESS_FILE, the failed-login limiter).
+    gate: Gate | None = None
+    #: The service's own Bearer tokens (TOKEN_SECRET; None without one): every worker
+    #: derives the same key from the secret.
+    token_service: TokenService | None = None
+    #: The hosted area and the pull-through proxy, both on the content store (None
+    #: without one: the /v2 API then answers 503).
+    hosted: Hosted | None = None
+    proxy: Proxy | None = None
+
+    def access(self) -> Gate:
+        """The gate; made on first use for Services built without :meth:`create`."""
+        if self.gate is None:
+            self.gate = Gate.create(self.settings)
+        return self.gate
+
+    @classmethod
+    def create(cls, settings: Settings) -> Services:
+        """Open the store, read the users and rules (ConfigError), build the rest."""
+        store = open_store(settings)
+        policy = outbound_policy(settings)
+        tokens = TokenCache()
+        token_service = None
+        if settings.token_secret is not None:
+            token_service = TokenService(settings.token_secret, settings.token_ttl)
+        return cls(
+            settings,
+            tokens=tokens,
+            store=store,
+            policy=policy,
+            slots=DownloadSlots(settings.max_concurrent_downloads or DEFAULT_SLOTS),
+            gate=Gate.create(settings),
+            token_service=token_service,
+            hosted=Hosted(settings, store) if store is not None else None,
+            proxy=Proxy(settings, store, tokens, policy) if store is not None else None,
+        )
+
+
+def outbound_policy(settings: Settings) -> HostPolicy:
+    """Where the service may connect: REGISTRY_ALLOWLIST, link-local, the CA bundle."""
+    return HostPolicy(
+        allowlist=settings.registry_allowlist,
+        # The operator's own registries: REGISTRY_URL, its realm and UPSTREAMS.
+        trusted=trusted_hosts(
+            [settings.registry.url, settings.registry_auth_url]
+            + [endpoint.url for _, endpoint in settings.upstreams]
+        ),
+        allow_link_local=settings.allow_link_local,
+        # UPSTREAM_CA_FILE: the bundle is written once per process, here.
+        ca_bundle=(
+            str(ca_bundle(settings.upstream_ca_file)) if settings.upstream_ca_file else None
+        ),
+    )
+
+
+def services_of(app: Flask) -> Services:
+    """The app's Services (``create_app`` made them)."""
+    found: Services = app.extensions[EXTENSION]
+    return found
