@@ -42,7 +42,7 @@ class Variable:
     group: str
     #: A credential: never in a repr, from a Secret in the chart, empty in .env.example.
     secret: bool = False
-    #: The default as the documentation shows it (None: derived from ``default``).
+    #: The default as the README shows it, in Markdown (None: ``default`` as code).
     shown: str | None = None
     #: Leading and trailing blanks are part of the value (passwords, keys).
     keep_blanks: bool = False
@@ -71,9 +71,7 @@ class Variable:
         return copy.copy(self.default) if raw is None else self.parse(self.name, raw)
 
     def default_text(self) -> str:
-        """The default as .env.example and the README show it."""
-        if self.shown is not None:
-            return self.shown
+        """The default as a value of the variable would write it ("" for none)."""
         value = self.default
         if value is None:
             return ""
@@ -130,7 +128,7 @@ class Settings:
         "REGISTRY_URL", p.registry, _HUB,
         "registry of `/docker/`; `docker.io`, `index.docker.io` and `registry-1.docker.io` "
         "all mean Docker Hub; `http://host:5000` for plain HTTP",
-        REGISTRY, shown="docker.io",
+        REGISTRY, shown="`docker.io`",
     )  # fmt: skip
     registry_auth_url: str | None = setting(
         "REGISTRY_AUTH_URL", p.http_url, None,
@@ -260,7 +258,7 @@ class Settings:
     )  # fmt: skip
     hosted_manifest_max_bytes: int = setting(
         "HOSTED_MANIFEST_MAX_BYTES", p.size, 4 << 20, "the largest manifest a push may `PUT`",
-        HOSTED, shown="4M",
+        HOSTED, shown="`4M`",
     )  # fmt: skip
     #: Addresses and networks (an ingress) whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = setting(
@@ -290,7 +288,7 @@ class Settings:
     tls_dir: str | None = setting(
         "TLS_DIR", p.text, None,
         "where `TLS_SELF_SIGNED` keeps its CA (reused while valid) and certificate; 0700",
-        TLS, shown="$TMPDIR/passthrough-tls-<uid>",
+        TLS, shown="`$TMPDIR/passthrough-tls-<uid>`",
         not_in_chart="each pod makes its own CA under TMPDIR",
     )  # fmt: skip
 
@@ -321,7 +319,7 @@ class Settings:
     )  # fmt: skip
     max_image_bytes: int = setting(
         "MAX_IMAGE_BYTES", p.size, 20 << 30,
-        "the largest image (sum of its layers), answered with `413`", LIMITS, shown="20G",
+        "the largest image (sum of its layers), answered with `413`", LIMITS, shown="`20G`",
     )  # fmt: skip
     max_layers: int = setting(
         "MAX_LAYERS", p.integer(1), 500, "the most layers an image may have (`413`)", LIMITS,
@@ -353,7 +351,7 @@ class Settings:
         "CACHE_MAX_BYTES", p.size_or_off, 20 << 30,
         "the store's size (least recently used evicted, never a pinned entry); `0`: no "
         "limit, the default with `STORE=s3`",
-        DISK, shown="20G",
+        DISK, shown="`20G`",
     )  # fmt: skip
 
     # -- the shared content store ------------------------------------------------------------
@@ -419,7 +417,7 @@ class Settings:
     otel_service_name: str | None = setting(
         "OTEL_SERVICE_NAME", p.text, None,
         "`service.name` of the traces (other standard `OTEL_*` variables apply too)", OBSERVE,
-        shown="passthrough", opentelemetry=True,
+        shown="`passthrough`", opentelemetry=True,
     )  # fmt: skip
 
     @property
