@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 from passthrough.config import parse as p
@@ -110,13 +110,10 @@ def variables_of(cls: type) -> tuple[Variable, ...]:
 
 
 def _with_field(variable: Variable, item: Field[Any]) -> Variable:
-    from dataclasses import replace
-
     return replace(variable, field=item.name)
 
 
 _HUB = RegistryEndpoint(DOCKER_HUB_URL, "docker.io")
-_SECONDS = " s"
 
 
 @dataclass(frozen=True)
