@@ -10,15 +10,8 @@ import re
 
 from passthrough.config import VARIABLES
 from passthrough.config.docs import markdown_table
-from tests.deploy import (
-    ALIASES,
-    ENV_VARS,
-    REPO,
-    S3_SECRET_VARS,
-    SECRET_VARS,
-    V2_SECRET_VARS,
-    env_vars_read_by_app,
-)
+from tests import deploy
+from tests.deploy import ALIASES, REPO
 
 CHART = REPO / "helm" / "passthrough"
 DECLARED = {v.name for v in VARIABLES}
@@ -59,11 +52,8 @@ def test_env_example_lists_exactly_the_declared_variables() -> None:
 
 
 def test_the_secrets_are_the_declared_ones() -> None:
-    assert {v.name for v in VARIABLES if v.secret} == {
-        *SECRET_VARS,
-        *S3_SECRET_VARS,
-        *V2_SECRET_VARS,
-    }
+    declared = (deploy.SECRET_VARS, deploy.S3_SECRET_VARS, deploy.V2_SECRET_VARS)
+    assert {v.name for v in VARIABLES if v.secret} == {n for names in declared for n in names}
 
 
 def chart_variables() -> tuple[set[str], set[str]]:
@@ -85,7 +75,7 @@ def test_the_chart_sets_exactly_the_declared_variables() -> None:
     secrets = {v.name for v in VARIABLES if v.secret}
     assert secrets <= from_secrets, "secrets come from a Secret"
     assert not secrets & mapped, "never a ConfigMap value"
-    assert set(ENV_VARS) == IN_CHART
+    assert set(deploy.ENV_VARS) == IN_CHART
 
 
 def test_values_yaml_names_each_chart_variable_and_no_other() -> None:
@@ -97,4 +87,4 @@ def test_values_yaml_names_each_chart_variable_and_no_other() -> None:
 
 
 def test_the_code_reads_only_declared_variables() -> None:
-    assert env_vars_read_by_app() - DECLARED - INTERNAL == set()
+    assert deploy.env_vars_read_by_app() - DECLARED - INTERNAL == set()
