@@ -1,7 +1,10 @@
 """gunicorn settings for passthrough: `gunicorn -c gunicorn.conf.py` from the repo root.
 
 Every value can be overridden on the command line (`--bind 127.0.0.1:9000`) or with
-GUNICORN_CMD_ARGS; the environment variables below are the documented knobs. TLS
+GUNICORN_CMD_ARGS; the environment variables read here (BIND, WEB_CONCURRENCY,
+GUNICORN_THREADS, GRACEFUL_TIMEOUT, LOG_LEVEL) are declared in passthrough's settings
+table (:class:`passthrough.config.ServerSettings`) and read like the app's, `.env` under
+the real environment, a bad value stopping start-up with one line naming it. TLS
 (TLS_CERT_FILE/TLS_KEY_FILE, or TLS_SELF_SIGNED) is set up in on_starting, from the
 validated settings.
 """
@@ -11,24 +14,32 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from passthrough.config import ConfigError, load_server_settings, read_variable
+
 if TYPE_CHECKING:
     from passthrough.config import Settings
 
+try:
+    _server = load_server_settings()
+    _log_level: str = read_variable("LOG_LEVEL")
+except ConfigError as exc:
+    raise SystemExit(f"passthrough: configuration error: {exc}") from None
+
 wsgi_app = "passthrough:create_app()"
 
-bind = [os.environ.get("BIND", "0.0.0.0:8080")]
+bind = [_server.bind]
 
 # gthread: each download holds one thread for its whole life (routers read slowly),
 # and in gthread `timeout` is only the worker's liveness heartbeat, so a download
 # that lasts an hour is not killed.
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+workers = _server.workers
+threads = _server.threads
 timeout = 60
 keepalive = 5
 
 # On SIGTERM, in-flight downloads get this long to finish before workers are killed.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "120"))
+graceful_timeout = _server.graceful_timeout
 
 # Worker recycling would cut long downloads mid-transfer.
 max_requests = 0
@@ -48,7 +59,7 @@ limit_request_field_size = 8190
 
 accesslog = "-"
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _log_level.lower()
 # The default access log format records the request line and headers we choose;
 # never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(L)ss "%(a)s"'
@@ -58,6 +69,8 @@ logger_class = "passthrough.observe.logs.GunicornLogger"
 
 # The Prometheus directory this master created (removed when it exits), if any.
 _metrics_dir_created: list[str] = []
+# The settings on_starting validated, inherited by every forked worker.
+_settings: list[Settings] = []
 
 
 def on_starting(server: object) -> None:
@@ -68,7 +81,7 @@ def on_starting(server: object) -> None:
     Then settle PROMETHEUS_MULTIPROC_DIR, where every worker writes its metric samples
     and /metrics reads them all: the operator's directory wiped of a previous run's
     files, or a fresh one, before any worker starts."""
-    from passthrough.config import ConfigError, load_settings
+    from passthrough.config import load_settings
     from passthrough.observe import metrics
     from passthrough.registry.access import Gate
     from passthrough.store import check_store
@@ -87,6 +100,7 @@ def on_starting(server: object) -> None:
         if settings.upstream_ca_file:
             ca_bundle(settings.upstream_ca_file)
         _configure_tls(server, settings)
+        _settings.append(settings)
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
     try:
@@ -143,8 +157,8 @@ def post_fork(server: object, worker: object) -> None:
     channel do not survive one); nothing at all unless OTEL_EXPORTER_OTLP_ENDPOINT."""
     from passthrough.observe import telemetry
 
-    if telemetry.tracing_enabled():
-        telemetry.setup_tracing()
+    if _settings and telemetry.tracing_enabled(_settings[0]):
+        telemetry.setup_tracing(_settings[0])
 
 
 def worker_exit(server: object, worker: object) -> None:

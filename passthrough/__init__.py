@@ -35,8 +35,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure(settings.log_level, settings.log_format)
     # Under gunicorn each worker sets tracing up after the fork (gunicorn.conf.py).
     if not telemetry.is_active() and not telemetry.under_gunicorn():
-        if telemetry.tracing_enabled(env):
-            telemetry.setup_tracing(environ=env)
+        if telemetry.tracing_enabled(settings):
+            telemetry.setup_tracing(settings, environ=env)
     telemetry.instrument_app(app)
 
     from passthrough.web import describe, downloads, errors, health, metrics, tls, token, ui, v2

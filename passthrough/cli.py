@@ -1,11 +1,14 @@
 """The `passthrough` console command: `healthcheck` for containers without curl,
 `check-config` to validate the environment before a deploy, and `gc` to remove what no
-tag of the hosted area reaches (:mod:`passthrough.registry.gc`)."""
+tag of the hosted area reaches (:mod:`passthrough.registry.gc`).
+
+Each command checks the settings it uses: check-config all the server needs, gc the
+content store's (it issues no token, so PUBLIC_URL and TOKEN_SECRET are not its
+business), healthcheck only the port and whether the server speaks TLS."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import ssl
 import sys
 import urllib.request
@@ -15,16 +18,23 @@ GC_GRACE = "1h"
 
 
 def tls_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Whether the local server speaks TLS (TLS_SELF_SIGNED, or TLS_CERT_FILE)."""
-    env = dict(os.environ if environ is None else environ)
-    self_signed = env.get("TLS_SELF_SIGNED", "").strip().lower() in ("1", "true", "yes", "on")
-    return self_signed or bool(env.get("TLS_CERT_FILE", "").strip())
+    """Whether the local server speaks TLS (TLS_SELF_SIGNED, or TLS_CERT_FILE); read as
+    the server reads them, the environment over .env."""
+    from passthrough.config import read_environment, read_variable
+    from passthrough.config.table import BY_NAME
+
+    env = read_environment(environ)
+    # Only whether a certificate is named: the server checks the file itself.
+    return (
+        bool(read_variable("TLS_SELF_SIGNED", env)) or BY_NAME["TLS_CERT_FILE"].raw(env) is not None
+    )
 
 
 def default_health_url(environ: dict[str, str] | None = None) -> str:
-    env = dict(os.environ if environ is None else environ)
-    scheme = "https" if tls_enabled(env) else "http"
-    return f"{scheme}://127.0.0.1:{env.get('PORT', '8080')}/health"
+    from passthrough.config import read_variable
+
+    scheme = "https" if tls_enabled(environ) else "http"
+    return f"{scheme}://127.0.0.1:{read_variable('PORT', environ)}/health"
 
 
 def healthcheck(url: str, timeout: float) -> int:
@@ -62,14 +72,14 @@ def check_config() -> int:
 
 def gc(*, delete: bool, grace: str) -> int:
     """Exit 0 after a run (dry or not), 2 with one line on stderr when it cannot run."""
-    from passthrough.config import ConfigError, load_settings
+    from passthrough.config import STORE, ConfigError, load_settings
     from passthrough.errors import PassthroughError
     from passthrough.registry.gc import Collector, parse_duration
     from passthrough.store import open_store
 
     try:
         seconds = parse_duration(grace)
-        settings = load_settings()
+        settings = load_settings(concerns={STORE})
         store = open_store(settings)
         if store is None:
             raise ConfigError("gc needs the content store: set CACHE_DIR, or STORE=s3")
@@ -86,13 +96,24 @@ def gc(*, delete: bool, grace: str) -> int:
     return 0
 
 
+def _healthcheck_command(url: str | None, timeout: float) -> int:
+    """healthcheck with its URL; 1 with one line when PORT or TLS_SELF_SIGNED is bad."""
+    from passthrough.config import ConfigError
+
+    try:
+        return healthcheck(url or default_health_url(), timeout)
+    except ConfigError as exc:
+        print(f"unhealthy: configuration error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="passthrough")
     commands = parser.add_subparsers(dest="command", required=True)
     health = commands.add_parser("healthcheck", help="probe /health of the local server")
     health.add_argument(
         "--url",
-        default=default_health_url(),
+        default=None,
         help="health URL (default: http://127.0.0.1:$PORT/health, https with TLS_SELF_SIGNED "
         "or TLS_CERT_FILE; PORT defaults to 8080)",
     )
@@ -111,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
-        return healthcheck(args.url, args.timeout)
+        return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":
         return gc(delete=args.delete, grace=args.grace)
     return check_config()

@@ -3,9 +3,10 @@
 Off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; then, and only then, the SDK is
 loaded, a tracer provider with a ``BatchSpanProcessor`` is made and the Flask and
 requests instrumentors are called. Off, every helper here returns at once and nothing is
-patched. The standard ``OTEL_*`` variables are honoured (the SDK and the exporters read
-them): ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``, the default, or ``http/protobuf``),
-``OTEL_SERVICE_NAME`` (default ``passthrough``), ``OTEL_BSP_*``, ``OTEL_RESOURCE_ATTRIBUTES``.
+patched. The endpoint, ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``, the default, or
+``http/protobuf``) and ``OTEL_SERVICE_NAME`` (default ``passthrough``) come from
+:class:`~passthrough.config.Settings`, checked there once; the other standard ``OTEL_*``
+variables (``OTEL_BSP_*``, ``OTEL_RESOURCE_ATTRIBUTES``) are the SDK's own, read by it.
 
 Under gunicorn the provider is made per worker after the fork (``post_fork`` in
 gunicorn.conf.py) and flushed when the worker exits (``worker_exit``); elsewhere (the
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from requests import PreparedRequest, Response
 
+    from passthrough.config import Settings
+
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +107,9 @@ def is_active() -> bool:
     return _active is not None
 
 
-def tracing_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether OTEL_EXPORTER_OTLP_ENDPOINT asks for traces (the environment and .env)."""
-    from passthrough.config import read_environment
-
-    return bool((read_environment(environ).get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip())
+def tracing_enabled(settings: Settings) -> bool:
+    """Whether OTEL_EXPORTER_OTLP_ENDPOINT asks for traces."""
+    return settings.otel_endpoint is not None
 
 
 def under_gunicorn() -> bool:
@@ -122,6 +123,7 @@ def under_gunicorn() -> bool:
 
 
 def setup_tracing(
+    settings: Settings | None = None,
     *,
     exporter: SpanExporter | None = None,
     environ: Mapping[str, str] | None = None,
@@ -130,6 +132,7 @@ def setup_tracing(
 ) -> TracerProvider:
     """Make this process's tracer provider and instrument ``requests``; idempotent.
 
+    ``settings`` default to those of ``environ`` (the process environment and .env).
     ``exporter`` defaults to OTLP (``OTEL_EXPORTER_OTLP_PROTOCOL``); tests pass an
     in-memory one with ``set_global=False`` (the global provider can be set only once
     per process) and ``batch=False`` (spans exported as they end).
@@ -143,15 +146,19 @@ def setup_tracing(
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-        env = _prepare_environment(environ)
+        if settings is None:
+            from passthrough.config import load_settings
+
+            settings = load_settings(environ, concerns=())
+        _prepare_environment(environ)
         detected = Resource.create({}).attributes.get(SERVICE_NAME)
-        service = (env.get("OTEL_SERVICE_NAME") or "").strip()
+        service = settings.otel_service_name
         if not service:
             default = isinstance(detected, str) and detected.startswith("unknown_service")
             service = DEFAULT_SERVICE_NAME if detected is None or default else str(detected)
         resource = Resource.create({SERVICE_NAME: service, "service.version": _version()})
         if exporter is None:
-            exporter = _otlp_exporter(env)
+            exporter = _otlp_exporter(settings.otel_protocol)
         sdk_provider = TracerProvider(resource=resource)
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         sdk_provider.add_span_processor(processor)
@@ -202,38 +209,30 @@ def instrument_app(app: Flask) -> None:
     )
 
 
-def _prepare_environment(environ: Mapping[str, str] | None) -> dict[str, str]:
-    """The effective variables. OTEL_* from .env (or create_app's overrides) are copied
-    into the process environment (the SDK reads only that), the stable HTTP semantic
-    conventions are asked for, and header capture is switched off."""
+def _prepare_environment(environ: Mapping[str, str] | None) -> None:
+    """OTEL_* from .env (or create_app's overrides) are copied into the process
+    environment (the SDK and the exporters read only that: the endpoint, OTEL_BSP_*),
+    the stable HTTP semantic conventions are asked for, and header capture is switched
+    off."""
     from passthrough.config import read_environment
 
-    env = read_environment(environ)
-    for name, value in env.items():
+    for name, value in read_environment(environ).items():
         if name.startswith("OTEL_"):
             os.environ.setdefault(name, value)
     os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
     for name in _HEADER_CAPTURE_VARIABLES:
         if os.environ.pop(name, None):
             log.warning("%s is ignored: passthrough never records HTTP headers", name)
-    return env
 
 
-def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    protocol = (env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+def _otlp_exporter(protocol: str) -> SpanExporter:
+    """The OTLP exporter of OTEL_EXPORTER_OTLP_PROTOCOL (one of config.OTLP_PROTOCOLS)."""
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HTTPSpanExporter,
         )
 
         return HTTPSpanExporter()
-    if protocol != "grpc":
-        from passthrough.config import OTLP_PROTOCOLS, ConfigError
-
-        raise ConfigError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL must be one of {', '.join(OTLP_PROTOCOLS)}, "
-            f"got {protocol!r}"
-        )
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter()

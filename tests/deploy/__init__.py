@@ -6,82 +6,16 @@ variables a deployment must expose, and what the application itself reads.
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
+from passthrough.config import VARIABLES, ServerSettings
+
 REPO = Path(__file__).resolve().parents[2]
 
-# Every setting a deployment exposes: .env.example documents each one and the Helm
-# chart can set each one from values.yaml.
-ENV_VARS: tuple[str, ...] = (
-    "REGISTRY_URL",
-    "REGISTRY_AUTH_URL",
-    "REGISTRY_SERVICE",
-    "REGISTRY_NAME",
-    "REGISTRY_USERNAME",
-    "REGISTRY_PASSWORD",
-    "REGISTRY_BEARER_TOKEN",
-    "REGISTRY_CLIENT_AUTH",
-    "REGISTRY_DEFAULT_NAMESPACE",
-    "REGISTRY_ALLOWLIST",
-    "REGISTRY_ALLOW_LINK_LOCAL",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "UPSTREAM_CONNECT_TIMEOUT",
-    "UPSTREAM_READ_TIMEOUT",
-    "LAYER_CONCURRENCY",
-    "UPSTREAM_RETRIES",
-    "UPSTREAM_RETRY_AFTER_MAX",
-    "DOWNLOAD_DEADLINE",
-    "TEMP_DIR",
-    "CACHE_DIR",
-    "CACHE_MAX_BYTES",
-    "STORE",
-    "S3_BUCKET",
-    "S3_PREFIX",
-    "S3_ENDPOINT_URL",
-    "S3_LIFECYCLE_DAYS",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "REDIS_URL",
-    "REDIS_LOCK_LEASE",
-    "MAX_IMAGE_BYTES",
-    "MAX_LAYERS",
-    "MAX_CONCURRENT_DOWNLOADS",
-    "CLIENT_IDLE_TIMEOUT",
-    "DEFAULT_PLATFORM",
-    "SERVE_STALE",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "OTEL_SERVICE_NAME",
-    "WEB_CONCURRENCY",
-    "GUNICORN_THREADS",
-    "GRACEFUL_TIMEOUT",
-    "BIND",
-    "PORT",
-    "UPSTREAMS",
-    "REGISTRY_AUTH_FILE",
-    "PROXY_MODE",
-    "PUBLIC_URL",
-    "TOKEN_SECRET",
-    "TOKEN_TTL",
-    "TAG_TTL",
-    "PROXY_SERVE_STALE",
-    "S3_REDIRECT",
-    "TLS_CERT_FILE",
-    "TLS_KEY_FILE",
-    "TLS_SELF_SIGNED",
-    "TLS_NAMES",
-    "HOSTED_REPOSITORIES",
-    "HTPASSWD_FILE",
-    "ACCESS_FILE",
-    "HOSTED_ANONYMOUS_PULL",
-    "HOSTED_MANIFEST_MAX_BYTES",
-    "TRUSTED_PROXIES",
-    "UPSTREAM_CA_FILE",
-)
+# Every setting a deployment exposes: the settings table's variables the Helm chart sets
+# from values.yaml (.env.example documents every declared one).
+ENV_VARS: tuple[str, ...] = tuple(v.name for v in VARIABLES if v.not_in_chart is None)
 
 # Credentials: only ever from a Secret in Kubernetes, never a literal value.
 SECRET_VARS: tuple[str, ...] = ("REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_BEARER_TOKEN")
@@ -95,7 +29,7 @@ S3_SECRET_VARS: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 V2_SECRET_VARS: tuple[str, ...] = ("TOKEN_SECRET",)
 
 # Aliases the application accepts for a variable above; documented next to it.
-ALIASES: dict[str, str] = {"REGISTRY_TOKEN": "REGISTRY_BEARER_TOKEN"}
+ALIASES: dict[str, str] = {alias: v.name for v in VARIABLES for alias in v.aliases}
 
 # Names the code reads: `os.environ.get("X")`, `os.getenv("X")`, `os.environ["X"]`,
 # `env.get("X")` and the config helpers' `(env, "X", ...)`.
@@ -105,34 +39,18 @@ _ENV_READ = re.compile(
 
 
 def env_vars_read_by_app() -> set[str]:
-    """Environment variables the service's own code reads (the package and gunicorn.conf.py)."""
+    """Environment variables the service reads: every one its settings table declares,
+    and the names its code (the package and gunicorn.conf.py) reads directly."""
     sources = [REPO / "gunicorn.conf.py", *sorted((REPO / "passthrough").rglob("*.py"))]
-    names: set[str] = set()
+    names = {v.name for v in VARIABLES}
     for source in sources:
         names.update(_ENV_READ.findall(source.read_text(encoding="utf-8")))
     return names
 
 
 def graceful_timeout_default() -> int:
-    """gunicorn's graceful_timeout when GRACEFUL_TIMEOUT is unset, read from gunicorn.conf.py:
-    the constant default of the `os.environ.get(...)` call assigned to `graceful_timeout`."""
-    tree = ast.parse((REPO / "gunicorn.conf.py").read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "graceful_timeout" for t in node.targets
-        ):
-            defaults = [
-                str(call.args[1].value)
-                for call in ast.walk(node.value)
-                if isinstance(call, ast.Call)
-                and len(call.args) == 2
-                and isinstance(call.args[1], ast.Constant)
-            ]
-            if defaults:
-                return int(defaults[0])
-            if isinstance(node.value, ast.Constant):
-                return int(str(node.value.value))
-    raise AssertionError("gunicorn.conf.py assigns no readable graceful_timeout")
+    """gunicorn's graceful_timeout when GRACEFUL_TIMEOUT is unset (the table's default)."""
+    return ServerSettings().graceful_timeout
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from passthrough.config import ServerSettings
 from tests.deploy import REPO, is_dockerignored
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -195,9 +196,9 @@ def test_runs_as_a_numeric_non_root_user(runtime: Stage) -> None:
 def test_exposes_the_port_gunicorn_binds(runtime: Stage) -> None:
     exposed = {p.split("/")[0] for i in runtime.all("EXPOSE") for p in i.args.split()}
     conf = (REPO / "gunicorn.conf.py").read_text(encoding="utf-8")
-    bind = re.search(r'"BIND",\s*"[^"]*:(\d+)"', conf)
-    assert bind, "gunicorn.conf.py binds a default port"
-    assert exposed == {bind[1]} == {"8080"}
+    assert re.search(r"^bind = \[_server\.bind\]$", conf, re.M), "gunicorn.conf.py binds BIND"
+    default = ServerSettings()
+    assert exposed == {default.bind.rpartition(":")[2]} == {str(default.port)} == {"8080"}
 
 
 def test_healthcheck_runs_passthrough_healthcheck(runtime: Stage) -> None:

@@ -1,11 +1,17 @@
 """Settings: defaults, Docker Hub aliases, .env under the real environment, and
-invalid values stopping start-up with the variable's name."""
+invalid values stopping start-up with the variable's name; each command checking what it
+uses; gunicorn.conf.py reading its variables the same way."""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from passthrough.config import ConfigError, load_settings
+from passthrough.cli import main
+from passthrough.config import ConfigError, ServerSettings, Settings, load_settings
 
 
 def test_defaults_are_docker_hub():
@@ -67,3 +73,88 @@ def test_invalid_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as raised:
         load_settings({**env, "ENV_FILE": "/nonexistent"})
     assert variable in str(raised.value)
+
+
+def test_otel_protocol_is_checked_once_in_the_settings():
+    assert load_settings({"ENV_FILE": "/nonexistent"}).otel_protocol == "grpc"
+    s = load_settings({"OTEL_EXPORTER_OTLP_PROTOCOL": "HTTP/protobuf", "ENV_FILE": "/nonexistent"})
+    assert s.otel_protocol == "http/protobuf"
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL must be one of grpc, "):
+        load_settings({"OTEL_EXPORTER_OTLP_PROTOCOL": "udp", "ENV_FILE": "/nonexistent"})
+
+
+def test_each_default_is_the_tables(tmp_path):
+    """Settings() and load_settings of an empty environment agree (but the derived
+    Docker Hub token service), so no default is written twice."""
+    loaded = load_settings({"ENV_FILE": "/nonexistent"})
+    assert replace(loaded, registry_auth_url=None, registry_service=None) == Settings()
+
+
+def test_gc_checks_the_store_only_and_the_server_the_token_service(tmp_path, monkeypatch, capsys):
+    """gc issues no token: HTPASSWD_FILE without PUBLIC_URL is no reason to refuse it;
+    the server (load_settings' default concerns, check-config) still refuses."""
+    users = tmp_path / "htpasswd"
+    users.write_text("")
+    monkeypatch.chdir(tmp_path)
+    for name in ("STORE", "S3_BUCKET", "PUBLIC_URL", "TOKEN_SECRET", "PROXY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HTPASSWD_FILE", str(users))
+    assert main(["gc"]) == 0
+    assert capsys.readouterr().out.startswith("dry run: would remove 0 manifests")
+    with pytest.raises(ConfigError, match="PUBLIC_URL is required with HTPASSWD_FILE"):
+        load_settings()
+    assert main(["check-config"]) == 2
+    assert "PUBLIC_URL is required with HTPASSWD_FILE" in capsys.readouterr().err
+
+
+def test_gc_still_needs_a_complete_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STORE", "s3")
+    monkeypatch.delenv("S3_BUCKET", raising=False)
+    assert main(["gc"]) == 2
+    assert "S3_BUCKET is required with STORE=s3" in capsys.readouterr().err
+
+
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
+
+
+def load_gunicorn_conf(monkeypatch, tmp_path, **env):
+    """Execute gunicorn.conf.py as gunicorn does (a module from a file) in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("WEB_CONCURRENCY", "GUNICORN_THREADS", "GRACEFUL_TIMEOUT", "BIND", "LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("gunicorn_conf_under_test", GUNICORN_CONF)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gunicorn_reads_env_file_under_the_environment(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("WEB_CONCURRENCY=5\nGUNICORN_THREADS=7\nLOG_LEVEL=debug\n")
+    conf = load_gunicorn_conf(monkeypatch, tmp_path, GUNICORN_THREADS="9")
+    assert (conf.workers, conf.threads, conf.loglevel) == (5, 9, "debug")
+    assert conf.graceful_timeout == ServerSettings().graceful_timeout == 120
+    assert conf.bind == ["0.0.0.0:8080"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("WEB_CONCURRENCY", "two", "WEB_CONCURRENCY must be a whole number, got 'two'"),
+        ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY must be at least 1, got '0'"),
+        ("GRACEFUL_TIMEOUT", "-1", "GRACEFUL_TIMEOUT must be a whole number, got '-1'"),
+        ("LOG_LEVEL", "chatty", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_a_bad_gunicorn_variable_stops_start_up_in_one_line(
+    tmp_path, monkeypatch, name, value, message
+):
+    with pytest.raises(SystemExit) as stopped:
+        load_gunicorn_conf(monkeypatch, tmp_path, **{name: value})
+    text = str(stopped.value.code)
+    assert text.startswith(f"passthrough: configuration error: {message}")
+    assert "\n" not in text

@@ -625,8 +625,8 @@ telemetry.shutdown_tracing()
 
 
 def test_the_otlp_protocol_picks_the_exporter():
-    grpc_exporter = telemetry._otlp_exporter({})
-    http_exporter = telemetry._otlp_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    grpc_exporter = telemetry._otlp_exporter("grpc")
+    http_exporter = telemetry._otlp_exporter("http/protobuf")
     try:
         assert type(grpc_exporter).__module__.endswith("proto.grpc.trace_exporter")
         assert type(http_exporter).__module__.endswith("proto.http.trace_exporter")
