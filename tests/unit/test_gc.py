@@ -24,9 +24,9 @@ from passthrough.config import load_settings
 from passthrough.registry import gc as gc_module
 from passthrough.registry import hosted as hosted_module
 from passthrough.registry.gc import Collector, Summary, human_bytes, parse_duration
-from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
+from passthrough.store.layout import content_key
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -422,7 +422,6 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
     for stop in range(1, total):
         rig = Rig(tmp_path / f"stop{stop}")
         build_garbage(rig)
-        monkeypatch.setenv(gc_module.KILL_AFTER_ENV, "")
         done = 0
 
         def interrupted(self: Collector, key: str, held: Held, stop: int = stop) -> None:
