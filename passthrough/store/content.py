@@ -78,13 +78,6 @@ class ContentStore:
             backend, flight, commit=self._commit, count=self._count, evict=self.evict_if_needed
         )
 
-    @classmethod
-    def on_filesystem(cls, root: str | os.PathLike[str], max_bytes: int) -> ContentStore:
-        from passthrough.store.filesystem import FilesystemBackend
-
-        backend = FilesystemBackend(root)
-        return cls(backend, max_bytes, Flight(backend.lock_dir()))
-
     def describe(self) -> str:
         return self.backend.describe()
 
@@ -329,9 +322,6 @@ class ContentStore:
             for info in self.backend.list(layout.content_prefix(kind)):
                 found.append((info.last_used, info.size, info.key))
         return found
-
-    def total_bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries())
 
     def evict_if_needed(self) -> int:
         """Delete least-recently-used entries until the store is under its target.
