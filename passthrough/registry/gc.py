@@ -53,18 +53,18 @@ day (:data:`UPLOAD_EXPIRY`) is expired, and printed as such.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from passthrough.oci.reference import DIGEST_RE
-from passthrough.store.base import ObjectInfo, content_key
+from passthrough.store import layout
+from passthrough.store.base import ObjectInfo
 from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
+from passthrough.store.layout import content_key
 from passthrough.store.uploads import UploadState
 
 #: An upload session idle this long is abandoned (Docker and containerd retry a failed
@@ -75,12 +75,10 @@ UPLOAD_EXPIRY = 24 * 3600.0
 RECENT_SLACK = 300.0
 #: Deletes per hold of the exclusive lock: pushes wait at most one batch.
 BATCH = 200
-#: Test hook (not documented for users): SIGKILL this process after that many deletes.
-KILL_AFTER_ENV = "PASSTHROUGH_GC_KILL_AFTER"
+#: The content a push pins, and so the only content gc may remove.
+PINNED_KINDS = ("blobs", "manifests")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-_SECTIONS = ("_tags", "_manifests", "_blobs", "_referrers")
 
 
 def parse_duration(text: str) -> float:
@@ -126,50 +124,28 @@ class Listing:
         return set(self.tags) | set(self.manifests) | set(self.blobs) | set(self.referrers)
 
 
-def _parse_record_key(key: str) -> tuple[str, str, list[str]] | None:
-    """(repository, section, the rest) of ``hosted/<repository>/_<section>/…``:
-    repository names never have a component starting with ``_``."""
-    parts = key.split("/")
-    if len(parts) < 4 or parts[0] != "hosted":
-        return None
-    for index in range(2, len(parts) - 1):
-        if parts[index].startswith("_"):
-            if parts[index] not in _SECTIONS:
-                return None
-            return "/".join(parts[1:index]), parts[index], parts[index + 1 :]
-    return None
-
-
-def _digest_of(name: str) -> str | None:
-    if not name.endswith(".json") or not _HEX_RE.fullmatch(name[: -len(".json")]):
-        return None
-    return "sha256:" + name[: -len(".json")]
-
-
 def list_store(store: ContentStore) -> Listing:
+    """The hosted records and the pins, parsed by :mod:`passthrough.store.layout` (the
+    module that builds them): a key it does not recognise is not gc's to touch."""
     listing = Listing()
-    for info in store.backend.list("hosted/"):
-        parsed = _parse_record_key(info.key)
+    for info in store.backend.list(layout.HOSTED):
+        parsed = layout.parse_hosted_key(info.key)
         if parsed is None:
             continue
-        repository, section, rest = parsed
-        if section == "_tags" and len(rest) == 1 and rest[0].endswith(".json"):
-            listing.tags.setdefault(repository, {})[rest[0][: -len(".json")]] = info
-        elif section == "_referrers" and len(rest) == 2:
-            subject = "sha256:" + rest[0] if _HEX_RE.fullmatch(rest[0]) else None
-            digest = _digest_of(rest[1])
-            if subject and digest:
-                by_subject = listing.referrers.setdefault(repository, {})
-                by_subject.setdefault(subject, {})[digest] = info
-        elif len(rest) == 1 and (digest := _digest_of(rest[0])) is not None:
-            target = listing.manifests if section == "_manifests" else listing.blobs
-            if section in ("_manifests", "_blobs"):
-                target.setdefault(repository, {})[digest] = info
-    for info in store.backend.list("pins/"):
-        kind, _, pinned = info.key[len("pins/") :].partition("/")
-        algorithm, _, value = pinned.partition("/")
-        if kind in ("blobs", "manifests") and algorithm == "sha256" and _HEX_RE.fullmatch(value):
-            listing.pins[(kind, "sha256:" + value)] = info
+        repository = parsed.repository
+        if parsed.section == layout.TAG:
+            listing.tags.setdefault(repository, {})[parsed.name] = info
+        elif parsed.section == layout.REFERRER:
+            assert parsed.subject is not None
+            by_subject = listing.referrers.setdefault(repository, {})
+            by_subject.setdefault(parsed.subject, {})[parsed.name] = info
+        else:
+            target = listing.manifests if parsed.section == layout.MANIFEST else listing.blobs
+            target.setdefault(repository, {})[parsed.name] = info
+    for info in store.backend.list(layout.PINS):
+        pinned = layout.parse_pin_key(info.key)
+        if pinned is not None and pinned[0] in PINNED_KINDS:
+            listing.pins[pinned] = info
     return listing
 
 
@@ -252,6 +228,7 @@ class Collector:
         grace: float,
         out: Callable[[str], None],
         now: Callable[[], float] = time.time,
+        on_delete: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.backend = store.backend
@@ -263,9 +240,9 @@ class Collector:
         self._documents: dict[str, dict[str, Any] | None] = {}
         #: (manifests, blobs) the cache holds, once worked out (:meth:`cached`).
         self._cached: tuple[set[str], set[str]] | None = None
-        kill_after = os.environ.get(KILL_AFTER_ENV, "")
-        self._kill_after = int(kill_after) if kill_after.isdigit() else 0
-        self._deletes = 0
+        #: Told the key of every object deleted, just after the delete (the tests stop
+        #: a run there, as a kill would).
+        self.on_delete = on_delete
 
     @property
     def cutoff(self) -> float:
@@ -367,15 +344,17 @@ class Collector:
         store that no push pinned, every digest a proxy or export tag record names, and
         what they reference (children of an index, config and layers)."""
         stack: list[str] = []
-        for info in self.backend.list("tags/"):
+        for info in self.backend.list(layout.TAGS):
+            if layout.parse_tag_record_key(info.key) is None:
+                continue
             record = self.records.get(info)
             digest = record.get("digest") if record else None
             if isinstance(digest, str) and DIGEST_RE.fullmatch(digest):
                 stack.append(digest)
-        for info in self.backend.list("manifests/"):
-            digest = "sha256:" + info.key.rsplit("/", 1)[-1]
-            if ("manifests", digest) not in listing.pins:
-                stack.append(digest)
+        for info in self.backend.list(layout.content_prefix("manifests")):
+            content = layout.parse_content_key(info.key)
+            if content is not None and content not in listing.pins:
+                stack.append(content[1])
         manifests: set[str] = set()
         blobs: set[str] = set()
         while stack:
@@ -476,9 +455,8 @@ class Collector:
         # other replicas in, and what was decided unreachable may no longer be.
         held.check()
         self.backend.delete(key)
-        self._deletes += 1
-        if self._kill_after and self._deletes >= self._kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.on_delete is not None:
+            self.on_delete(key)
 
     def _uploads(self, summary: Summary, *, delete: bool) -> None:
         for state in self._sessions():
@@ -497,10 +475,9 @@ class Collector:
             )
 
     def _sessions(self) -> Iterable[UploadState]:
-        try:
-            return list(self.store.uploads.list())
-        except TypeError:
+        if not self.store.has_uploads:
             return []  # a backend without upload sessions has none to leave alone
+        return list(self.store.uploads.list())
 
     def _expire(self, state: UploadState) -> bool:
         uploads = self.store.uploads

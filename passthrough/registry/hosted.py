@@ -11,8 +11,8 @@ bucket sees the same repositories)::
     hosted/<repository>/_tags/<tag>.json                     the tag's digest
     hosted/<repository>/_referrers/<subject-hex>/<hex>.json  a manifest whose subject it is
 
-Components starting with ``_`` cannot be part of a repository name, so the records never
-collide with a nested repository. Every blob and manifest a push commits is pinned:
+Those keys are built (and parsed, for gc) in :mod:`passthrough.store.layout` only.
+Every blob and manifest a push commits is pinned:
 the cache's size limit never evicts it; ``passthrough gc`` removes what no tag reaches.
 """
 
@@ -48,9 +48,17 @@ from passthrough.oci.manifest import (
 )
 from passthrough.oci.reference import DIGEST_RE, TAG_RE
 from passthrough.registry.proxy import Manifest
-from passthrough.store.base import LayerFile, content_key, hex_of
+from passthrough.store import layout
+from passthrough.store.base import LayerFile
 from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
+from passthrough.store.layout import (
+    content_key,
+    hosted_blob_key,
+    hosted_manifest_key,
+    hosted_referrer_key,
+    hosted_tag_key,
+)
 from passthrough.store.uploads import UploadState
 
 PUSHABLE_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
@@ -82,10 +90,6 @@ class Hosted:
 
     # -- records ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _key(repository: str, *parts: str) -> str:
-        return "/".join(("hosted", repository, *parts))
-
     def _get(self, key: str) -> dict[str, Any] | None:
         data = self.backend.get_bytes(key)
         if data is None:
@@ -107,7 +111,7 @@ class Hosted:
     def blob_size(self, repository: str, digest: str) -> int | None:
         """The size of a blob of the repository, None unless it is linked and stored."""
         check_digest(digest)
-        if self._get(self._key(repository, "_blobs", hex_of(digest) + ".json")) is None:
+        if self._get(hosted_blob_key(repository, digest)) is None:
             return None
         return self.store.blob_size(digest)
 
@@ -137,14 +141,14 @@ class Hosted:
                     "committed: push it again"
                 )
             self._put(
-                self._key(repository, "_blobs", hex_of(digest) + ".json"),
+                hosted_blob_key(repository, digest),
                 {"digest": digest, "size": size, "linked": time.time()},
             )
 
     def delete_blob(self, repository: str, digest: str) -> None:
         if self.blob_size(repository, digest) is None:
             raise BlobUnknown(f"blob {digest[:19]}… is not in {repository}")
-        self.backend.delete(self._key(repository, "_blobs", hex_of(digest) + ".json"))
+        self.backend.delete(hosted_blob_key(repository, digest))
 
     def mount(self, repository: str, source: str, digest: str) -> int | None:
         """Link a blob of ``source`` into ``repository`` (the caller checked it may read
@@ -275,15 +279,15 @@ class Hosted:
                 "references": [[k, d] for k, d, _ in references],
                 "pushed": time.time(),
             }
-            self._put(self._key(repository, "_manifests", hex_of(digest) + ".json"), record)
+            self._put(hosted_manifest_key(repository, digest), record)
             if subject is not None:
                 self._put(
-                    self._key(repository, "_referrers", hex_of(subject), hex_of(digest) + ".json"),
+                    hosted_referrer_key(repository, subject, digest),
                     self._descriptor(record),
                 )
             if not DIGEST_RE.fullmatch(reference):
                 self._put(
-                    self._key(repository, "_tags", reference + ".json"),
+                    hosted_tag_key(repository, reference),
                     {"digest": digest, "media_type": media_type, "updated": time.time()},
                 )
             return Pushed(digest, subject)
@@ -358,7 +362,7 @@ class Hosted:
             if stored is None:
                 raise ManifestBlobUnknown(f"blob {digest} is not in {repository}: push it first")
         else:
-            record = self._get(self._key(repository, "_manifests", hex_of(digest) + ".json"))
+            record = self._get(hosted_manifest_key(repository, digest))
             stored = record.get("size") if record else None
             if record is None:
                 raise ManifestBlobUnknown(
@@ -371,11 +375,11 @@ class Hosted:
         if DIGEST_RE.fullmatch(reference):
             digest = check_digest(reference)
         else:
-            tag = self._get(self._key(repository, "_tags", reference + ".json"))
+            tag = self._get(hosted_tag_key(repository, reference))
             if tag is None:
                 raise ManifestUnknown(f"{repository}:{reference} is not a tag of this registry")
             digest = str(tag.get("digest"))
-        record = self._get(self._key(repository, "_manifests", hex_of(digest) + ".json"))
+        record = self._get(hosted_manifest_key(repository, digest))
         if record is None:
             raise ManifestUnknown(f"manifest {reference[:80]} is not in {repository}")
         return record
@@ -392,7 +396,7 @@ class Hosted:
         """By tag: the tag goes. By digest: the manifest leaves the repository, with every
         tag pointing at it and its referrer entry (the bytes wait for gc)."""
         if not DIGEST_RE.fullmatch(reference):
-            key = self._key(repository, "_tags", reference + ".json")
+            key = hosted_tag_key(repository, reference)
             if self._get(key) is None:
                 raise ManifestUnknown(f"{repository}:{reference} is not a tag of this registry")
             self.backend.delete(key)
@@ -401,25 +405,22 @@ class Hosted:
         digest = str(record["digest"])
         for tag, tag_digest in self._tag_records(repository):
             if tag_digest == digest:
-                self.backend.delete(self._key(repository, "_tags", tag + ".json"))
+                self.backend.delete(hosted_tag_key(repository, tag))
         subject = record.get("subject")
         if isinstance(subject, str) and DIGEST_RE.fullmatch(subject):
-            self.backend.delete(
-                self._key(repository, "_referrers", hex_of(subject), hex_of(digest) + ".json")
-            )
-        self.backend.delete(self._key(repository, "_manifests", hex_of(digest) + ".json"))
+            self.backend.delete(hosted_referrer_key(repository, subject, digest))
+        self.backend.delete(hosted_manifest_key(repository, digest))
 
     # -- listings --------------------------------------------------------------------------
 
     def _tag_records(self, repository: str) -> Iterator[tuple[str, str]]:
-        prefix = self._key(repository, "_tags") + "/"
-        for info in self.backend.list(prefix):
-            name = info.key[len(prefix) :]
-            if "/" in name or not name.endswith(".json"):
+        for info in self.backend.list(layout.hosted_prefix(repository, layout.TAG)):
+            parsed = layout.parse_hosted_key(info.key)
+            if parsed is None or parsed.repository != repository:
                 continue
             record = self._get(info.key)
             if record is not None:
-                yield name[: -len(".json")], str(record.get("digest"))
+                yield parsed.name, str(record.get("digest"))
 
     def tags(self, repository: str) -> list[str]:
         found = sorted(tag for tag, _ in self._tag_records(repository))
@@ -428,31 +429,29 @@ class Hosted:
         return found
 
     def exists(self, repository: str) -> bool:
-        prefix = self._key(repository) + "/"
-        for info in self.backend.list(prefix):
-            rest = info.key[len(prefix) :]
-            if rest.startswith(("_manifests/", "_blobs/", "_tags/")):
-                return True
-        return False
+        return any(
+            parsed.repository == repository
+            for parsed in self._holdings(layout.hosted_prefix(repository))
+        )
 
     def repositories(self) -> list[str]:
         """Every hosted repository that holds something, sorted."""
-        found: set[str] = set()
-        for info in self.backend.list("hosted/"):
-            path = info.key[len("hosted/") :]
-            for marker in ("/_manifests/", "/_blobs/", "/_tags/"):
-                if marker in path:
-                    found.add(path.split(marker, 1)[0])
-                    break
-        return sorted(found)
+        return sorted({parsed.repository for parsed in self._holdings(layout.HOSTED)})
+
+    def _holdings(self, prefix: str) -> Iterator[layout.HostedKey]:
+        """The tag, manifest and blob records under ``prefix`` (a referrer entry alone
+        does not make a repository)."""
+        for info in self.backend.list(prefix):
+            parsed = layout.parse_hosted_key(info.key)
+            if parsed is not None and parsed.section != layout.REFERRER:
+                yield parsed
 
     def referrers(
         self, repository: str, digest: str, artifact_type: str | None
     ) -> list[dict[str, Any]]:
         check_digest(digest)
-        prefix = self._key(repository, "_referrers", hex_of(digest)) + "/"
         found: list[dict[str, Any]] = []
-        for info in self.backend.list(prefix):
+        for info in self.backend.list(layout.hosted_referrers_prefix(repository, digest)):
             entry = self._get(info.key)
             if entry is None:
                 continue

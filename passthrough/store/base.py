@@ -9,7 +9,8 @@ backend, so each behaviour is written once.
 
 Keys are ``<kind>/sha256/<hex>`` for content (kinds: ``blobs`` for registry blobs and
 configs, ``layers`` for verified uncompressed layer tars, ``manifests``), and plain
-names for records (``tags/<key>.json``, ``pins/…``).
+names for records (``tags/<id>.json``, ``pins/…``, ``hosted/…``, ``uploads/…``): every
+one is built and parsed in :mod:`passthrough.store.layout`, which draws the whole tree.
 
 Commit protocol, on every backend: bytes are written to a temporary file and verified
 there; only then does :meth:`Backend.commit_file` make them visible under the final key
@@ -36,19 +37,6 @@ from passthrough.oci.manifest import LayerDescriptor
 #: None, so that one client leaving does not break it for the others.
 BlobSource = Callable[[threading.Event | None], Iterator[bytes]]
 
-KINDS = ("blobs", "layers", "manifests")
-
-
-def content_key(kind: str, digest: str) -> str:
-    """``<kind>/sha256/<hex>``; anything but a well-formed sha256 digest is refused, so
-    no request ever names a path."""
-    algorithm, _, value = digest.partition(":")
-    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
-        raise ValueError("only sha256 digests are stored")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}")
-    return f"{kind}/sha256/{value}"
-
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write a small local file so that readers see the old content or the new, never
@@ -56,11 +44,6 @@ def replace_file(path: Path, data: bytes) -> None:
     temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
-
-
-def hex_of(digest: str) -> str:
-    """The hex part of a sha256 digest (checked as :func:`content_key` does)."""
-    return content_key("blobs", digest).rsplit("/", 1)[1]
 
 
 class LayerFile(ABC):

@@ -17,11 +17,9 @@ What it adds to a backend, written once for all of them:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -32,16 +30,10 @@ from typing import BinaryIO
 from passthrough.errors import UpstreamInvalid, disk_full, is_disk_full
 from passthrough.observe import metrics
 from passthrough.oci.manifest import LayerDescriptor, sha256_digest
-from passthrough.store.base import (
-    KINDS,
-    Backend,
-    BlobSource,
-    LayerFile,
-    LocalFile,
-    content_key,
-    hex_of,
-)
+from passthrough.store import layout
+from passthrough.store.base import Backend, BlobSource, LayerFile, LocalFile
 from passthrough.store.flight import Flight
+from passthrough.store.layout import content_key, hex_of
 from passthrough.store.readthrough import BlobOpener, BlobStream, ReadThrough
 from passthrough.store.uploads import FilesystemUploads, Uploads
 from passthrough.store.verify import READ_CHUNK, fetch_and_verify
@@ -65,10 +57,6 @@ class CacheStats:
     corrupt: int = 0
 
 
-def _hex(digest: str) -> str:
-    return hex_of(digest)
-
-
 class ContentStore:
     """Process-wide handle on one store; thread-safe and multi-process safe."""
 
@@ -90,13 +78,6 @@ class ContentStore:
             backend, flight, commit=self._commit, count=self._count, evict=self.evict_if_needed
         )
 
-    @classmethod
-    def on_filesystem(cls, root: str | os.PathLike[str], max_bytes: int) -> ContentStore:
-        from passthrough.store.filesystem import FilesystemBackend
-
-        backend = FilesystemBackend(root)
-        return cls(backend, max_bytes, Flight(backend.lock_dir()))
-
     def describe(self) -> str:
         return self.backend.describe()
 
@@ -109,7 +90,7 @@ class ContentStore:
     # -- temporary files and locks -----------------------------------------------------
 
     def _part(self, name: str) -> tuple[Path, BinaryIO]:
-        path = self.backend.staging_dir() / f"{name}.{os.getpid()}.{secrets.token_hex(6)}.part"
+        path = self.backend.staging_dir() / layout.part_name(name)
         try:
             return path, path.open("x+b")
         except OSError as exc:
@@ -123,19 +104,21 @@ class ContentStore:
         a store opened by another process in that instant (``passthrough gc``, a new
         worker) must not take a live writer's sealed part for an old one."""
         now = time.time()
-        for part in self.backend.staging_dir().glob("*.part"):
+        for part in self.backend.staging_dir().glob("*" + layout.PART_SUFFIX):
+            pid = layout.part_pid(part.name)
+            if pid is None:
+                continue
             try:
-                pid = int(part.name.split(".")[-3])
                 alive = pid != os.getpid() and _pid_alive(pid)
                 if not alive or now - part.stat().st_ctime > STALE_PART_SECONDS:
                     part.unlink(missing_ok=True)
-            except (ValueError, IndexError, OSError):
+            except OSError:
                 continue
 
     def lock(self, digest: str) -> contextlib.AbstractContextManager[None]:
         """The single-flight lock of one digest, across threads, processes and (with
         Redis) replicas."""
-        return self.flight.hold(_hex(digest))
+        return self.flight.hold(hex_of(digest))
 
     # -- layers --------------------------------------------------------------------------
 
@@ -203,9 +186,9 @@ class ContentStore:
     ) -> dict[str, LayerFile]:
         parts: list[tuple[Path, BinaryIO]] = []
         try:
-            tar_part = self._part(_hex(layer.diff_id))
+            tar_part = self._part(hex_of(layer.diff_id))
             parts.append(tar_part)
-            blob_part = self._part(_hex(layer.digest)) if keep_blob else None
+            blob_part = self._part(hex_of(layer.digest)) if keep_blob else None
             if blob_part is not None:
                 parts.append(blob_part)
             verified = fetch_and_verify(
@@ -242,6 +225,11 @@ class ContentStore:
         self._count(bytes_written=size)
 
     # -- upload sessions of the hosted area ---------------------------------------------------
+
+    @property
+    def has_uploads(self) -> bool:
+        """Whether this store keeps upload sessions (:func:`has_uploads`)."""
+        return has_uploads(self.backend)
 
     @property
     def uploads(self) -> Uploads:
@@ -297,16 +285,15 @@ class ContentStore:
 
     # -- records: tags -------------------------------------------------------------------
 
-    @staticmethod
-    def tag_key(registry: str, repository: str, tag: str) -> str:
-        return hashlib.sha256(f"{registry}\0{repository}\0{tag}".encode()).hexdigest()
+    #: The name of a tag's record (:func:`passthrough.store.layout.tag_id`).
+    tag_key = staticmethod(layout.tag_id)
 
     def remember_tag(self, key: str, record: dict[str, str]) -> None:
-        self.backend.put_bytes(f"tags/{key}.json", json.dumps(record).encode())
+        self.backend.put_bytes(layout.tag_record_key(key), json.dumps(record).encode())
 
     def recall_tag(self, key: str) -> dict[str, str] | None:
         try:
-            data = self.backend.get_bytes(f"tags/{key}.json")
+            data = self.backend.get_bytes(layout.tag_record_key(key))
             record = json.loads(data) if data is not None else None
         except (OSError, ValueError):
             return None
@@ -316,26 +303,25 @@ class ContentStore:
 
     def pin(self, kind: str, digest: str) -> None:
         """Keep an entry from eviction (until :meth:`unpin`)."""
-        self.backend.put_bytes("pins/" + content_key(kind, digest), b"")
+        self.backend.put_bytes(layout.pin_key(kind, digest), b"")
 
     def unpin(self, kind: str, digest: str) -> None:
-        self.backend.delete("pins/" + content_key(kind, digest))
+        self.backend.delete(layout.pin_key(kind, digest))
 
     def pinned(self) -> set[str]:
-        return {info.key[len("pins/") :] for info in self.backend.list("pins/")}
+        """The content keys of the pinned entries."""
+        found = (layout.parse_pin_key(info.key) for info in self.backend.list(layout.PINS))
+        return {content_key(*entry) for entry in found if entry is not None}
 
     # -- eviction ------------------------------------------------------------------------
 
     def entries(self) -> list[tuple[float, int, str]]:
         """(last used, size, key) of every content entry."""
         found: list[tuple[float, int, str]] = []
-        for kind in KINDS:
-            for info in self.backend.list(f"{kind}/"):
+        for kind in layout.KINDS:
+            for info in self.backend.list(layout.content_prefix(kind)):
                 found.append((info.last_used, info.size, info.key))
         return found
-
-    def total_bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries())
 
     def evict_if_needed(self) -> int:
         """Delete least-recently-used entries until the store is under its target.
@@ -353,7 +339,7 @@ class ContentStore:
         if total <= self.max_bytes:
             return 0
         removed = 0
-        with self.flight.hold("evict", shared=False):
+        with self.flight.hold(layout.EVICT_LOCK, shared=False):
             pinned = self.pinned()
             target = int(self.max_bytes * EVICT_TARGET)
             for _, size, key in sorted(entries, key=lambda e: e[0]):
@@ -389,8 +375,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def has_uploads(backend: Backend) -> bool:
+    """Whether upload sessions can live in this backend: in its directory, or in its
+    bucket (a backend of another kind has none)."""
+    return backend.name == "s3" or isinstance(getattr(backend, "root", None), Path)
+
+
 def open_uploads(backend: Backend, flight: Flight) -> Uploads:
     """The upload sessions of a backend: in its directory, or in its bucket."""
+    if not has_uploads(backend):
+        raise TypeError(f"no upload sessions for the {backend.name} backend")
     if backend.name == "s3":
         from passthrough.store.s3 import S3Backend
         from passthrough.store.s3_uploads import S3Uploads
@@ -399,6 +393,5 @@ def open_uploads(backend: Backend, flight: Flight) -> Uploads:
             raise TypeError(f"an s3 backend that is not an S3Backend: {type(backend).__name__}")
         return S3Uploads(backend, flight)
     root = getattr(backend, "root", None)
-    if not isinstance(root, Path):
-        raise TypeError(f"no upload sessions for the {backend.name} backend")
+    assert isinstance(root, Path)  # has_uploads checked it
     return FilesystemUploads(backend, flight, root)

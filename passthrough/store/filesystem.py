@@ -1,12 +1,12 @@
 """The filesystem backend (STORE=filesystem, CACHE_DIR): one directory of one host.
 
-Layout::
+Every key is a file under the root, as :mod:`passthrough.store.layout` draws the tree,
+with one twist: blobs and layer tars carry their size in their name::
 
     blobs/sha256/<hex>-<size>        verified compressed blobs (and configs)
     layers/sha256/<diff-hex>-<size>  verified uncompressed layer tars
     manifests/sha256/<hex>           manifests by digest
-    tags/<key>.json                  records (last digest seen per tag, …)
-    pins/…                           entries kept from eviction
+    tags/, pins/, hosted/, uploads/  records and upload sessions, named as their keys
     tmp/                             files being written
     locks/                           one lock file per digest
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from passthrough.errors import disk_full, is_disk_full
-from passthrough.store.base import KINDS, Backend, LayerFile, LocalFile, ObjectInfo
+from passthrough.store import layout
+from passthrough.store.base import Backend, LayerFile, LocalFile, ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +42,29 @@ class FilesystemBackend(Backend):
         self.root = Path(root)
         self._lock = threading.Lock()
         self._verified: dict[tuple[int, int, int, int], str] = {}
-        for part in ("blobs/sha256", "layers/sha256", "manifests/sha256", "tags", "pins", "tmp"):
+        directories = [layout.content_prefix(kind) for kind in layout.KINDS]
+        for part in (*directories, layout.TAGS, layout.PINS, layout.STAGING_DIR):
             (self.root / part).mkdir(parents=True, exist_ok=True)
 
     def describe(self) -> str:
         return f"filesystem store {self.root}"
 
     def staging_dir(self) -> Path:
-        return self.root / "tmp"
+        return self.root / layout.STAGING_DIR
 
     def lock_dir(self) -> Path:
-        return self.root / "locks"
+        return self.root / layout.LOCK_DIR
 
     # -- naming ------------------------------------------------------------------------
 
-    @staticmethod
-    def _split(key: str) -> tuple[str, str] | None:
-        """(kind, hex) of a content key, None for a record."""
-        kind, _, rest = key.partition("/")
-        if kind in KINDS and rest.startswith("sha256/"):
-            return kind, rest[len("sha256/") :]
-        return None
-
     def _find(self, key: str) -> Path | None:
-        content = self._split(key)
+        content = layout.parse_content_key(key)
         if content is None:
             path = self.root / key
             return path if path.exists() else None
-        kind, hex_digest = content
-        directory = self.root / kind / "sha256"
+        kind, digest = content
+        hex_digest = layout.hex_of(digest)
+        directory = self.root / layout.content_prefix(kind)
         if kind == "manifests":
             path = directory / hex_digest
             return path if path.exists() else None
@@ -82,12 +76,13 @@ class FilesystemBackend(Backend):
         return None
 
     def _final(self, key: str, size: int) -> Path:
-        content = self._split(key)
+        content = layout.parse_content_key(key)
         if content is None:
             return self.root / key
-        kind, hex_digest = content
+        kind, digest = content
+        hex_digest = layout.hex_of(digest)
         name = hex_digest if kind == "manifests" else f"{hex_digest}-{size}"
-        return self.root / kind / "sha256" / name
+        return self.root / layout.content_prefix(kind) / name
 
     @staticmethod
     def _size_in_name(path: Path) -> int | None:
@@ -156,10 +151,10 @@ class FilesystemBackend(Backend):
     def commit_file(self, key: str, handle: BinaryIO, path: Path, size: int) -> None:
         """Rename a part verified while it was written into place, sealed; it is
         remembered as verified, so its first reader does not hash it again."""
-        content = self._split(key)
+        content = layout.parse_content_key(key)
         final = self._final(key, size)
         if content is not None:
-            digest = "sha256:" + content[1]
+            digest = content[1]
             os.utime(path, ns=(time.time_ns(), seal_ns(digest)))
             self._remember_verified(_identity(os.stat(path)), digest)
         else:
@@ -168,8 +163,7 @@ class FilesystemBackend(Backend):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         # <name>.<pid>.<random>.part, as every part: the pid tells a dead writer's part.
-        name = f"put-{threading.get_ident()}.{os.getpid()}.{secrets.token_hex(6)}.part"
-        path = self.staging_dir() / name
+        path = self.staging_dir() / layout.part_name(f"put-{threading.get_ident()}")
         try:
             with path.open("xb") as handle:
                 handle.write(data)
@@ -197,14 +191,14 @@ class FilesystemBackend(Backend):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         top = prefix.split("/", 1)[0]
-        if top in KINDS:
-            directory = self.root / top / "sha256"
-            with os.scandir(directory) as listing:
+        if top in layout.KINDS:
+            with os.scandir(self.root / layout.content_prefix(top)) as listing:
                 for entry in listing:
                     name = entry.name
                     hex_digest = name if top == "manifests" else name.rpartition("-")[0]
-                    key = f"{top}/sha256/{hex_digest}"
-                    if not hex_digest or not key.startswith(prefix):
+                    digest = layout.digest_of_hex(hex_digest)
+                    key = layout.content_key(top, digest) if digest else ""
+                    if not key.startswith(prefix) or not key:
                         continue
                     try:
                         stat = entry.stat()

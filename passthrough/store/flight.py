@@ -36,13 +36,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from passthrough.errors import StoreUnavailable
+from passthrough.store.layout import GC_LOCK, lock_file_name
 
 log = logging.getLogger(__name__)
 
 #: How long Redis is left alone after it failed.
 REDIS_COOLDOWN = 30.0
-#: The hosted area's gc lock (this host's lock file, and the Redis keys' infix).
-GC_LOCK = "hosted-gc"
 #: How long a push waits for gc's batch, and gc for the pushes inside the lock, before
 #: giving up: both hold it for seconds (a push's records, one batch of deletes).
 RW_MAX_WAIT = 300.0
@@ -80,7 +79,7 @@ class Flight:
         """This host's lock of ``name`` if nobody holds it, else None, without waiting:
         the read-through's leader election. The cross-replica lease is taken later, by
         the holder (:meth:`hold_lease`), so that a reader never blocks on it."""
-        fd = os.open(self.lock_dir / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(self.lock_dir / lock_file_name(name), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -108,7 +107,7 @@ class Flight:
     def host_lock(self, name: str, *, exclusive: bool) -> Iterator[None]:
         """A readers-writer lock of this host (``flock`` shared or exclusive), never a
         Redis lease: the host's half of :meth:`gc_lock`."""
-        path = self.lock_dir / f"{name}.lock"
+        path = self.lock_dir / lock_file_name(name)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -139,7 +138,7 @@ class Flight:
 
     @contextlib.contextmanager
     def _flock(self, name: str) -> Iterator[None]:
-        path = self.lock_dir / f"{name}.lock"
+        path = self.lock_dir / lock_file_name(name)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -47,8 +47,10 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import Backend, LayerFile, content_key, hex_of, replace_file
+from passthrough.store import layout
+from passthrough.store.base import Backend, LayerFile, replace_file
 from passthrough.store.flight import Flight
+from passthrough.store.layout import content_key, hex_of
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ class ReadThrough:
     # -- files -------------------------------------------------------------------------
 
     def _state_path(self, hex_digest: str) -> Path:
-        return self.backend.staging_dir() / f"flight-{hex_digest}.json"
+        return self.backend.staging_dir() / layout.flight_state_name(hex_digest)
 
     def _read_state(self, hex_digest: str) -> dict[str, Any] | None:
         try:
@@ -164,7 +166,7 @@ class ReadThrough:
 
     def _remove_stale_states(self) -> None:
         now = time.time()
-        for path in self.backend.staging_dir().glob("flight-*.json*"):
+        for path in self.backend.staging_dir().glob(layout.FLIGHT_STATE_GLOB):
             with contextlib.suppress(OSError):
                 if now - path.stat().st_mtime > STATE_STALE:
                     path.unlink()
@@ -324,7 +326,7 @@ class ReadThrough:
         hold: contextlib.ExitStack,
     ) -> _Fetch:
         token = secrets.token_hex(8)
-        part = f"grow-{hex_digest}.{os.getpid()}.{token}.part"
+        part = layout.part_name(f"grow-{hex_digest}", token)
         fetch = _Fetch(token, threading.Event())
         # Written before the thread starts, so no reader mistakes an older state for it.
         self._write_state(

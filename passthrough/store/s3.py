@@ -34,19 +34,19 @@ from boto3.s3.transfer import TransferConfig
 
 from passthrough.config import ConfigError
 from passthrough.errors import StoreUnavailable
+from passthrough.store import layout
 from passthrough.store.base import Backend, LayerFile, ObjectInfo
 
 log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 32 << 20
 MULTIPART_CHUNK = 16 << 20
-READ_AHEAD = 1 << 20
 LIFECYCLE_RULE_ID = "passthrough-expiry"
 #: Seconds probe() waits for the bucket (connect and read each).
 PROBE_TIMEOUT = 2.0
 
 #: What botocore raises when S3 cannot be reached or answers wrongly.
-_S3_ERRORS = (
+S3_ERRORS = (
     botocore.exceptions.BotoCoreError,
     botocore.exceptions.ClientError,
     urllib3.exceptions.HTTPError,
@@ -84,8 +84,8 @@ class S3Backend(Backend):
         # workers. Named after the bucket and prefix, so two stores never share locks.
         identity = hashlib.sha256(f"{endpoint_url}\0{bucket}\0{prefix}".encode()).hexdigest()
         self.work_dir = Path(temp_dir or tempfile.gettempdir()) / f"passthrough-s3-{identity[:12]}"
-        (self.work_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "locks").mkdir(parents=True, exist_ok=True)
+        self.staging_dir().mkdir(parents=True, exist_ok=True)
+        self.lock_dir().mkdir(parents=True, exist_ok=True)
 
     # -- naming and errors -------------------------------------------------------------
 
@@ -94,77 +94,81 @@ class S3Backend(Backend):
         return f"s3 store (bucket {self.bucket!r} at {where})"
 
     def staging_dir(self) -> Path:
-        return self.work_dir / "tmp"
+        return self.work_dir / layout.STAGING_DIR
 
     def lock_dir(self) -> Path:
-        return self.work_dir / "locks"
+        return self.work_dir / layout.LOCK_DIR
 
-    def _key(self, key: str) -> str:
+    def full_key(self, key: str) -> str:
+        """The bucket's key of a store key (under the prefix)."""
         return self.prefix + key
 
-    def _unavailable(self, exc: BaseException, doing: str) -> StoreUnavailable:
+    def unavailable(self, exc: BaseException, doing: str) -> StoreUnavailable:
+        """An S3 failure as the store's error, naming the store and what it was doing."""
         # botocore's messages name the operation, bucket and error code, never the
         # credentials; the exception's class says the rest.
-        reason = _error_code(exc) or type(exc).__name__
+        reason = error_code(exc) or type(exc).__name__
         return StoreUnavailable(f"the {self.describe()} failed while {doing}: {reason}")
 
     # -- reading -----------------------------------------------------------------------
 
     def size(self, key: str) -> int | None:
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except _S3_ERRORS as exc:
-            if _is_missing(exc):
+            head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))
+        except S3_ERRORS as exc:
+            if is_missing(exc):
                 return None
-            raise self._unavailable(exc, "looking up an object") from None
+            raise self.unavailable(exc, "looking up an object") from None
         return int(head["ContentLength"])
 
     def open(self, key: str, digest: str | None) -> LayerFile | None:
         size = self.size(key)
         if size is None:
             return None
-        return S3Object(self, self._key(key), size)
+        return S3Object(self, self.full_key(key), size)
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
             data: bytes = response["Body"].read()
-        except _S3_ERRORS as exc:
-            if _is_missing(exc):
+        except S3_ERRORS as exc:
+            if is_missing(exc):
                 return None
-            raise self._unavailable(exc, "reading an object") from None
+            raise self.unavailable(exc, "reading an object") from None
         return data
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(prefix)):
                 for item in page.get("Contents", ()):
                     yield ObjectInfo(
                         item["Key"][len(self.prefix) :],
                         int(item["Size"]),
                         item["LastModified"].timestamp(),
                     )
-        except _S3_ERRORS as exc:
-            raise self._unavailable(exc, "listing objects") from None
+        except S3_ERRORS as exc:
+            raise self.unavailable(exc, "listing objects") from None
 
     def presigned_url(self, key: str, expires: int = 900) -> str | None:
         url: str = self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.full_key(key)},
+            ExpiresIn=expires,
         )
         return url
 
     # -- writing -----------------------------------------------------------------------
 
     def commit_file(self, key: str, handle: BinaryIO, path: Path, size: int) -> None:
-        full_key = self._key(key)
+        full_key = self.full_key(key)
         try:
             # upload_file reads the file by path in parallel parts (multipart above
             # the threshold); the object appears only when the upload completes.
             self.client.upload_file(str(path), self.bucket, full_key, Config=self.transfer)
             head = self.client.head_object(Bucket=self.bucket, Key=full_key)
-        except _S3_ERRORS as exc:
-            raise self._unavailable(exc, "storing an object") from None
+        except S3_ERRORS as exc:
+            raise self.unavailable(exc, "storing an object") from None
         if int(head["ContentLength"]) != size:
             self.delete(key)
             raise StoreUnavailable(
@@ -173,16 +177,16 @@ class S3Backend(Backend):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except _S3_ERRORS as exc:
-            raise self._unavailable(exc, "storing an object") from None
+            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
+        except S3_ERRORS as exc:
+            raise self.unavailable(exc, "storing an object") from None
 
     def delete(self, key: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except _S3_ERRORS as exc:
-            if not _is_missing(exc):
-                raise self._unavailable(exc, "deleting an object") from None
+            self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
+        except S3_ERRORS as exc:
+            if not is_missing(exc):
+                raise self.unavailable(exc, "deleting an object") from None
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -192,7 +196,7 @@ class S3Backend(Backend):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise ConfigError(
                     f"S3_BUCKET: bucket {self.bucket!r} does not exist at {where}"
@@ -203,7 +207,7 @@ class S3Backend(Backend):
                     f"({code}); check the AWS credentials"
                 ) from None
             raise ConfigError(f"S3_BUCKET: bucket {self.bucket!r} at {where}: {code}") from None
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise ConfigError(
                 f"S3_ENDPOINT_URL: cannot reach {where} ({type(exc).__name__})"
             ) from None
@@ -218,8 +222,8 @@ class S3Backend(Backend):
             self._probe_client = make_client(self.endpoint_url, self.region, quick=True)
         try:
             self._probe_client.head_bucket(Bucket=self.bucket)
-        except _S3_ERRORS as exc:
-            raise self._unavailable(exc, "answering HEAD bucket") from None
+        except S3_ERRORS as exc:
+            raise self.unavailable(exc, "answering HEAD bucket") from None
 
     def _put_lifecycle_rule(self) -> None:
         rule = {
@@ -238,13 +242,13 @@ class S3Backend(Backend):
             self.client.put_bucket_lifecycle_configuration(
                 Bucket=self.bucket, LifecycleConfiguration={"Rules": [*rules, rule]}
             )
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             # Expiry is housekeeping: the store works without it, so say so and go on.
             log.warning(
                 "S3_LIFECYCLE_DAYS: the %s did not accept a lifecycle rule (%s); objects "
                 "will not expire by age",
                 self.describe(),
-                _error_code(exc) or type(exc).__name__,
+                error_code(exc) or type(exc).__name__,
             )
 
     def close(self) -> None:
@@ -284,9 +288,9 @@ class S3Object(LayerFile):
                 if not chunk:
                     break
                 data += chunk
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             self._close_body()
-            raise self.backend._unavailable(exc, "reading an object") from None
+            raise self.backend.unavailable(exc, "reading an object") from None
         if len(data) < length:
             self._close_body()
             raise StoreUnavailable(f"the {self.backend.describe()} ended an object early")
@@ -297,7 +301,7 @@ class S3Object(LayerFile):
         if self._body is not None:
             try:
                 self._body.close()
-            except _S3_ERRORS:
+            except S3_ERRORS:
                 pass
             self._body = None
         self._position = -1
@@ -337,12 +341,14 @@ def make_client(endpoint_url: str | None, region: str | None, *, quick: bool = F
     )
 
 
-def _error_code(exc: BaseException) -> str | None:
+def error_code(exc: BaseException) -> str | None:
+    """S3's error code of a ClientError (None for any other failure)."""
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code")
         return str(code) if code else None
     return None
 
 
-def _is_missing(exc: BaseException) -> bool:
-    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
+def is_missing(exc: BaseException) -> bool:
+    """Whether S3 answered that the object (or key) is not there."""
+    return error_code(exc) in ("404", "NoSuchKey", "NotFound")

@@ -70,15 +70,15 @@ from passthrough.errors import (
     UploadUnknown,
 )
 from passthrough.oci.manifest import sha256_digest
-from passthrough.store.base import content_key
+from passthrough.store import layout
 from passthrough.store.flight import Flight
-from passthrough.store.s3 import _S3_ERRORS, S3Backend, _error_code, _is_missing
+from passthrough.store.layout import content_key
+from passthrough.store.s3 import S3_ERRORS, S3Backend, error_code, is_missing
 from passthrough.store.uploads import (
     READ_CHUNK,
-    UPLOAD_ID_RE,
     Uploads,
     UploadState,
-    _check_offset,
+    check_offset,
     new_upload_id,
 )
 
@@ -179,29 +179,26 @@ class S3Uploads(Uploads):
     # -- keys and errors -----------------------------------------------------------------
 
     def _dir(self, upload_id: str) -> str:
-        return f"uploads/{self.check_id(upload_id)}/"
+        return layout.upload_prefix(self.check_id(upload_id))
 
     def _state_key(self, upload_id: str) -> str:
-        return self._dir(upload_id) + "state.json"
+        return layout.upload_state_key(self.check_id(upload_id))
 
     def _pending_key(self, upload_id: str, generation: int) -> str:
-        return self._dir(upload_id) + f"pending.{generation}"
+        return layout.upload_pending_key(self.check_id(upload_id), generation)
 
     def _data_key(self, upload_id: str) -> str:
-        return self._dir(upload_id) + "data"
-
-    def _full(self, key: str) -> str:
-        return self.s3.prefix + key
+        return layout.upload_data_key(self.check_id(upload_id))
 
     def _failure(self, exc: BaseException, doing: str) -> PassthroughError:
-        code = _error_code(exc)
+        code = error_code(exc)
         status = _status_of(exc)
         if code in FULL_CODES or status == 507:
             return InsufficientStorage(
                 f"the {self.s3.describe()} has no room for the upload ({code or status}) "
                 f"while {doing}"
             )
-        return self.s3._unavailable(exc, doing)
+        return self.s3.unavailable(exc, doing)
 
     def _gone(self, upload_id: str) -> UploadUnknown:
         return UploadUnknown(
@@ -228,11 +225,11 @@ class S3Uploads(Uploads):
         try:
             self.s3.client.put_object(
                 Bucket=self.s3.bucket,
-                Key=self._full(self._state_key(session.id)),
+                Key=self.s3.full_key(self._state_key(session.id)),
                 Body=session.to_json(),
                 ContentType="application/json",
             )
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "storing an upload session's state") from None
 
     def _read_pending(self, session: Session) -> bytearray:
@@ -251,9 +248,9 @@ class S3Uploads(Uploads):
     def _start_multipart(self, upload_id: str) -> str:
         try:
             answer = self.s3.client.create_multipart_upload(
-                Bucket=self.s3.bucket, Key=self._full(self._data_key(upload_id))
+                Bucket=self.s3.bucket, Key=self.s3.full_key(self._data_key(upload_id))
             )
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "starting a multipart upload") from None
         multipart: str = answer["UploadId"]
         return multipart
@@ -269,14 +266,14 @@ class S3Uploads(Uploads):
         try:
             answer = self.s3.client.upload_part(
                 Bucket=self.s3.bucket,
-                Key=self._full(self._data_key(upload_id)),
+                Key=self.s3.full_key(self._data_key(upload_id)),
                 UploadId=cutter.multipart,
                 PartNumber=number,
                 Body=data,
                 ContentMD5=_md5(data),
             )
-        except _S3_ERRORS as exc:
-            if _error_code(exc) == "NoSuchUpload":
+        except S3_ERRORS as exc:
+            if error_code(exc) == "NoSuchUpload":
                 raise self._gone(upload_id) from None
             raise self._failure(exc, f"storing part {number} of an upload") from None
         cutter.parts.append(Part(number, str(answer["ETag"]), len(data)))
@@ -297,7 +294,7 @@ class S3Uploads(Uploads):
         session = self._load(self.check_id(upload_id))
         if session is None:
             raise UploadUnknown("no such upload session")
-        _check_offset(session.public(), offset)
+        check_offset(session.public(), offset)
         hasher = self._hash_continue(upload_id, offset)
         cutter = _Cutter(list(session.parts), session.multipart, self._read_pending(session))
         size = offset
@@ -346,11 +343,11 @@ class S3Uploads(Uploads):
             try:
                 self.s3.client.put_object(
                     Bucket=self.s3.bucket,
-                    Key=self._full(self._pending_key(session.id, generation)),
+                    Key=self.s3.full_key(self._pending_key(session.id, generation)),
                     Body=tail,
                     ContentMD5=digest,
                 )
-            except _S3_ERRORS as exc:
+            except S3_ERRORS as exc:
                 raise self._failure(exc, "storing an upload's pending bytes") from None
         updated = Session(
             session.id,
@@ -395,9 +392,12 @@ class S3Uploads(Uploads):
         _check_digest(actual, digest)
         try:
             self.s3.client.put_object(
-                Bucket=self.s3.bucket, Key=self._full(target), Body=data, ContentMD5=_md5(data)
+                Bucket=self.s3.bucket,
+                Key=self.s3.full_key(target),
+                Body=data,
+                ContentMD5=_md5(data),
             )
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "storing an uploaded blob") from None
 
     def _commit_multipart(
@@ -421,12 +421,12 @@ class S3Uploads(Uploads):
             return  # the blob is there already (the same content: it has this digest)
         try:
             self.s3.client.copy(
-                {"Bucket": self.s3.bucket, "Key": self._full(data_key)},
+                {"Bucket": self.s3.bucket, "Key": self.s3.full_key(data_key)},
                 self.s3.bucket,
-                self._full(target),
+                self.s3.full_key(target),
                 Config=self.s3.transfer,
             )
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "copying an uploaded blob into place") from None
         copied = self.s3.size(target)
         if copied != session.size:
@@ -443,14 +443,14 @@ class S3Uploads(Uploads):
         try:
             self.s3.client.complete_multipart_upload(
                 Bucket=self.s3.bucket,
-                Key=self._full(self._data_key(session.id)),
+                Key=self.s3.full_key(self._data_key(session.id)),
                 UploadId=cutter.multipart,
                 MultipartUpload={
                     "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in cutter.parts]
                 },
             )
-        except _S3_ERRORS as exc:
-            if _error_code(exc) == "NoSuchUpload":
+        except S3_ERRORS as exc:
+            if error_code(exc) == "NoSuchUpload":
                 raise self._gone(session.id) from None
             raise self._failure(exc, "completing a multipart upload") from None
 
@@ -458,13 +458,15 @@ class S3Uploads(Uploads):
         """The sha256 of a stored object, streamed back from S3."""
         hasher = hashlib.sha256()
         try:
-            body = self.s3.client.get_object(Bucket=self.s3.bucket, Key=self._full(key))["Body"]
+            body = self.s3.client.get_object(Bucket=self.s3.bucket, Key=self.s3.full_key(key))[
+                "Body"
+            ]
             try:
                 while chunk := body.read(4 * READ_CHUNK):
                     hasher.update(chunk)
             finally:
                 body.close()
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "reading an uploaded blob back") from None
         return "sha256:" + hasher.hexdigest()
 
@@ -487,7 +489,7 @@ class S3Uploads(Uploads):
         recorded too), delete its objects, the state last."""
         with self._hashes_lock:
             self._hashes.pop(upload_id, None)
-        directory = self._full(self._dir(upload_id))
+        directory = self.s3.full_key(self._dir(upload_id))
         multiparts = {session.multipart} if session and session.multipart else set()
         try:
             paginator = self.s3.client.get_paginator("list_multipart_uploads")
@@ -497,13 +499,13 @@ class S3Uploads(Uploads):
                 try:
                     self.s3.client.abort_multipart_upload(
                         Bucket=self.s3.bucket,
-                        Key=self._full(self._data_key(upload_id)),
+                        Key=self.s3.full_key(self._data_key(upload_id)),
                         UploadId=multipart,
                     )
-                except _S3_ERRORS as exc:
-                    if _error_code(exc) != "NoSuchUpload" and not _is_missing(exc):
+                except S3_ERRORS as exc:
+                    if error_code(exc) != "NoSuchUpload" and not is_missing(exc):
                         raise
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             raise self._failure(exc, "aborting an upload session") from None
         state = self._state_key(upload_id)
         for item in list(self.s3.list(self._dir(upload_id))):
@@ -512,10 +514,10 @@ class S3Uploads(Uploads):
         self.s3.delete(state)
 
     def list(self) -> Iterator[UploadState]:
-        for item in self.s3.list("uploads/"):
-            upload_id, _, name = item.key[len("uploads/") :].partition("/")
-            if name == "state.json" and UPLOAD_ID_RE.fullmatch(upload_id):
-                state = self.get(upload_id)
+        for item in self.s3.list(layout.UPLOADS):
+            parsed = layout.parse_upload_key(item.key)
+            if parsed is not None and parsed[1] == layout.UPLOAD_STATE:
+                state = self.get(parsed[0])
                 if state is not None:
                     yield state
 

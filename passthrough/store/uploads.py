@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -38,10 +37,11 @@ from passthrough.errors import (
     disk_full,
     is_disk_full,
 )
-from passthrough.store.base import Backend, content_key, replace_file
+from passthrough.store import layout
+from passthrough.store.base import Backend, replace_file
 from passthrough.store.flight import Flight
+from passthrough.store.layout import UPLOAD_ID_RE, content_key
 
-UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 READ_CHUNK = 1 << 20
 
 
@@ -80,7 +80,7 @@ class Uploads(ABC):
     def session(self, upload_id: str) -> Iterator[None]:
         """One request at a time per session (a flock, and the Redis lease across
         replicas)."""
-        with self.flight.hold(f"upload-{self.check_id(upload_id)}"):
+        with self.flight.hold(layout.upload_lock(self.check_id(upload_id))):
             yield
 
     # -- the hash carried along ---------------------------------------------------------
@@ -136,7 +136,8 @@ def new_upload_id() -> str:
     return secrets.token_hex(16)
 
 
-def _check_offset(state: UploadState, offset: int) -> None:
+def check_offset(state: UploadState, offset: int) -> None:
+    """A chunk must start at the session's end (else the spec's 416)."""
     if offset != state.size:
         end = max(state.size - 1, 0)
         raise UploadInvalid(
@@ -152,11 +153,18 @@ class FilesystemUploads(Uploads):
 
     def __init__(self, backend: Backend, flight: Flight, root: Path) -> None:
         super().__init__(backend, flight)
-        self.root = root / "uploads"
+        self.store_root = root
+        self.root = root / layout.UPLOADS
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, upload_id: str) -> Path:
-        return self.root / self.check_id(upload_id)
+        return self.store_root / layout.upload_prefix(self.check_id(upload_id))
+
+    def _state(self, upload_id: str) -> Path:
+        return self.store_root / layout.upload_state_key(self.check_id(upload_id))
+
+    def _data(self, upload_id: str) -> Path:
+        return self.store_root / layout.upload_data_key(self.check_id(upload_id))
 
     def _write_state(self, state: UploadState, hashed: str | None = None) -> None:
         """``hashed``: the digest of the session's first ``state.size`` bytes, when the
@@ -164,14 +172,14 @@ class FilesystemUploads(Uploads):
         document: dict[str, object] = dict(asdict(state))
         if hashed is not None:
             document["hashed"] = {"size": state.size, "digest": hashed}
-        replace_file(self._dir(state.id) / "state.json", json.dumps(document).encode())
+        replace_file(self._state(state.id), json.dumps(document).encode())
 
     def _recorded_digest(self, upload_id: str, size: int) -> str | None:
         """The digest an append recorded, if it covers exactly ``size`` bytes: a client
         whose closing PUT reaches another worker than its PATCH (a keep-alive pool picks
         any idle connection) is then not made to wait for a pass over the whole blob."""
         try:
-            document = json.loads((self._dir(upload_id) / "state.json").read_text())
+            document = json.loads(self._state(upload_id).read_text())
             hashed = document.get("hashed")
             if isinstance(hashed, dict) and hashed.get("size") == size:
                 digest = hashed.get("digest")
@@ -187,7 +195,7 @@ class FilesystemUploads(Uploads):
         try:
             directory = self._dir(upload_id)
             directory.mkdir()
-            (directory / "data").touch()
+            self._data(upload_id).touch()
             self._write_state(state)
         except OSError as exc:
             shutil.rmtree(self._dir(upload_id), ignore_errors=True)
@@ -196,13 +204,13 @@ class FilesystemUploads(Uploads):
 
     def get(self, upload_id: str) -> UploadState | None:
         try:
-            document = json.loads((self._dir(upload_id) / "state.json").read_text())
+            document = json.loads(self._state(upload_id).read_text())
             document.pop("hashed", None)
             state = UploadState(**document)
             state = UploadState(
                 state.id,
                 state.repository,
-                (self._dir(upload_id) / "data").stat().st_size,
+                self._data(upload_id).stat().st_size,
                 state.started,
                 state.updated,
             )
@@ -214,9 +222,9 @@ class FilesystemUploads(Uploads):
         state = self.get(upload_id)
         if state is None:
             raise UploadUnknown("no such upload session")
-        _check_offset(state, offset)
+        check_offset(state, offset)
         hasher = self._hash_continue(upload_id, offset)
-        path = self._dir(upload_id) / "data"
+        path = self._data(upload_id)
         size = offset
         try:
             with path.open("r+b") as handle:
@@ -246,7 +254,7 @@ class FilesystemUploads(Uploads):
         state = self.get(upload_id)
         if state is None:
             raise UploadUnknown("no such upload session")
-        path = self._dir(upload_id) / "data"
+        path = self._data(upload_id)
         try:
             actual = self._hash_take(upload_id, state.size)
             if actual is None:

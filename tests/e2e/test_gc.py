@@ -22,13 +22,12 @@ import pytest
 import requests
 
 from passthrough.config import load_settings
-from passthrough.registry.gc import KILL_AFTER_ENV
 from passthrough.store import open_store
-from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
+from passthrough.store.layout import content_key
 from tests.support.fixtures_matrix import s3_env
 from tests.support.seaweed import SeaweedS3
-from tests.support.server import PassthroughServer, scrubbed_environment
+from tests.support.server import REPO_ROOT, PassthroughServer, scrubbed_environment
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -145,22 +144,26 @@ def gc_command(*args: str) -> list[str]:
     return [str(script), "gc", *args]
 
 
-def gc_env(server: PassthroughServer, extra: dict[str, str] | None = None) -> dict[str, str]:
+def gc_env(server: PassthroughServer) -> dict[str, str]:
     """The server's settings (the same store, the same TMPDIR: the same lock files)."""
     env = scrubbed_environment()
     env.update({"TMPDIR": str(server.tmpdir), "ENV_FILE": str(server.root / "no-such.env")})
     env.update(server.overrides)
-    env.update(extra or {})
     return env
 
 
 def run_gc(
     server: PassthroughServer, *args: str, kill_after: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    extra = {KILL_AFTER_ENV: str(kill_after)} if kill_after else {}
+    """``passthrough gc``; with ``kill_after``, the command killed with SIGKILL right
+    after that many deletes (tests/support/gc_killed.py)."""
+    command = gc_command(*args)
+    if kill_after:
+        command = [sys.executable, "-m", "tests.support.gc_killed", str(kill_after), *args]
     return subprocess.run(
-        gc_command(*args),
-        env=gc_env(server, extra),
+        command,
+        env=gc_env(server),
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,

@@ -32,9 +32,9 @@ from passthrough.errors import (
     UploadInvalid,
     UploadUnknown,
 )
-from passthrough.store.base import content_key
 from passthrough.store.content import open_uploads
 from passthrough.store.flight import Flight
+from passthrough.store.layout import content_key
 from passthrough.store.s3 import S3Backend
 from passthrough.store.s3_uploads import MIN_PART, PART_SIZE, S3Uploads, Session
 from tests.support.seaweed import SeaweedS3

@@ -8,7 +8,6 @@ FaultFront in front of the registry counts every upstream blob GET.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import socket
@@ -341,43 +340,3 @@ def test_a_missing_bucket_or_unreachable_s3_stops_start_up_with_one_line(
     text = start_failure(nowhere, tmp_path)
     assert f"S3_ENDPOINT_URL: cannot reach {nowhere['S3_ENDPOINT_URL']}" in text
     assert "Traceback" not in text and seaweed.secret_key not in text
-
-
-
-def test_s3_store_presigns_pins_and_accounts_for_size(
-    seaweed: SeaweedS3, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The store's own calls on the S3 backend: documents verified by digest, a presigned
-    GET for clients that can follow a redirect, and the size accounting (oldest written
-    first, never a pinned entry)."""
-    from passthrough.store.content import ContentStore
-    from passthrough.store.flight import Flight
-    from passthrough.store.s3 import S3Backend
-
-    seaweed.ensure_running()
-    env = s3_env(seaweed, s3_bucket)
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, env[key])  # the AWS chain reads them, as in a pod
-    backend = S3Backend(
-        s3_bucket, env["S3_PREFIX"], endpoint_url=seaweed.endpoint_url, region=seaweed.region
-    )
-    store = ContentStore(backend, 3000, Flight(backend.lock_dir()))
-    names = []
-    for index in range(4):
-        data = bytes([index]) * 1000
-        name = "sha256:" + hashlib.sha256(data).hexdigest()
-        store.put_document("blobs", name, data)
-        names.append(name)
-        time.sleep(1.1)  # S3 keeps LastModified to the second
-    url = store.presigned_url("blobs", names[3])
-    assert url is not None
-    with requests.Session() as session:
-        session.trust_env = False
-        answer = session.get(url, timeout=10)
-    assert answer.status_code == 200 and answer.content == bytes([3]) * 1000
-    store.pin("blobs", names[0])
-    assert store.evict_if_needed() == 2
-    assert store.get_document("blobs", names[0]) is not None  # oldest, but pinned
-    assert store.get_document("blobs", names[1]) is None
-    assert store.get_document("blobs", names[2]) is None
-    assert store.get_document("blobs", names[3]) is not None

@@ -13,7 +13,7 @@ import pytest
 import responses
 
 from passthrough import create_app
-from passthrough.store.content import ContentStore
+from tests.support.stores import filesystem_store, stored_bytes
 from tests.unit.test_app import REG, FakeImage, digest, tar_of
 
 
@@ -145,7 +145,7 @@ def test_gzip_layers_keep_the_registry_blobs_with_exact_length_cold(app):
 
 def four_entries(tmp_path, ages):
     """A store of 3000 bytes holding four 1000-byte blobs last used `ages` seconds ago."""
-    cache = ContentStore.on_filesystem(tmp_path / "c", max_bytes=3000)
+    cache = filesystem_store(tmp_path / "c", max_bytes=3000)
     names = []
     for index in range(4):
         data = bytes([index]) * 1000
@@ -161,18 +161,11 @@ def test_eviction_is_least_recently_used(tmp_path):
     # Entry 0 was used last; entry 1 is the least recently used.
     cache, names = four_entries(tmp_path, (10, 40, 30, 20))
     assert cache.evict_if_needed() == 2
-    assert cache.total_bytes() == 2000
+    assert stored_bytes(cache) == 2000
     assert cache.get_document("blobs", names[0]) is not None
     assert cache.get_document("blobs", names[3]) is not None
     assert cache.get_document("blobs", names[1]) is None
     assert cache.get_document("blobs", names[2]) is None
-
-
-def test_nothing_unverified_is_ever_committed(tmp_path):
-    cache = ContentStore.on_filesystem(tmp_path / "c", max_bytes=1 << 20)
-    cache.put_document("blobs", "sha256:" + "0" * 64, b"not matching")
-    assert cache.get_document("blobs", "sha256:" + "0" * 64) is None
-    assert list((tmp_path / "c" / "tmp").iterdir()) == []
 
 
 @responses.activate
@@ -258,19 +251,6 @@ def test_serve_stale_uses_the_last_known_digest_while_the_registry_is_down(
             assert stale.status_code == 502
 
 
-def test_pinned_entries_are_never_evicted(tmp_path):
-    store, names = four_entries(tmp_path, (40, 30, 20, 10))
-    # The two least recently used would go; the oldest is pinned, so the next ones go.
-    store.pin("blobs", names[0])
-    assert store.pinned() == {f"blobs/sha256/{names[0][7:]}"}
-    assert store.evict_if_needed() == 2
-    assert store.get_document("blobs", names[0]) is not None
-    assert store.get_document("blobs", names[1]) is None
-    assert store.get_document("blobs", names[2]) is None
-    store.unpin("blobs", names[0])
-    assert store.pinned() == set()
-
-
 def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, monkeypatch):
     """A commit seals the part (mtime years back) just before its rename: a store
     opened in that instant by another process (gc, a new worker) must leave it alone,
@@ -281,7 +261,7 @@ def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, mon
     from passthrough.store import content
 
     root = tmp_path / "store"
-    ContentStore.on_filesystem(root, 0)
+    filesystem_store(root, 0)
     staging = root / "tmp"
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -293,13 +273,13 @@ def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, mon
         orphan = staging / f"put-2.{dead.pid}.bbbbbb.part"
         orphan.write_bytes(b"left behind")
 
-        ContentStore.on_filesystem(root, 0)
+        filesystem_store(root, 0)
         assert sealed.exists()
         assert not orphan.exists()
 
         # A day later (by the inode's change time) a live pid does not keep it.
         monkeypatch.setattr(content, "STALE_PART_SECONDS", -1)
-        ContentStore.on_filesystem(root, 0)
+        filesystem_store(root, 0)
         assert not sealed.exists()
     finally:
         writer.kill()

@@ -24,9 +24,9 @@ from passthrough.config import load_settings
 from passthrough.registry import gc as gc_module
 from passthrough.registry import hosted as hosted_module
 from passthrough.registry.gc import Collector, Summary, human_bytes, parse_duration
-from passthrough.store.base import content_key
-from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
+from passthrough.store.layout import content_key
+from tests.support.stores import filesystem_store, stored_bytes
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -47,7 +47,7 @@ class Rig:
         settings = load_settings({"CACHE_DIR": str(root)}, env_file="/nonexistent")
         settings = replace(settings, hosted_repositories=("team/*",))
         self.client: FlaskClient = create_app({"SETTINGS": settings}).test_client()
-        self.store = ContentStore.on_filesystem(root, 0)
+        self.store = filesystem_store(root, 0)
 
     # -- pushing -----------------------------------------------------------------------
 
@@ -352,11 +352,11 @@ def test_eviction_never_takes_a_pinned_hosted_blob(tmp_path: Path) -> None:
     for number in range(10):
         data = bytes([number]) * 2000
         rig.store.put_document("blobs", digest(data), data)
-    small = ContentStore.on_filesystem(tmp_path / "cache", 5000)
+    small = filesystem_store(tmp_path / "cache", 5000)
     assert small.evict_if_needed() > 0
     for value in blobs:
         assert rig.stored("blobs", value)
-    assert small.total_bytes() < 10 * 2000
+    assert stored_bytes(small) < 10 * 2000
     rig.pulls("team/app", "1.0")
 
 
@@ -422,7 +422,6 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
     for stop in range(1, total):
         rig = Rig(tmp_path / f"stop{stop}")
         build_garbage(rig)
-        monkeypatch.setenv(gc_module.KILL_AFTER_ENV, "")
         done = 0
 
         def interrupted(self: Collector, key: str, held: Held, stop: int = stop) -> None:

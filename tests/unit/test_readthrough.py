@@ -16,6 +16,7 @@ import pytest
 from passthrough.errors import UpstreamInvalid, UpstreamNotFound, UpstreamUnreachable
 from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream, TransferAborted
+from tests.support.stores import filesystem_store
 
 CHUNK = 64 * 1024
 
@@ -61,7 +62,7 @@ def read_all(stream: BlobStream, start: int = 0, end: int | None = None) -> byte
 
 @pytest.fixture
 def store(tmp_path: Path) -> ContentStore:
-    return ContentStore.on_filesystem(tmp_path / "cache", 0)
+    return filesystem_store(tmp_path / "cache", 0)
 
 
 def test_a_miss_is_fetched_once_and_committed(store: ContentStore) -> None:

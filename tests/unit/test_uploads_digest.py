@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from passthrough.errors import DigestMismatch
-from passthrough.store.base import content_key
 from passthrough.store.filesystem import FilesystemBackend
 from passthrough.store.flight import Flight
+from passthrough.store.layout import content_key
 from passthrough.store.uploads import FilesystemUploads
 
 

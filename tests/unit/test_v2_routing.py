@@ -167,10 +167,10 @@ def test_users_of_the_hosted_area_leave_the_proxy_transparent(tmp_path: Path) ->
     """HTPASSWD_FILE turns authentication on, not PROXY_MODE=authenticated: proxied
     names still go upstream with the service's identity, cached reads stay shared."""
     from passthrough.registry.proxy import Proxy
-    from passthrough.store.content import ContentStore
     from passthrough.upstream.auth import Credentials, TokenCache
     from passthrough.upstream.netguard import HostPolicy
     from passthrough.upstream.target import AuthKind
+    from tests.support.stores import filesystem_store
 
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("")
@@ -182,7 +182,7 @@ def test_users_of_the_hosted_area_leave_the_proxy_transparent(tmp_path: Path) ->
         REGISTRY_PASSWORD="pw",
     )
     assert current.auth_enabled and not current.uses_client_identity
-    proxy = Proxy(current, ContentStore.on_filesystem(tmp_path / "c", 0), TokenCache(),
+    proxy = Proxy(current, filesystem_store(tmp_path / "c", 0), TokenCache(),
                   HostPolicy())
     target = proxy.target(route_name(current, "acc/plain"), None)
     assert target.auth is AuthKind.CREDENTIALS and target.credentials_source == "environment"
