@@ -38,9 +38,11 @@ from passthrough.config import ConfigError, Settings
 from passthrough.errors import (
     Denied,
     InsufficientScope,
+    LoginFailed,
     PassthroughError,
     TokenInvalid,
     TokenRequired,
+    TooManyLogins,
 )
 from passthrough.observe import metrics
 from passthrough.oci.reference import quote_input
@@ -81,22 +83,6 @@ class Identity:
 
 
 ANONYMOUS = Identity(None, None, "none")
-
-
-class LoginFailed(PassthroughError):
-    """Wrong user name or password (401). The message never says which was wrong."""
-
-    status = 401
-    kind = "unauthorized"
-    code = "UNAUTHORIZED"
-
-
-class TooManyLogins(PassthroughError):
-    """The client's address failed to log in too often lately (429, Retry-After)."""
-
-    status = 429
-    kind = "too_many_requests"
-    code = "TOOMANYREQUESTS"
 
 
 def token_realm(settings: Settings) -> str:

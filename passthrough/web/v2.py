@@ -24,8 +24,11 @@ from flask import Blueprint, Response, current_app, request
 from passthrough.errors import (
     BadRequest,
     Denied,
+    DigestInvalid,
     ManifestUnknown,
-    PassthroughError,
+    RangeNotSatisfiable,
+    StoreRequired,
+    TagInvalid,
     UploadInvalid,
 )
 from passthrough.export.pipeline import Services
@@ -41,27 +44,12 @@ from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream
 from passthrough.store.uploads import UploadState
 from passthrough.upstream.auth import Credentials
-from passthrough.web.downloads import RangeNotSatisfiable, drop_idle_clients, parse_range
+from passthrough.web.downloads import drop_idle_clients, parse_range
 
 bp = Blueprint("v2", __name__)
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 IMMUTABLE = "max-age=31536000, immutable"
-
-
-class StoreRequired(PassthroughError):
-    """The /v2 API keeps what it serves in the content store; there is none (503)."""
-
-    status = 503
-    kind = "store_required"
-
-
-class DigestInvalid(BadRequest):
-    kind = "digest_invalid"
-
-
-class TagInvalid(BadRequest):
-    kind = "tag_invalid"
 
 
 def _services() -> Services:
@@ -72,9 +60,7 @@ def _services() -> Services:
 def _store() -> ContentStore:
     store = _services().store
     if store is None:
-        raise StoreRequired(
-            "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
-        )
+        raise StoreRequired()
     return store
 
 
