@@ -1,14 +1,18 @@
 """The exceptions passthrough raises, and what each one means to a client.
 
-One root, :class:`PassthroughError`; every leaf carries the HTTP status it maps to
-and a one-line message that is safe to show (it never holds a credential, a token
-or an upstream body). :mod:`passthrough.web.errors` turns them into responses in
-one place.
+One root, :class:`PassthroughError`. Like distribution's errcode descriptors, each class
+ties together what a client is told: the HTTP ``status``, the OCI Distribution spec's
+error ``code`` on /v2 (``DIGEST_INVALID``, ``DENIED``…) and a ``default_message``; a
+``code`` of None leaves it to the status (:func:`code_for_status`), and for a 404 to the
+route (which ``*_UNKNOWN``). Messages are one line and safe to show (never a credential,
+a token or an upstream body). :mod:`passthrough.web.errors` turns the tree into
+responses in one place, from these attributes alone.
 """
 
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class PassthroughError(Exception):
@@ -17,13 +21,44 @@ class PassthroughError(Exception):
     status: int = 500
     #: A short, stable name for logs, metrics and traces (``error.type``).
     kind: str = "internal"
-    #: The OCI Distribution error code this error is on /v2, when it fixes one.
+    #: The OCI Distribution error code on /v2; None: :func:`code_for_status` decides.
     code: str | None = None
+    #: The message when the raiser has nothing to add.
+    default_message: str = "internal error; see the server log"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        message = self.default_message if message is None else message
         super().__init__(message)
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+
+
+def code_for_status(status: int) -> str:
+    """The spec's code for an error whose class names none, by its status (a 404's
+    ``*_UNKNOWN`` depends on the route: the caller knows it)."""
+    if status == 401:
+        return "UNAUTHORIZED"
+    if status == 403:
+        return "DENIED"
+    if status == 429:
+        return "TOOMANYREQUESTS"
+    if status >= 500:
+        return "UNAVAILABLE" if status in (502, 503, 504) else "UNKNOWN"
+    return "UNSUPPORTED"
+
+
+def code_for_kind(kind: str) -> str | None:
+    """The ``code`` of the class whose ``kind`` this is (None when none or no class has
+    it): for an error that crossed a process boundary as its kind."""
+    pending: list[type[PassthroughError]] = [PassthroughError]
+    while pending:
+        cls = pending.pop()
+        if cls.__dict__.get("kind") == kind and cls.code is not None:
+            return cls.code
+        pending.extend(cls.__subclasses__())
+    return None
 
 
 # -- the client's request --------------------------------------------------------------
@@ -34,6 +69,51 @@ class BadRequest(PassthroughError):
 
     status = 400
     kind = "bad_request"
+    code = "UNSUPPORTED"
+    default_message = "the request cannot be used"
+
+
+class NameInvalid(BadRequest):
+    """A repository name that breaks the distribution grammar (400 NAME_INVALID)."""
+
+    kind = "name_invalid"
+    code = "NAME_INVALID"
+    default_message = "invalid repository name"
+
+
+class DigestInvalid(BadRequest):
+    """A digest in the path or query that is not one (400 DIGEST_INVALID)."""
+
+    kind = "digest_invalid"
+    code = "DIGEST_INVALID"
+    default_message = "invalid digest"
+
+
+class TagInvalid(BadRequest):
+    """A manifest reference that is neither a digest nor a valid tag (400 TAG_INVALID)."""
+
+    kind = "tag_invalid"
+    code = "TAG_INVALID"
+    default_message = "invalid tag"
+
+
+class OAuthError(BadRequest):
+    """An OAuth2 token request error (RFC 6749 §5.2), answered as its JSON with
+    ``error`` as the OAuth code (the token endpoint writes its own answers)."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class RangeNotSatisfiable(PassthroughError):
+    """The Range starts past the end of the blob or archive (416). The spec has no code
+    for it: the routes answer an empty 416 with ``Content-Range: bytes */<size>``."""
+
+    status = 416
+    kind = "range_not_satisfiable"
+    code = None
+    default_message = "the range starts past the end"
 
 
 class ClientAuthRequired(PassthroughError):
@@ -41,9 +121,11 @@ class ClientAuthRequired(PassthroughError):
 
     status = 401
     kind = "client_auth_required"
+    code = "UNAUTHORIZED"
+    default_message = "this route needs registry credentials (HTTP Basic)"
     CHALLENGE = 'Basic realm="registry credentials"'
 
-    def __init__(self, message: str = "this route needs registry credentials (HTTP Basic)") -> None:
+    def __init__(self, message: str | None = None) -> None:
         super().__init__(message, headers={"WWW-Authenticate": self.CHALLENGE})
 
 
@@ -54,6 +136,8 @@ class TokenRequired(PassthroughError):
 
     status = 401
     kind = "unauthorized"
+    code = "UNAUTHORIZED"
+    default_message = "authentication required"
 
 
 class TokenInvalid(PassthroughError):
@@ -62,6 +146,8 @@ class TokenInvalid(PassthroughError):
 
     status = 401
     kind = "token_invalid"
+    code = "UNAUTHORIZED"
+    default_message = "the token is invalid or has expired"
 
 
 class InsufficientScope(PassthroughError):
@@ -70,6 +156,26 @@ class InsufficientScope(PassthroughError):
 
     status = 401
     kind = "insufficient_scope"
+    code = "UNAUTHORIZED"
+    default_message = "the token does not grant this; ask for its scope"
+
+
+class LoginFailed(PassthroughError):
+    """Wrong user name or password (401). The message never says which was wrong."""
+
+    status = 401
+    kind = "unauthorized"
+    code = "UNAUTHORIZED"
+    default_message = "wrong user name or password"
+
+
+class TooManyLogins(PassthroughError):
+    """The client's address failed to log in too often lately (429, Retry-After)."""
+
+    status = 429
+    kind = "too_many_requests"
+    code = "TOOMANYREQUESTS"
+    default_message = "too many failed logins from this address"
 
 
 class ClientAuthDisabled(PassthroughError):
@@ -77,6 +183,8 @@ class ClientAuthDisabled(PassthroughError):
 
     status = 403
     kind = "client_auth_disabled"
+    code = "DENIED"
+    default_message = "client credentials are switched off"
 
 
 class Forbidden(PassthroughError):
@@ -84,13 +192,36 @@ class Forbidden(PassthroughError):
 
     status = 403
     kind = "forbidden"
+    code = "DENIED"
+    default_message = "this target is not allowed"
 
 
 class NotAcceptable(PassthroughError):
-    """The image exists but not in a form we can deliver, such as another platform (404)."""
+    """The image exists but not in a form we can deliver, such as another platform (404;
+    on /v2 the route says which ``*_UNKNOWN``)."""
 
     status = 404
     kind = "platform_not_found"
+    code = None
+    default_message = "the image has no such form"
+
+
+class PlatformNotFound(NotAcceptable):
+    """The image has no manifest for the requested platform (404); ``document`` is the
+    description without ``selected``, for a JSON answer that lists what there is."""
+
+    def __init__(self, message: str, document: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.document = document
+
+
+class NoCertificateAuthority(PassthroughError):
+    """GET /ca.crt without a CA to hand out (404; not a /v2 route, so no spec code)."""
+
+    status = 404
+    kind = "no_ca"
+    code = None
+    default_message = "no CA to hand out"
 
 
 class TooBusy(PassthroughError):
@@ -98,6 +229,8 @@ class TooBusy(PassthroughError):
 
     status = 503
     kind = "too_busy"
+    code = "UNAVAILABLE"
+    default_message = "too busy; try again later"
 
 
 class TooLarge(PassthroughError):
@@ -105,6 +238,8 @@ class TooLarge(PassthroughError):
 
     status = 413
     kind = "too_large"
+    code = "SIZE_INVALID"
+    default_message = "over a configured size limit"
 
 
 class InsufficientStorage(PassthroughError):
@@ -112,13 +247,18 @@ class InsufficientStorage(PassthroughError):
 
     status = 507
     kind = "insufficient_storage"
+    code = "UNKNOWN"
+    default_message = "no space left on the disk for temporary or cached layer files"
 
 
 class Cancelled(PassthroughError):
-    """The download this fetch belonged to is gone; stop quietly."""
+    """The download this fetch belonged to is gone; stop quietly (499; should a /v2
+    client still be waiting, it is told 502)."""
 
     status = 499
     kind = "cancelled"
+    code = "UNAVAILABLE"
+    default_message = "cancelled"
 
 
 # -- the hosted area: the push half of the OCI Distribution API ----------------------------
@@ -131,6 +271,7 @@ class RegistryRequestError(PassthroughError):
     status = 400
     kind = "registry_request"
     code = "UNSUPPORTED"
+    default_message = "the operation is unsupported"
 
 
 class Denied(RegistryRequestError):
@@ -139,24 +280,28 @@ class Denied(RegistryRequestError):
     status = 403
     kind = "denied"
     code = "DENIED"
+    default_message = "requested access to the resource is denied"
 
 
 class NameUnknown(RegistryRequestError):
     status = 404
     kind = "name_unknown"
     code = "NAME_UNKNOWN"
+    default_message = "repository name not known to registry"
 
 
 class ManifestUnknown(RegistryRequestError):
     status = 404
     kind = "manifest_unknown"
     code = "MANIFEST_UNKNOWN"
+    default_message = "manifest unknown"
 
 
 class BlobUnknown(RegistryRequestError):
     status = 404
     kind = "blob_unknown"
     code = "BLOB_UNKNOWN"
+    default_message = "blob unknown to registry"
 
 
 class UploadUnknown(RegistryRequestError):
@@ -165,6 +310,7 @@ class UploadUnknown(RegistryRequestError):
     status = 404
     kind = "blob_upload_unknown"
     code = "BLOB_UPLOAD_UNKNOWN"
+    default_message = "blob upload unknown to registry"
 
 
 class UploadInvalid(RegistryRequestError):
@@ -172,6 +318,7 @@ class UploadInvalid(RegistryRequestError):
 
     kind = "blob_upload_invalid"
     code = "BLOB_UPLOAD_INVALID"
+    default_message = "blob upload invalid"
 
     def __init__(self, message: str, *, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message, headers=headers)
@@ -183,6 +330,7 @@ class DigestMismatch(RegistryRequestError):
 
     kind = "digest_invalid"
     code = "DIGEST_INVALID"
+    default_message = "provided digest did not match uploaded content"
 
 
 class SizeInvalid(RegistryRequestError):
@@ -190,6 +338,7 @@ class SizeInvalid(RegistryRequestError):
 
     kind = "size_invalid"
     code = "SIZE_INVALID"
+    default_message = "provided length did not match content length"
 
     def __init__(self, message: str, *, status: int = 400):
         super().__init__(message)
@@ -199,6 +348,7 @@ class SizeInvalid(RegistryRequestError):
 class ManifestInvalid(RegistryRequestError):
     kind = "manifest_invalid"
     code = "MANIFEST_INVALID"
+    default_message = "manifest invalid"
 
 
 class ManifestBlobUnknown(RegistryRequestError):
@@ -206,9 +356,19 @@ class ManifestBlobUnknown(RegistryRequestError):
 
     kind = "manifest_blob_unknown"
     code = "MANIFEST_BLOB_UNKNOWN"
+    default_message = "manifest references a manifest or blob unknown to registry"
 
 
 # -- the content store -------------------------------------------------------------------
+
+
+class StoreRequired(PassthroughError):
+    """The /v2 API keeps what it serves in the content store; there is none (503)."""
+
+    status = 503
+    kind = "store_required"
+    code = "UNAVAILABLE"
+    default_message = "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
 
 
 class StoreUnavailable(PassthroughError):
@@ -217,25 +377,54 @@ class StoreUnavailable(PassthroughError):
 
     status = 503
     kind = "store_unavailable"
+    code = "UNAVAILABLE"
+    default_message = "the content store is unavailable"
+
+
+class TransferAborted(PassthroughError):
+    """A read-through ended badly after headers were sent: the transfer must break."""
+
+    status = 502
+    kind = "transfer_aborted"
+    code = "UNAVAILABLE"
+    default_message = "the transfer was aborted"
 
 
 # -- the upstream registry ------------------------------------------------------------
 
 
 class UpstreamError(PassthroughError):
-    """Something the registry did (or did not do); 502 unless a leaf says otherwise."""
+    """Something the registry did (or did not do); 502 unless a leaf says otherwise. On
+    /v2 the registry's own code, when it is one of the spec's and the status is below
+    500, is passed on in place of ``code``."""
 
     status = 502
     kind = "upstream_error"
+    code: str | None = "UNAVAILABLE"
+    default_message = "the upstream registry failed"
     #: The registry's error code (MANIFEST_UNKNOWN, DENIED…) when it sent one.
     registry_code: str | None = None
 
 
+class FetchFailed(UpstreamError):
+    """Another process's fetch of this blob failed before its first byte; its status,
+    kind (and so its code) and message are passed on."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.code = code_for_kind(kind)
+
+
 class UpstreamNotFound(UpstreamError):
-    """The repository, tag, manifest or blob does not exist upstream (404)."""
+    """The repository, tag, manifest or blob does not exist upstream (404; on /v2 the
+    route says which ``*_UNKNOWN``)."""
 
     status = 404
     kind = "upstream_not_found"
+    code = None
+    default_message = "not found on the registry"
 
 
 class UpstreamUnauthorized(UpstreamError):
@@ -247,6 +436,8 @@ class UpstreamUnauthorized(UpstreamError):
 
     status = 401
     kind = "upstream_unauthorized"
+    code = "UNAUTHORIZED"
+    default_message = "the registry requires other credentials"
 
 
 class UpstreamForbidden(UpstreamError):
@@ -254,6 +445,8 @@ class UpstreamForbidden(UpstreamError):
 
     status = 403
     kind = "upstream_forbidden"
+    code = "DENIED"
+    default_message = "the registry denied access"
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -261,6 +454,8 @@ class UpstreamRateLimited(UpstreamError):
 
     status = 429
     kind = "upstream_rate_limited"
+    code = "TOOMANYREQUESTS"
+    default_message = "the registry is rate-limiting us"
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -268,6 +463,7 @@ class UpstreamUnreachable(UpstreamError):
 
     status = 502
     kind = "upstream_unreachable"
+    default_message = "the registry cannot be reached"
 
 
 class UpstreamCertificateError(UpstreamError):
@@ -277,6 +473,7 @@ class UpstreamCertificateError(UpstreamError):
 
     status = 502
     kind = "upstream_certificate"
+    default_message = "the registry's TLS certificate is not trusted"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -284,6 +481,7 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     kind = "upstream_timeout"
+    default_message = "the registry did not answer in time"
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -291,6 +489,7 @@ class UpstreamUnavailable(UpstreamError):
 
     status = 503
     kind = "upstream_unavailable"
+    default_message = "the registry is unavailable"
 
 
 class UpstreamInvalid(UpstreamError):
@@ -299,6 +498,7 @@ class UpstreamInvalid(UpstreamError):
 
     status = 502
     kind = "upstream_invalid"
+    default_message = "the registry sent something invalid"
 
 
 class UnsupportedImage(UpstreamError):
@@ -307,6 +507,8 @@ class UnsupportedImage(UpstreamError):
 
     status = 422
     kind = "unsupported_image"
+    code = "UNSUPPORTED"
+    default_message = "the image uses something passthrough does not support"
 
 
 def is_disk_full(exc: OSError) -> bool:
@@ -314,4 +516,4 @@ def is_disk_full(exc: OSError) -> bool:
 
 
 def disk_full() -> InsufficientStorage:
-    return InsufficientStorage("no space left on the disk for temporary or cached layer files")
+    return InsufficientStorage()

@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from passthrough.errors import NotAcceptable, UnsupportedImage, UpstreamInvalid
+from passthrough.errors import NotAcceptable, PlatformNotFound, UnsupportedImage, UpstreamInvalid
 from passthrough.export.request import DownloadRequest, Selection, open_client, select
 from passthrough.export.resolve import fetch_manifest, resolve_image
 from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
@@ -64,15 +64,6 @@ __all__ = ["PlatformNotFound", "describe", "download_path", "download_query"]
 
 #: Query parameters that change what a download delivers, in the order they are written.
 DOWNLOAD_QUERY = ("platform", "format", "layers")
-
-
-class PlatformNotFound(NotAcceptable):
-    """The image has no manifest for the requested platform (404); ``document`` is the
-    description without ``selected``, for a JSON answer that lists what there is."""
-
-    def __init__(self, message: str, document: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.document = document
 
 
 def download_path(

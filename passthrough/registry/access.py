@@ -36,15 +36,18 @@ from typing import Literal
 
 from passthrough.config import ConfigError, Settings
 from passthrough.errors import (
+    BadRequest,
     Denied,
     InsufficientScope,
+    LoginFailed,
     PassthroughError,
     TokenInvalid,
     TokenRequired,
+    TooManyLogins,
 )
 from passthrough.observe import metrics
 from passthrough.oci.reference import quote_input
-from passthrough.registry.routing import is_hosted
+from passthrough.registry.routing import check_name, is_hosted
 from passthrough.registry.rules import ACTIONS, AccessFile
 from passthrough.registry.tokens import (
     SERVICE,
@@ -83,22 +86,6 @@ class Identity:
 ANONYMOUS = Identity(None, None, "none")
 
 
-class LoginFailed(PassthroughError):
-    """Wrong user name or password (401). The message never says which was wrong."""
-
-    status = 401
-    kind = "unauthorized"
-    code = "UNAUTHORIZED"
-
-
-class TooManyLogins(PassthroughError):
-    """The client's address failed to log in too often lately (429, Retry-After)."""
-
-    status = 429
-    kind = "too_many_requests"
-    code = "TOOMANYREQUESTS"
-
-
 def token_realm(settings: Settings) -> str:
     """Where clients fetch tokens: PUBLIC_URL + /v2/token."""
     if settings.public_url is None:
@@ -135,16 +122,31 @@ def _scope_actions(action: str) -> str:
     return "pull,push" if action == "push" else action
 
 
-def not_hosted_message(settings: Settings, repository: str) -> str:
-    """Why a push or delete on a proxied name is refused, naming where pushes go."""
+def not_hosted(settings: Settings, repository: str) -> Denied:
+    """The one refusal of a push or delete on a proxied name (403 DENIED), naming where
+    pushes go: whoever asks, no credentials make a proxied name writable."""
     if not settings.hosted_repositories:
-        return (
+        return Denied(
             f"{quote_input(repository)} is not a hosted repository; this service hosts "
             "none (HOSTED_REPOSITORIES is not set), it only proxies"
         )
-    return f"{quote_input(repository)} is not a hosted repository; pushes go to: " + ", ".join(
-        settings.hosted_repositories
+    return Denied(
+        f"{quote_input(repository)} is not a hosted repository; pushes go to: "
+        + ", ".join(settings.hosted_repositories)
     )
+
+
+def may_read_hosted(
+    settings: Settings, gate: Gate | None, identity: Identity, repository: str
+) -> bool:
+    """Whether ``identity`` may read ``repository`` as a hosted repository: the source
+    of a cross-repository mount, an entry of the catalog. A proxied or malformed name
+    never is one; ``gate`` is None when authentication is off (then every client may)."""
+    try:
+        hosted = is_hosted(settings, check_name(repository))
+    except BadRequest:
+        return False
+    return hosted and (gate is None or gate.may(identity, repository, "pull"))
 
 
 class LoginLimiter:
@@ -412,63 +414,78 @@ def check_access(
         gate = Gate(settings)
     hosted = repository is not None and is_hosted(settings, repository)
     if repository is not None and not hosted and action != "pull":
-        # Whoever asks: no credentials can make a proxied name writable.
-        raise Denied(not_hosted_message(settings, repository))
-    authenticated_mode = settings.proxy_mode == "authenticated"
+        raise not_hosted(settings, repository)
     wanted = _scope_actions(action)
-
     scheme, _, value = (authorization or "").strip().partition(" ")
     scheme = scheme.lower()
     if scheme == "basic":
         # A malformed Basic header is a 400 (parse_basic_authorization), as on the tar routes.
         credentials = parse_basic_authorization(authorization)
         assert credentials is not None
-        upstream_login = Identity(credentials, credentials.username, "basic")
-        if gate.users is None:
-            return upstream_login
-        if authenticated_mode and not hosted:
-            # A proxied name's Basic credentials are the client's upstream login, judged
-            # upstream; on the base check, so are those that name no passthrough user.
-            if repository is not None or not gate.is_user(credentials.username):
-                return upstream_login
+        if _is_upstream_login(settings, gate, credentials, repository, hosted):
+            return Identity(credentials, credentials.username, "basic")
         header = {"WWW-Authenticate": challenge(settings, repository, wanted)}
         identity = _user_login(settings, gate, credentials, client, header)
     elif scheme == "bearer":
-        invalid = challenge(settings, repository, wanted, "invalid_token")
-        grant = _verify_bearer(tokens, value, invalid)
-        identity = Identity(grant.credentials, grant.subject, "bearer", grant.user)
-        if repository is not None and not grant.allows(repository, action):
-            if hosted and grant.user is not None and not gate.may(identity, repository, action):
-                # The token lacks the scope because the user may not: asking again would
-                # not help, so say so (docker shows "denied: …", not a login prompt).
-                raise _refuse(settings, identity, repository, action)
-            raise InsufficientScope(
-                f"the token does not grant {action} on this repository; ask for its scope",
-                headers={
-                    "WWW-Authenticate": challenge(
-                        settings, repository, wanted, "insufficient_scope"
-                    )
-                },
-            )
-    elif hosted or authenticated_mode or repository is None:
-        # No login: the challenge, unless anonymous may (checked below for hosted names).
-        if not hosted:
-            raise TokenRequired(
-                "authentication required: get a Bearer token from the token service",
-                headers={"WWW-Authenticate": challenge(settings, repository, wanted)},
-            )
-        identity = ANONYMOUS
+        identity = _bearer_identity(settings, gate, tokens, value, repository, action, hosted)
+    elif hosted:
+        identity = ANONYMOUS  # the gate below says whether anonymous may
+    elif settings.proxy_mode == "authenticated" or repository is None:
+        raise TokenRequired(
+            "authentication required: get a Bearer token from the token service",
+            headers={"WWW-Authenticate": challenge(settings, repository, wanted)},
+        )
     else:
         # Transparent mode, a proxied name: pulls need no login (the service's own
         # identity goes upstream), so curl and scripts keep working without one.
         return ANONYMOUS
-
-    if hosted:
-        assert repository is not None
-        # A token's scopes were the rules when it was issued; the rules now decide.
-        if not gate.may(identity, repository, action):
-            raise _refuse(settings, identity, repository, action)
+    # A token's scopes were the rules when it was issued; the rules now decide.
+    if hosted and repository is not None and not gate.may(identity, repository, action):
+        raise _refuse(settings, identity, repository, action)
     return identity
+
+
+def _is_upstream_login(
+    settings: Settings,
+    gate: Gate,
+    credentials: Credentials,
+    repository: str | None,
+    hosted: bool,
+) -> bool:
+    """Whether Basic credentials are the client's upstream login, passed on unchecked
+    (only upstream can judge them): always without HTPASSWD_FILE; in authenticated mode
+    on a proxied name, and on the base check when they name no passthrough user."""
+    if gate.users is None:
+        return True
+    if settings.proxy_mode != "authenticated" or hosted:
+        return False
+    return repository is not None or not gate.is_user(credentials.username)
+
+
+def _bearer_identity(
+    settings: Settings,
+    gate: Gate,
+    tokens: TokenService | None,
+    value: str,
+    repository: str | None,
+    action: str,
+    hosted: bool,
+) -> Identity:
+    """The identity a Bearer token carries, when it grants ``action`` on ``repository``
+    (401 for an invalid token or one lacking the scope; 403 when its user may not)."""
+    wanted = _scope_actions(action)
+    grant = _verify_bearer(tokens, value, challenge(settings, repository, wanted, "invalid_token"))
+    identity = Identity(grant.credentials, grant.subject, "bearer", grant.user)
+    if repository is None or grant.allows(repository, action):
+        return identity
+    if hosted and grant.user is not None and not gate.may(identity, repository, action):
+        # The token lacks the scope because the user may not: asking again would not
+        # help, so say so (docker shows "denied: …", not a login prompt).
+        raise _refuse(settings, identity, repository, action)
+    raise InsufficientScope(
+        f"the token does not grant {action} on this repository; ask for its scope",
+        headers={"WWW-Authenticate": challenge(settings, repository, wanted, "insufficient_scope")},
+    )
 
 
 def _user_login(

@@ -21,6 +21,18 @@ def page(items: list[str], n: str | None, last: str | None) -> tuple[list[str], 
     return items[:count], len(items) > count
 
 
+def paged(
+    items: list[str], n: str | None, last: str | None, path: str
+) -> tuple[list[str], dict[str, str]]:
+    """A page of ``items`` and the headers that go with it: the ``Link`` to the next
+    page at ``path``, when one follows."""
+    chosen, more = page(items, n, last)
+    headers: dict[str, str] = {}
+    if more and chosen:
+        headers["Link"] = next_page_link(path, n or "", chosen[-1])
+    return chosen, headers
+
+
 def next_page_link(path: str, n: str, last: str) -> str:
     """``Link: <path?n=…&last=…>; rel="next"``."""
     return f'<{path}?{urlencode({"n": n, "last": last})}>; rel="next"'

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from passthrough.config import ConfigError, Settings, normalize_registry
-from passthrough.errors import BadRequest
+from passthrough.errors import NameInvalid
 from passthrough.oci.endpoint import DOCKER_HUB_ALIASES, RegistryEndpoint
 from passthrough.oci.reference import MAX_REPOSITORY_LENGTH, PATH_COMPONENT_RE, quote_input
 from passthrough.upstream.auth import Credentials
@@ -33,12 +33,6 @@ from passthrough.upstream.auth import Credentials
 _HOST_COMPONENT_RE = re.compile(
     r"^(?:\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::[0-9]{1,5})?$"
 )
-
-
-class NameInvalid(BadRequest):
-    """A repository name that breaks the distribution grammar (400 NAME_INVALID)."""
-
-    kind = "name_invalid"
 
 
 @dataclass(frozen=True)

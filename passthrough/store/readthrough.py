@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from passthrough.errors import (
+    FetchFailed,
     PassthroughError,
     StoreUnavailable,
+    TransferAborted,
     UpstreamError,
     UpstreamInvalid,
     disk_full,
@@ -62,23 +64,6 @@ READ_CHUNK = 1 << 20
 #: How long a finished fetch's state file stays for readers still behind it.
 STATE_LINGER = 600.0
 STATE_STALE = 24 * 3600.0
-
-
-class TransferAborted(PassthroughError):
-    """A read-through ended badly after headers were sent: the transfer must break."""
-
-    status = 502
-    kind = "transfer_aborted"
-
-
-class FetchFailed(UpstreamError):
-    """Another process's fetch of this blob failed before its first byte; its status
-    and message are passed on."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from passthrough.errors import UpstreamUnauthorized
-from passthrough.export.describe import PlatformNotFound, describe, download_path, download_query
+from passthrough.errors import PlatformNotFound, UpstreamUnauthorized
+from passthrough.export.describe import describe, download_path, download_query
 from passthrough.export.request import DownloadRequest
 from passthrough.upstream.target import Route
 from passthrough.web.downloads import download_request, offer_client_challenge, services

@@ -14,7 +14,7 @@ import socket
 
 from flask import Blueprint, Response, current_app, request
 
-from passthrough.errors import ClientAuthRequired, UpstreamUnauthorized
+from passthrough.errors import ClientAuthRequired, RangeNotSatisfiable, UpstreamUnauthorized
 from passthrough.export.download import prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
@@ -54,10 +54,6 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
     if end < start:
         return None
     return start, min(end, total - 1)
-
-
-class RangeNotSatisfiable(Exception):
-    """The Range starts past the end of the archive (416)."""
 
 
 def download_request(

@@ -9,9 +9,9 @@ import json
 import logging
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from passthrough.errors import PassthroughError, UpstreamError
+from passthrough.errors import PassthroughError, UpstreamError, code_for_status
 from passthrough.observe import metrics
 
 log = logging.getLogger(__name__)
@@ -30,20 +30,8 @@ PASSED_ON_CODES = frozenset(
         "UNSUPPORTED",
     }
 )
-#: Codes by our error kind, where the kind alone decides.
-CODES_BY_KIND = {
-    "name_invalid": "NAME_INVALID",
-    "digest_invalid": "DIGEST_INVALID",
-    "tag_invalid": "TAG_INVALID",
-    "bad_request": "UNSUPPORTED",
-    "forbidden": "DENIED",
-    "upstream_forbidden": "DENIED",
-    "client_auth_disabled": "DENIED",
-    "upstream_rate_limited": "TOOMANYREQUESTS",
-    "too_large": "SIZE_INVALID",
-    "unsupported_image": "UNSUPPORTED",
-}
-#: What a 404 from upstream means, by the /v2 endpoint that met it.
+#: What a 404 whose error names no code (from upstream, or no route) means, by the /v2
+#: endpoint that met it.
 UNKNOWN_BY_ENDPOINT = {
     "v2.manifest": "MANIFEST_UNKNOWN",
     "v2.blob": "BLOB_UNKNOWN",
@@ -64,28 +52,34 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return response
 
 
-def v2_code(status: int, kind: str, registry_code: str | None, code: str | None = None) -> str:
-    """The spec's error code for an error met on a /v2 route."""
-    if code is not None:
-        return code
+def v2_code(status: int, code: str | None, registry_code: str | None = None) -> str:
+    """The spec's error code for an error met on a /v2 route: the upstream's own when it
+    is one of the spec's and a client error, else the error class's ``code``, else by
+    the status (a 404 by the endpoint)."""
     if registry_code in PASSED_ON_CODES and status < 500:
         return registry_code
-    if kind in CODES_BY_KIND:
-        return CODES_BY_KIND[kind]
+    if code is not None:
+        return code
     if status == 404:
         return UNKNOWN_BY_ENDPOINT.get(request.endpoint or "", "NAME_UNKNOWN")
-    if status == 401:
-        return "UNAUTHORIZED"
-    if status == 403:
-        return "DENIED"
-    if status == 405:
-        return "UNSUPPORTED"
-    if status == 429:
-        return "TOOMANYREQUESTS"
-    if status >= 500:
-        return "UNAVAILABLE" if status in (502, 503, 504) else "UNKNOWN"
-    return "UNSUPPORTED"
+    return code_for_status(status)
 
+
+def v2_status_and_code(error: PassthroughError) -> tuple[int, str]:
+    """The status and spec code ``error`` is answered with on /v2."""
+    status = error.status
+    if status == 401 and "WWW-Authenticate" not in error.headers:
+        # Upstream refused the service's own identity (transparent mode): nothing the
+        # client can answer with credentials, so not a challenge.
+        return 403, "DENIED"
+    if status == 499:
+        status = 502
+    registry_code = error.registry_code if isinstance(error, UpstreamError) else None
+    return status, v2_code(status, error.code, registry_code)
+
+
+#: The order a 405 lists the methods a route takes in.
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 #: How much of a refused request's body is read and dropped before the answer, so that
 #: the client gets to read it: gunicorn drains only 64 KiB of an unread body before it
@@ -126,21 +120,13 @@ def v2_error_response(
 def handle_passthrough_error(error: PassthroughError) -> Response:
     log.info("request failed: %s %s", error.status, error.message)
     if is_v2():
-        status, headers = error.status, dict(error.headers)
-        registry_code = error.registry_code if isinstance(error, UpstreamError) else None
-        if status == 401 and "WWW-Authenticate" not in headers:
-            # Upstream refused the service's own identity (transparent mode): nothing
-            # the client can answer with credentials, so not a challenge.
-            status, registry_code = 403, "DENIED"
-        if status == 499:
-            status = 502
-        code = v2_code(status, error.kind, registry_code, error.code)
+        status, code = v2_status_and_code(error)
         operation = (request.endpoint or "unknown").removeprefix("v2.")
         metrics.v2_error(operation, code, status)
         if operation in ("upload", "start_upload") and request.method in ("PUT", "POST"):
             metrics.upload_finished("failed")
         drain_request_body()
-        return v2_error_response(status, code, error.message, headers)
+        return v2_error_response(status, code, error.message, error.headers)
     return error_response(error.status, error.message, error.headers)
 
 
@@ -148,11 +134,13 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
 def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     if is_v2():
-        message = {
-            404: "no such /v2 endpoint",
-            405: "method not allowed: this /v2 API serves pulls (GET and HEAD)",
-        }.get(status, error.name)
-        return v2_error_response(status, v2_code(status, "", None), message)
+        headers: dict[str, str] = {}
+        message = {404: "no such /v2 endpoint"}.get(status, error.name)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            allowed = [m for m in _METHOD_ORDER if m in error.valid_methods]
+            message = f"method not allowed: this route takes {', '.join(allowed)}"
+            headers["Allow"] = ", ".join(allowed)
+        return v2_error_response(status, v2_code(status, None), message, headers)
     description = {
         404: "no such route; downloads are /docker/<image>_<tag>.tar",
         405: "method not allowed; use GET or HEAD",

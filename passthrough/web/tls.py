@@ -13,16 +13,11 @@ import os
 
 from flask import Blueprint, Response, current_app
 
-from passthrough.errors import PassthroughError
+from passthrough.errors import NoCertificateAuthority
 from passthrough.services import Services
 from passthrough.tls import CA_FILE_ENV
 
 bp = Blueprint("tls", __name__)
-
-
-class NoCertificateAuthority(PassthroughError):
-    status = 404
-    kind = "no_ca"
 
 
 @bp.get("/ca.crt")

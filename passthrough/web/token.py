@@ -32,7 +32,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from passthrough.config import Settings
-from passthrough.errors import BadRequest, PassthroughError
+from passthrough.errors import BadRequest, OAuthError, PassthroughError
 from passthrough.oci.reference import quote_input
 from passthrough.registry.access import Gate
 from passthrough.registry.tokens import (
@@ -64,14 +64,6 @@ def gate_of(app: Flask) -> Gate:
 
 def _settings() -> Settings:
     return services_of(current_app).settings
-
-
-class OAuthError(BadRequest):
-    """An OAuth2 token request error (RFC 6749 §5.2), answered as its JSON."""
-
-    def __init__(self, error: str, message: str) -> None:
-        super().__init__(message)
-        self.error = error
 
 
 @bp.errorhandler(PassthroughError)

@@ -1,8 +1,13 @@
-"""The /v2 API (OCI Distribution): each route maps the request to the hosted area
-(:class:`passthrough.registry.hosted.Hosted`, for names HOSTED_REPOSITORIES matches) or
-to the pull-through proxy (:class:`passthrough.registry.proxy.Proxy`, every other name)
-and turns the answer into the spec's headers. Errors become the spec's JSON bodies in
-:mod:`passthrough.web.errors`.
+"""The /v2 API (OCI Distribution).
+
+One step runs before every repository view, as distribution's dispatcher does
+(:func:`_dispatched`): the path's own checks, the name checked and routed (the hosted
+area for names HOSTED_REPOSITORIES matches, else the pull-through proxy and the upstream
+the name routes to), the action authorized (pull, push or delete), and the view handed a
+:class:`~passthrough.registry.repository.Repository`. The views turn its answers into
+the spec's headers and never ask which kind it is. Every /v2 request, errors included,
+is counted once (``passthrough_v2_requests_total``, :func:`_count`). Errors become the
+spec's JSON bodies in :mod:`passthrough.web.errors`.
 
 - ``GET /v2/``: 200 ``{}``, or the Bearer challenge when authentication is on;
 - ``GET|HEAD|PUT|DELETE /v2/<name>/manifests/<tag|digest>`` (PUT, DELETE: hosted);
@@ -15,84 +20,103 @@ and turns the answer into the spec's headers. Errors become the spec's JSON bodi
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from passthrough.errors import (
-    BadRequest,
-    Denied,
+    DigestInvalid,
     ManifestUnknown,
-    PassthroughError,
+    RangeNotSatisfiable,
+    SizeInvalid,
+    StoreRequired,
+    TagInvalid,
     UploadInvalid,
 )
 from passthrough.observe import metrics, telemetry
-from passthrough.oci.manifest import OCI_INDEX
 from passthrough.oci.reference import DIGEST_RE, TAG_RE, quote_input
-from passthrough.registry.access import ANONYMOUS, Identity, check_access
-from passthrough.registry.hosted import Hosted, check_digest
-from passthrough.registry.pages import next_page_link, page
-from passthrough.registry.proxy import BlobAnswer, Manifest, Proxy
-from passthrough.registry.routing import ProxyRoute, check_name, is_hosted, route_name
-from passthrough.services import Services
-from passthrough.store.content import ContentStore
-from passthrough.store.readthrough import BlobStream
+from passthrough.registry.access import (
+    ANONYMOUS,
+    Identity,
+    check_access,
+    may_read_hosted,
+    not_hosted,
+)
+from passthrough.registry.hosted import Hosted
+from passthrough.registry.pages import paged
+from passthrough.registry.proxy import BlobAnswer, Listing, Manifest, Proxy
+from passthrough.registry.repository import HostedRepository, ProxiedRepository, Repository
+from passthrough.registry.routing import check_name, is_hosted, route_name
+from passthrough.services import Services, services_of
 from passthrough.store.uploads import UploadState
-from passthrough.upstream.auth import Credentials
-from passthrough.web.downloads import RangeNotSatisfiable, drop_idle_clients, parse_range
+from passthrough.web.downloads import drop_idle_clients, parse_range
 
 bp = Blueprint("v2", __name__)
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 IMMUTABLE = "max-age=31536000, immutable"
 
+#: What a /v2 request is counted as (``operation``), by endpoint, then method ("": any
+#: other). The view may say more: a POST that mounted is ``blob_mount``.
+OPERATIONS: dict[str, dict[str, str]] = {
+    "v2.base": {"": "base"},
+    "v2.catalog": {"": "catalog"},
+    "token.get_token": {"": "token"},
+    "token.post_token": {"": "token"},
+    "v2.manifest": {"": "manifest", "PUT": "manifest_push", "DELETE": "manifest_delete"},
+    "v2.blob": {"": "blob", "DELETE": "blob_delete"},
+    "v2.start_upload": {"": "upload_start"},
+    "v2.upload": {
+        "": "upload_status",
+        "PATCH": "blob_chunk",
+        "PUT": "blob_push",
+        "DELETE": "upload_cancel",
+    },
+    "v2.tags": {"": "tags"},
+    "v2.referrers": {"": "referrers"},
+}
+#: The ``source`` of a request no repository answered, when it succeeded (else "error").
+SOURCES = {"v2.catalog": "hosted"}
+#: The action a method asks for on a repository (anything else pushes).
+ACTIONS = {"GET": "pull", "HEAD": "pull", "DELETE": "delete"}
+#: Where the dispatcher notes what a view answered, for :func:`_count`.
+_NOTED = "passthrough_v2_noted"
 
-class StoreRequired(PassthroughError):
-    """The /v2 API keeps what it serves in the content store; there is none (503)."""
 
-    status = 503
-    kind = "store_required"
+@dataclass(frozen=True)
+class Answer:
+    """A repository view's response, and what to count it as where the request alone
+    does not say: where the content came from (store, upstream, stale, redirect…), and
+    the operation of a POST that mounted."""
 
-
-class DigestInvalid(BadRequest):
-    kind = "digest_invalid"
-
-
-class TagInvalid(BadRequest):
-    kind = "tag_invalid"
+    response: Response
+    source: str | None = None
+    operation: str | None = None
 
 
 def _services() -> Services:
-    found: Services = current_app.extensions["passthrough"]
-    return found
-
-
-def _store() -> ContentStore:
-    store = _services().store
-    if store is None:
-        raise StoreRequired(
-            "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
-        )
-    return store
+    return services_of(current_app)
 
 
 def _proxy() -> Proxy:
-    proxy: Proxy | None = current_app.extensions.get("passthrough.proxy")
+    proxy = _services().proxy
     if proxy is None:
-        services = _services()
-        proxy = Proxy(services.settings, _store(), services.tokens, services.policy)
-        current_app.extensions["passthrough.proxy"] = proxy
+        raise StoreRequired()
     return proxy
 
 
 def _hosted() -> Hosted:
-    hosted: Hosted | None = current_app.extensions.get("passthrough.hosted")
+    hosted = _services().hosted
     if hosted is None:
-        hosted = Hosted(_services().settings, _store())
-        current_app.extensions["passthrough.hosted"] = hosted
+        raise StoreRequired()
     return hosted
+
+
+# -- the one step before every repository view -----------------------------------------------
 
 
 def _identity(name: str | None, action: str = "pull") -> Identity:
@@ -114,24 +138,101 @@ def _identity(name: str | None, action: str = "pull") -> Identity:
     )
 
 
-def _authorize(name: str | None) -> Credentials | None:
-    """The client's upstream identity for a proxied read: None in transparent mode (the
-    service's own is used), the credentials from its token or Basic header in
-    authenticated mode."""
-    return _identity(name).credentials
+def _may_read(identity: Identity, repository: str) -> bool:
+    """Whether the client may read another hosted repository (a mount's source, a
+    catalog entry)."""
+    settings = _services().settings
+    from passthrough.web.token import gate_of
+
+    gate = gate_of(current_app) if settings.auth_enabled else None
+    return may_read_hosted(settings, gate, identity, repository)
 
 
-def _is_hosted(name: str) -> bool:
-    return is_hosted(_services().settings, check_name(name))
+class _Name:
+    """The repository name of one request; checked (NAME_INVALID) when first needed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @functools.cached_property
+    def hosted(self) -> bool:
+        return is_hosted(_services().settings, check_name(self.name))
 
 
-def _writable(name: str, action: str) -> Identity:
-    """A push or delete: only on a hosted name, by a client that may."""
-    if not _is_hosted(name):
-        patterns = ", ".join(_services().settings.hosted_repositories)
-        where = f"pushes go to {patterns}" if patterns else "this registry hosts no repositories"
-        raise Denied(f"{quote_input(name)} is not a hosted repository: {where}")
-    return _identity(name, action)
+def _open(name: _Name, action: str) -> Repository:
+    """Route ``name`` and authorize ``action`` on it: the repository the view works on.
+    The refusals come in the order clients have always seen them."""
+    settings = _services().settings
+    if name.hosted:
+        identity = _identity(name.name, action)
+        return HostedRepository(_hosted(), name.name, functools.partial(_may_read, identity))
+    if action != "pull":
+        raise not_hosted(settings, name.name)
+    route = route_name(settings, name.name, request.args.get("ns"))
+    proxy = _proxy()
+    # A host the client named must pass the outbound policy before anything else.
+    proxy.check_route(route)
+    credentials = _identity(name.name, "pull").credentials
+    return ProxiedRepository(proxy, route, credentials)
+
+
+RepositoryView = Callable[..., Answer]
+
+
+def _dispatched(
+    *, action: str | None = None, check: Callable[..., None] | None = None
+) -> Callable[[RepositoryView], Callable[..., Response]]:
+    """Make a view of ``/v2/<name>/…`` a repository view: ``check`` (the path's own
+    parameters, before the name as ever), then :func:`_open` for ``action`` (by default
+    the method's); the view gets the repository and the other path parameters."""
+
+    def decorate(view: RepositoryView) -> Callable[..., Response]:
+        @functools.wraps(view)
+        def dispatched(name: str, **path: str) -> Response:
+            target = _Name(name)
+            if check is not None:
+                check(target, **path)
+            repository = _open(target, action or ACTIONS.get(request.method, "push"))
+            answer = view(repository, **path)
+            operation = answer.operation or _operation()
+            setattr(g, _NOTED, (operation, answer.source or repository.source))
+            return answer.response
+
+        return dispatched
+
+    return decorate
+
+
+# -- counting: every /v2 request once ---------------------------------------------------------
+
+
+def _operation() -> str:
+    by_method = OPERATIONS.get(request.endpoint or "", {})
+    operation = by_method.get(request.method) or by_method.get("", "unknown")
+    if operation == "upload_start" and request.args.get("digest"):
+        return "blob_push"  # POST ?digest=: the whole blob in one request
+    return operation
+
+
+def _count(status: int) -> None:
+    """One count per /v2 request: as its view's answer was noted, else (an error, a
+    route without a repository) by its endpoint and method."""
+    noted: tuple[str, str] | None = g.pop(_NOTED, None)
+    if noted is None:
+        source = "error" if status >= 400 else SOURCES.get(request.endpoint or "", "local")
+        noted = (_operation(), source)
+    metrics.v2_request(*noted, status)
+
+
+@bp.after_app_request
+def _after_v2(response: Response) -> Response:
+    if request.path.startswith("/v2"):
+        response.headers[API_VERSION[0]] = API_VERSION[1]
+        _count(response.status_code)
+    return response
+
+
+# -- helpers of the views -------------------------------------------------------------------
 
 
 def _body() -> Iterator[bytes]:
@@ -166,130 +267,32 @@ def _content_range() -> int | None:
     return start
 
 
-def _upload_headers(name: str, state: UploadState) -> dict[str, str]:
+def _upload_headers(name: str, state: UploadState, min_chunk: int) -> dict[str, str]:
     headers = {
         "Location": f"/v2/{name}/blobs/uploads/{state.id}",
         "Range": f"0-{max(state.size - 1, 0)}",
         "Docker-Upload-UUID": state.id,
         "Content-Length": "0",
     }
-    minimum = _hosted().store.uploads.min_chunk
-    if minimum:
-        headers["OCI-Chunk-Min-Length"] = str(minimum)
+    if min_chunk:
+        headers["OCI-Chunk-Min-Length"] = str(min_chunk)
     return headers
 
 
-def _paged(items: list[str], base: str) -> tuple[list[str], dict[str, str]]:
-    n, last = request.args.get("n"), request.args.get("last")
-    chosen, more = page(items, n, last)
-    headers = {"Cache-Control": "no-cache"}
-    if more and chosen:
-        headers["Link"] = next_page_link(base, n or "", chosen[-1])
-    return chosen, headers
-
-
-def _route(name: str) -> ProxyRoute:
-    route = route_name(_services().settings, name, request.args.get("ns"))
-    _proxy().check_route(route)
-    return route
-
-
-def _cache_control(immutable: bool, source: str) -> str:
+def _cache_control(immutable: bool, private: bool) -> str:
     """Content by digest may be cached for good; shared caches may keep it unless only
-    some clients may read it (hosted repositories behind users, proxied reads with each
-    client's own upstream identity)."""
+    some clients may read it (:attr:`Repository.private`)."""
     if not immutable:
         return "no-cache"
-    settings = _services().settings
-    private = settings.auth_enabled if source == "hosted" else settings.uses_client_identity
     return f"{'private' if private else 'public'}, {IMMUTABLE}"
 
 
-@bp.after_app_request
-def _api_version(response: Response) -> Response:
-    if request.path.startswith("/v2"):
-        response.headers[API_VERSION[0]] = API_VERSION[1]
-    return response
-
-
-@bp.get("/v2/")
-def base() -> Response:
-    _authorize(None)
-    return Response("{}", mimetype="application/json", headers={"Cache-Control": "no-store"})
-
-
-@bp.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD", "PUT", "DELETE"])
-def manifest(name: str, reference: str) -> Response:
-    is_digest = bool(DIGEST_RE.fullmatch(reference))
-    if not is_digest:
-        if ":" in reference:
-            raise DigestInvalid(f"invalid digest {quote_input(reference)}")
-        if not TAG_RE.fullmatch(reference):
-            if request.method in ("GET", "HEAD") and _is_hosted(name):
-                # No manifest of a hosted repository can have such a tag: the spec's
-                # conformance suite reads one (".INVALID_MANIFEST_NAME") and wants the
-                # 404 of any absent manifest. A push still gets TAG_INVALID.
-                raise ManifestUnknown(
-                    f"{quote_input(reference)} is not a valid tag, so no manifest has it"
-                )
-            raise TagInvalid(f"invalid tag {quote_input(reference)}")
-    if request.method == "PUT":
-        return _put_manifest(name, reference)
-    if request.method == "DELETE":
-        _writable(name, "delete")
-        _hosted().delete_manifest(name, reference)
-        metrics.v2_request("manifest_delete", "hosted", 202)
-        return Response(status=202, headers={"Content-Length": "0"})
-    want_body = request.method == "GET"
-    if _is_hosted(name):
-        _identity(name, "pull")
-        found = _hosted().manifest(name, reference)
-    else:
-        route = _route(name)
-        credentials = _authorize(name)
-        found = _proxy().manifest(route, reference, credentials, want_body=want_body)
-    headers = _manifest_headers(found, immutable=is_digest)
-    metrics.v2_request("manifest", found.source, 200)
-    if not want_body or found.body is None:
-        return _head_response(headers, found.size)
-    metrics.v2_sent(found.source, len(found.body))
-    return Response(found.body, status=200, headers=headers)
-
-
-def _put_manifest(name: str, reference: str) -> Response:
-    _writable(name, "push")
-    limit = _services().settings.hosted_manifest_max_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        from passthrough.errors import SizeInvalid
-
-        raise SizeInvalid(f"the manifest is larger than {limit >> 10} KiB", status=413)
-    body = request.stream.read(limit + 1)
-    with telemetry.span("hosted_manifest_push", {"oci.repository": name}):
-        pushed = _hosted().put_manifest(name, reference, body, request.content_type or "")
-        telemetry.set_attributes({"oci.manifest.digest": pushed.digest})
-    headers = {
-        "Location": f"/v2/{name}/manifests/{pushed.digest}",
-        "Docker-Content-Digest": pushed.digest,
-        "Content-Length": "0",
-    }
-    if pushed.subject is not None:
-        headers["OCI-Subject"] = pushed.subject
-    metrics.v2_request("manifest_push", "hosted", 201)
-    return Response(status=201, headers=headers)
-
-
-def _manifest_headers(found: Manifest, *, immutable: bool) -> dict[str, str]:
-    headers = {
-        "Docker-Content-Digest": found.digest,
-        "Content-Type": found.media_type,
-        "ETag": f'"{found.digest}"',
-        "Cache-Control": _cache_control(immutable, found.source),
-    }
-    if found.source == "stale":
-        reason = " ".join((found.stale_reason or "upstream unavailable").split())[:200]
-        headers["Warning"] = f'110 passthrough "Response is stale: {reason}"'
-    return headers
+def _listing_response(listing: Listing) -> Response:
+    return Response(
+        listing.body,
+        mimetype=listing.media_type,
+        headers={**listing.headers, "Cache-Control": "no-cache"},
+    )
 
 
 def _head_response(headers: dict[str, str], size: int) -> Response:
@@ -298,45 +301,115 @@ def _head_response(headers: dict[str, str], size: int) -> Response:
     return response
 
 
-@bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD", "DELETE"])
-def blob(name: str, digest: str) -> Response:
+def _check_digest(name: _Name, digest: str) -> None:
     if not DIGEST_RE.fullmatch(digest):
         raise DigestInvalid(f"invalid digest {quote_input(digest)}")
+
+
+def _check_reference(name: _Name, reference: str) -> None:
+    """A manifest's tag or digest (DIGEST_INVALID, TAG_INVALID)."""
+    if DIGEST_RE.fullmatch(reference) or TAG_RE.fullmatch(reference):
+        return
+    if ":" in reference:
+        raise DigestInvalid(f"invalid digest {quote_input(reference)}")
+    if request.method in ("GET", "HEAD") and name.hosted:
+        # No manifest of a hosted repository can have such a tag: the spec's
+        # conformance suite reads one (".INVALID_MANIFEST_NAME") and wants the 404 of
+        # any absent manifest. A push still gets TAG_INVALID.
+        raise ManifestUnknown(f"{quote_input(reference)} is not a valid tag, so no manifest has it")
+    raise TagInvalid(f"invalid tag {quote_input(reference)}")
+
+
+# -- the views -------------------------------------------------------------------------------
+
+
+@bp.get("/v2/")
+def base() -> Response:
+    _identity(None)
+    return Response("{}", mimetype="application/json", headers={"Cache-Control": "no-store"})
+
+
+@bp.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD", "PUT", "DELETE"])
+@_dispatched(check=_check_reference)
+def manifest(repository: Repository, reference: str) -> Answer:
+    if request.method == "PUT":
+        return _put_manifest(repository, reference)
     if request.method == "DELETE":
-        _writable(name, "delete")
-        _hosted().delete_blob(name, digest)
-        return Response(status=202, headers={"Content-Length": "0"})
+        repository.delete_manifest(reference)
+        return Answer(Response(status=202, headers={"Content-Length": "0"}))
     want_body = request.method == "GET"
-    if _is_hosted(name):
-        _identity(name, "pull")
-        opened = _hosted().open_blob(name, digest)
-        answer = BlobAnswer(opened.size, "hosted", stream=BlobStream(opened.size, stored=opened))
-        if not want_body:
-            opened.close()
-            answer.stream = None
-    else:
-        route = _route(name)
-        credentials = _authorize(name)
-        answer = _proxy().blob(route, digest, credentials, want_body=want_body, allow_redirect=True)
+    found = repository.manifest(reference, want_body=want_body)
+    immutable = bool(DIGEST_RE.fullmatch(reference))
+    headers = _manifest_headers(found, _cache_control(immutable, repository.private))
+    if not want_body or found.body is None:
+        return Answer(_head_response(headers, found.size), found.source)
+    metrics.v2_sent(found.source, len(found.body))
+    return Answer(Response(found.body, status=200, headers=headers), found.source)
+
+
+def _put_manifest(repository: Repository, reference: str) -> Answer:
+    limit = _services().settings.hosted_manifest_max_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise SizeInvalid(f"the manifest is larger than {limit >> 10} KiB", status=413)
+    body = request.stream.read(limit + 1)
+    with telemetry.span("hosted_manifest_push", {"oci.repository": repository.name}):
+        pushed = repository.put_manifest(reference, body, request.content_type or "")
+        telemetry.set_attributes({"oci.manifest.digest": pushed.digest})
+    headers = {
+        "Location": f"/v2/{repository.name}/manifests/{pushed.digest}",
+        "Docker-Content-Digest": pushed.digest,
+        "Content-Length": "0",
+    }
+    if pushed.subject is not None:
+        headers["OCI-Subject"] = pushed.subject
+    return Answer(Response(status=201, headers=headers))
+
+
+def _manifest_headers(found: Manifest, cache_control: str) -> dict[str, str]:
+    headers = {
+        "Docker-Content-Digest": found.digest,
+        "Content-Type": found.media_type,
+        "ETag": f'"{found.digest}"',
+        "Cache-Control": cache_control,
+    }
+    if found.source == "stale":
+        reason = " ".join((found.stale_reason or "upstream unavailable").split())[:200]
+        headers["Warning"] = f'110 passthrough "Response is stale: {reason}"'
+    return headers
+
+
+@bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD", "DELETE"])
+@_dispatched(check=_check_digest)
+def blob(repository: Repository, digest: str) -> Answer:
+    if request.method == "DELETE":
+        repository.delete_blob(digest)
+        return Answer(Response(status=202, headers={"Content-Length": "0"}))
+    want_body = request.method == "GET"
+    answer = repository.blob(digest, want_body=want_body)
     headers = {
         "Docker-Content-Digest": digest,
         "Content-Type": "application/octet-stream",
         "ETag": f'"{digest}"',
-        "Cache-Control": _cache_control(True, answer.source),
+        "Cache-Control": _cache_control(True, repository.private),
         "Accept-Ranges": "bytes",
     }
     if answer.redirect is not None:
-        metrics.v2_request("blob", "redirect", 307)
         # A presigned URL carries its own authorization: clients send none to it.
-        return Response(status=307, headers={**headers, "Location": answer.redirect})
+        redirect = Response(status=307, headers={**headers, "Location": answer.redirect})
+        return Answer(redirect, "redirect")
     if not want_body or answer.stream is None:
-        metrics.v2_request("blob", answer.source, 200)
-        return _head_response(headers, answer.size)
+        return Answer(_head_response(headers, answer.size), answer.source)
+    return Answer(_blob_body(answer, headers), answer.source)
+
+
+def _blob_body(answer: BlobAnswer, headers: dict[str, str]) -> Response:
+    """The whole blob, or the Range asked for (206; 416 past its end)."""
+    assert answer.stream is not None
     try:
         wanted = parse_range(request.headers.get("Range"), answer.size)
     except RangeNotSatisfiable:
         answer.stream.close()
-        metrics.v2_request("blob", answer.source, 416)
         return Response(status=416, headers={**headers, "Content-Range": f"bytes */{answer.size}"})
     status = 200
     start, end = 0, answer.size
@@ -345,89 +418,67 @@ def blob(name: str, digest: str) -> Response:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{answer.size}"
     headers["Content-Length"] = str(end - start)
-    metrics.v2_request("blob", answer.source, status)
     drop_idle_clients(_services().settings.client_idle_timeout)
     return Response(_send(answer, start, end), status=status, headers=headers)
 
 
 @bp.post("/v2/<path:name>/blobs/uploads/")
-def start_upload(name: str) -> Response:
-    identity = _writable(name, "push")
-    hosted = _hosted()
+@_dispatched(action="push")
+def start_upload(repository: Repository) -> Answer:
+    uploads = repository.uploads()
     mount, source = request.args.get("mount"), request.args.get("from")
-    if mount and source:
-        check_digest(mount)
-        if _may_pull(identity, source):
-            if hosted.mount(name, source, mount) is not None:
-                return _blob_created(name, mount, "blob_mount", "mounted")
+    if mount and source and uploads.mount(source, mount):
+        return _blob_created(repository.name, mount, "mounted", operation="blob_mount")
     digest = request.args.get("digest")
     if digest:
         with telemetry.span(
-            "hosted_blob_upload", {"oci.blob.digest": digest, "oci.repository": name}
+            "hosted_blob_upload", {"oci.blob.digest": digest, "oci.repository": repository.name}
         ):
-            size = hosted.monolithic(name, digest, _body(), request.content_length)
+            size = uploads.monolithic(digest, _body(), request.content_length)
             telemetry.set_attributes({"oci.blob.size": size})
-        return _blob_created(name, digest, "blob_push", "committed")
-    state = hosted.start_upload(name)
-    return Response(status=202, headers=_upload_headers(name, state))
-
-
-def _blob_created(name: str, digest: str, operation: str, outcome: str) -> Response:
-    """201 for a blob that is now in ``name`` (pushed whole, closed, or mounted),
-    counted under ``operation`` and the upload ``outcome``."""
-    metrics.v2_request(operation, "hosted", 201)
-    metrics.upload_finished(outcome)
-    return Response(
-        status=201,
-        headers={
-            "Location": f"/v2/{name}/blobs/{digest}",
-            "Docker-Content-Digest": digest,
-            "Content-Length": "0",
-        },
+        return _blob_created(repository.name, digest, "committed")
+    state = uploads.start()
+    return Answer(
+        Response(status=202, headers=_upload_headers(repository.name, state, uploads.min_chunk))
     )
 
 
-def _may_pull(identity: Identity, repository: str) -> bool:
-    """Whether the client may read the source of a cross-repository mount (else the
-    spec's answer is a new session, never the blob)."""
-    try:
-        if not _is_hosted(repository):
-            return False
-    except BadRequest:
-        return False
-    settings = _services().settings
-    if not settings.auth_enabled:
-        return True
-    from passthrough.web.token import gate_of
-
-    return gate_of(current_app).may(identity, repository, "pull")
+def _blob_created(name: str, digest: str, outcome: str, operation: str | None = None) -> Answer:
+    """201 for a blob that is now in ``name`` (pushed whole, closed, or mounted), the
+    upload counted under ``outcome``."""
+    metrics.upload_finished(outcome)
+    headers = {
+        "Location": f"/v2/{name}/blobs/{digest}",
+        "Docker-Content-Digest": digest,
+        "Content-Length": "0",
+    }
+    return Answer(Response(status=201, headers=headers), operation=operation)
 
 
 @bp.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET", "PATCH", "PUT", "DELETE"])
-def upload(name: str, upload_id: str) -> Response:
-    _writable(name, "push")
-    hosted = _hosted()
+@_dispatched(action="push")
+def upload(repository: Repository, upload_id: str) -> Answer:
+    uploads = repository.uploads()
+    name = repository.name
     if request.method == "GET":
-        state = hosted.upload(name, upload_id)
-        headers = _upload_headers(name, state)
-        return Response(status=204, headers=headers)
+        state = uploads.status(upload_id)
+        return Answer(Response(status=204, headers=_upload_headers(name, state, uploads.min_chunk)))
     if request.method == "DELETE":
-        hosted.cancel(name, upload_id)
-        return Response(status=204, headers={"Content-Length": "0"})
+        uploads.cancel(upload_id)
+        return Answer(Response(status=204, headers={"Content-Length": "0"}))
     if request.method == "PATCH":
         start = _content_range()
-        state = hosted.append(name, upload_id, _body(), start=start, length=request.content_length)
-        metrics.v2_request("blob_chunk", "hosted", 202)
-        return Response(status=202, headers=_upload_headers(name, state))
+        state = uploads.append(upload_id, _body(), start=start, length=request.content_length)
+        return Answer(Response(status=202, headers=_upload_headers(name, state, uploads.min_chunk)))
     digest = request.args.get("digest")
     if not digest:
         raise DigestInvalid("the closing PUT of an upload needs ?digest=")
     start = _content_range()
     length = request.content_length
     with telemetry.span("hosted_blob_commit", {"oci.blob.digest": digest, "oci.repository": name}):
-        size = hosted.finish(name, upload_id, digest, _body(), start=start, length=length)
+        size = uploads.finish(upload_id, digest, _body(), start=start, length=length)
         telemetry.set_attributes({"oci.blob.size": size})
-    return _blob_created(name, digest, "blob_push", "committed")
+    return _blob_created(name, digest, "committed")
 
 
 def _send(answer: BlobAnswer, start: int, end: int) -> Iterator[bytes]:
@@ -462,56 +513,24 @@ def catalog() -> Response:
         )
     names = _hosted().repositories()
     if settings.auth_enabled:
-        names = [n for n in names if _may_pull(identity, n)]
-    chosen, headers = _paged(names, "/v2/_catalog")
+        names = [n for n in names if _may_read(identity, n)]
+    chosen, links = paged(names, request.args.get("n"), request.args.get("last"), "/v2/_catalog")
     return Response(
-        json.dumps({"repositories": chosen}), mimetype="application/json", headers=headers
+        json.dumps({"repositories": chosen}),
+        mimetype="application/json",
+        headers={"Cache-Control": "no-cache", **links},
     )
 
 
 @bp.get("/v2/<path:name>/tags/list")
-def tags(name: str) -> Response:
-    if _is_hosted(name):
-        _identity(name, "pull")
-        chosen, headers = _paged(_hosted().tags(name), f"/v2/{name}/tags/list")
-        return Response(
-            json.dumps({"name": name, "tags": chosen}),
-            mimetype="application/json",
-            headers=headers,
-        )
-    route = _route(name)
-    credentials = _authorize(name)
-    query = {k: v for k, v in request.args.items() if k in ("n", "last")}
-    if "n" in query and not query["n"].isdigit():
-        raise BadRequest("n must be a whole number")
-    listing = _proxy().tags(route, credentials, query)
-    metrics.v2_request("tags", "upstream", 200)
-    return Response(
-        listing.body,
-        mimetype=listing.media_type,
-        headers={**listing.headers, "Cache-Control": "no-cache"},
-    )
+@_dispatched()
+def tags(repository: Repository) -> Answer:
+    listing = repository.tags(request.args.get("n"), request.args.get("last"))
+    return Answer(_listing_response(listing))
 
 
 @bp.get("/v2/<path:name>/referrers/<digest>")
-def referrers(name: str, digest: str) -> Response:
-    if not DIGEST_RE.fullmatch(digest):
-        raise DigestInvalid(f"invalid digest {quote_input(digest)}")
-    if _is_hosted(name):
-        _identity(name, "pull")
-        artifact_type = request.args.get("artifactType")
-        found = _hosted().referrers(name, digest, artifact_type)
-        headers = {"Cache-Control": "no-cache"}
-        if artifact_type:
-            headers["OCI-Filters-Applied"] = "artifactType"
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
-        return Response(json.dumps(index), mimetype=OCI_INDEX, headers=headers)
-    route = _route(name)
-    credentials = _authorize(name)
-    listing = _proxy().referrers(route, digest, credentials, request.args.get("artifactType"))
-    metrics.v2_request("referrers", "upstream", 200)
-    return Response(
-        listing.body,
-        mimetype=listing.media_type,
-        headers={**listing.headers, "Cache-Control": "no-cache"},
-    )
+@_dispatched(check=_check_digest)
+def referrers(repository: Repository, digest: str) -> Answer:
+    listing = repository.referrers(digest, request.args.get("artifactType"))
+    return Answer(_listing_response(listing))

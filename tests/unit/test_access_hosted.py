@@ -18,16 +18,21 @@ from pathlib import Path
 import pytest
 
 from passthrough.config import ConfigError, Settings
-from passthrough.errors import Denied, InsufficientScope, PassthroughError, TokenRequired
+from passthrough.errors import (
+    Denied,
+    InsufficientScope,
+    LoginFailed,
+    PassthroughError,
+    TokenRequired,
+    TooManyLogins,
+)
 from passthrough.observe import metrics
 from passthrough.registry.access import (
     ANONYMOUS,
     Gate,
     Identity,
-    LoginFailed,
     LoginLimiter,
     RedisLoginLimiter,
-    TooManyLogins,
     check_access,
     check_catalog,
 )

@@ -191,7 +191,7 @@ def test_gunicorn_text_logs_are_redacted_too(monkeypatch, capsys):
 
 
 def test_a_transfer_broken_on_purpose_is_one_line_not_a_traceback(monkeypatch, capsys):
-    from passthrough.store.readthrough import TransferAborted
+    from passthrough.errors import TransferAborted
 
     logger = gunicorn_logger(monkeypatch, "text")
     try:

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from passthrough.errors import UpstreamInvalid, UpstreamNotFound, UpstreamUnreachable
+from passthrough.errors import (
+    TransferAborted,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamUnreachable,
+)
 from passthrough.store.content import ContentStore
-from passthrough.store.readthrough import BlobStream, TransferAborted
+from passthrough.store.readthrough import BlobStream
 from tests.support.stores import filesystem_store
 
 CHUNK = 64 * 1024

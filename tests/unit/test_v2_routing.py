@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from passthrough.config import ConfigError, Settings, load_settings
+from passthrough.errors import NameInvalid
 from passthrough.registry.routing import (
-    NameInvalid,
     check_name,
     route_name,
     upstream_credentials,
