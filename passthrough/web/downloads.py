@@ -18,7 +18,7 @@ from passthrough.errors import ClientAuthRequired, RangeNotSatisfiable, Upstream
 from passthrough.export.download import prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
-from passthrough.services import Services
+from passthrough.services import Services, services_of
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
 from passthrough.web.errors import error_response
@@ -27,8 +27,7 @@ bp = Blueprint("downloads", __name__)
 
 
 def services() -> Services:
-    found: Services = current_app.extensions["passthrough"]
-    return found
+    return services_of(current_app)
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app
 
 from passthrough.errors import PassthroughError
 from passthrough.registry.routing import configured_upstreams
-from passthrough.services import Services
+from passthrough.services import Services, services_of
 from passthrough.upstream.probe import PROBE_TIMEOUT, ProbeResult, probe_registry
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class _ReadyCache:
 
 @bp.get("/ready")
 def ready() -> Response:
-    services: Services = current_app.extensions["passthrough"]
+    services = services_of(current_app)
     cache: _ReadyCache = current_app.extensions.setdefault(_EXTENSION, _ReadyCache())
     with cache.lock:
         if time.monotonic() >= cache.expires:

@@ -14,7 +14,7 @@ import os
 from flask import Blueprint, Response, current_app
 
 from passthrough.errors import NoCertificateAuthority
-from passthrough.services import Services
+from passthrough.services import services_of
 from passthrough.tls import CA_FILE_ENV
 
 bp = Blueprint("tls", __name__)
@@ -22,7 +22,7 @@ bp = Blueprint("tls", __name__)
 
 @bp.get("/ca.crt")
 def ca_certificate() -> Response:
-    services: Services = current_app.extensions["passthrough"]
+    services = services_of(current_app)
     if not services.settings.tls_self_signed:
         raise NoCertificateAuthority(
             "no CA to hand out: TLS_SELF_SIGNED is off (with TLS_CERT_FILE, trust the CA "
