@@ -27,6 +27,7 @@ from passthrough.store import open_store
 from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
 from tests.support.fixtures_matrix import s3_env
+from tests.support.helpers import digest
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import PassthroughServer, scrubbed_environment
 
@@ -51,10 +52,6 @@ def hosted_env(tmp_path: Path) -> dict[str, str]:
         "PUBLIC_URL": "http://127.0.0.1",
         "TOKEN_SECRET": "gc-test-secret-0123456789",
     }
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def layer_bytes(marker: str, size: int = 96 * 1024) -> bytes:

@@ -14,7 +14,8 @@ import responses
 
 from passthrough import create_app
 from passthrough.store.content import ContentStore
-from tests.unit.test_app import REG, FakeImage, digest, tar_of
+from tests.support.helpers import digest
+from tests.unit.test_app import REG, FakeImage, tar_of
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ after every possible number of deletes, and the command's lines and exit codes."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -27,15 +26,12 @@ from passthrough.registry.gc import Collector, Summary, human_bytes, parse_durat
 from passthrough.store.base import content_key
 from passthrough.store.content import ContentStore
 from passthrough.store.flight import Held
+from tests.support.helpers import digest
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Rig:

@@ -28,9 +28,10 @@ from passthrough.cli import main
 from passthrough.config import load_settings
 from passthrough.errors import StoreUnavailable
 from passthrough.store.flight import Flight, RedisLease
+from tests.support.helpers import digest
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
-from tests.unit.test_gc import Rig, build_garbage, digest
+from tests.unit.test_gc import Rig, build_garbage
 
 #: Long enough never to run out while a test holds the lock on purpose.
 LONG_LEASE = 30.0

@@ -4,7 +4,6 @@ digest is proven, and nothing unverified committed."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -16,12 +15,9 @@ import pytest
 from passthrough.errors import UpstreamInvalid, UpstreamNotFound, UpstreamUnreachable
 from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream, TransferAborted
+from tests.support.helpers import digest as digest_of
 
 CHUNK = 64 * 1024
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Upstream:

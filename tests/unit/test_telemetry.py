@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import importlib.util
 import io
 import json
@@ -31,6 +30,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from passthrough import create_app
 from passthrough.observe import telemetry
 from passthrough.observe.logs import JsonFormatter, TextFormatter
+from tests.support.helpers import digest
 
 if TYPE_CHECKING:  # imported lazily: a test below proves the app alone never loads the SDK
     from opentelemetry.sdk.trace import ReadableSpan
@@ -40,10 +40,6 @@ REG = "http://reg.test:5000"
 REALM = "http://auth.test/token"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tar_of(name: str, payload: bytes) -> bytes:
