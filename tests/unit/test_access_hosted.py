@@ -33,8 +33,9 @@ from passthrough.registry.access import (
 )
 from passthrough.registry.tokens import Scope, TokenService
 from passthrough.upstream.auth import Credentials
+from tests.support.htpasswd import bcrypt_line
 from tests.support.procs import free_port
-from tests.unit.test_users import Counting, bcrypt_line
+from tests.unit.test_users import Counting
 
 SECRET = "a shared secret for every replica"
 PUBLIC = "https://registry.example"
