@@ -38,6 +38,9 @@ INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 ACCEPT = ", ".join((MANIFEST_TYPE, INDEX_TYPE))
 USER, PASSWORD = "gc", "gc-password"
 
+# gc and the server run as real processes: the full tier.
+pytestmark = pytest.mark.rig
+
 
 def hosted_env(tmp_path: Path) -> dict[str, str]:
     """A hosted area (team/*) with one user, made with htpasswd -B."""

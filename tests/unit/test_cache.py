@@ -272,6 +272,7 @@ def test_pinned_entries_are_never_evicted(tmp_path):
     assert store.pinned() == set()
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, monkeypatch):
     """A commit seals the part (mtime years back) just before its rename: a store
     opened in that instant by another process (gc, a new worker) must leave it alone,

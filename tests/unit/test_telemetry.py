@@ -509,6 +509,7 @@ def test_nothing_is_instrumented_when_the_endpoint_is_unset(tmp_path, monkeypatc
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_a_download_without_endpoint_loads_neither_sdk_nor_instrumentation(tmp_path):
     """In a fresh interpreter: a whole download with the endpoint unset never imports
     the SDK or an instrumentor, and leaves requests unpatched."""
@@ -584,6 +585,7 @@ def test_download_route_matches_the_flask_templates():
     )
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_create_app_sets_tracing_up_once_outside_gunicorn(tmp_path):
     """With the endpoint set and no gunicorn, the app factory makes the global provider
     (OTLP over http/protobuf here) once, however many apps it makes."""
