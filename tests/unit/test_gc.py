@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -408,16 +409,19 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
         count_original(self, key, held)
 
     monkeypatch.setattr(Collector, "_delete", counting)
+    build_garbage(Rig(tmp_path / "template"))
+    shutil.copytree(tmp_path / "template", tmp_path / "probe")
     probe = Rig(tmp_path / "probe")
-    build_garbage(probe)
     probe.gc(delete=True)
     total = deletes
     assert total > 20
     monkeypatch.setattr(Collector, "_delete", count_original)
 
     for stop in range(1, total):
+        # Each stop starts from a copy of the store the probe began with (built once,
+        # pushed through the API): the same content, without pushing it again each time.
+        shutil.copytree(tmp_path / "template", tmp_path / f"stop{stop}")
         rig = Rig(tmp_path / f"stop{stop}")
-        build_garbage(rig)
         monkeypatch.setenv(gc_module.KILL_AFTER_ENV, "")
         done = 0
 
