@@ -1,7 +1,7 @@
 """Shared fixtures: the real test rig (registries, token issuer, fronts, dockerd,
 loaders, the server under gunicorn, SeaweedFS as S3, redis-server). Tests that use it
 are marked ``rig`` and run in the full tier; `bash tests/run.sh fast` runs the rest in
-seconds, and starts no process (tests/support/no_process.py fails a test that does)."""
+about a minute, and starts no process (tests/support/no_process.py fails a test that does)."""
 
 from __future__ import annotations
 
