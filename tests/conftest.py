@@ -1,7 +1,7 @@
 """Shared fixtures: the real test rig (registries, token issuer, fronts, dockerd,
 loaders, the server under gunicorn, SeaweedFS as S3, redis-server). Tests that use it
 are marked ``rig`` and run in the full tier; `bash tests/run.sh fast` runs the rest in
-seconds."""
+about a minute, and starts no process (tests/support/no_process.py fails a test that does)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tests.support.fixtures_loaders import *  # noqa: F403
 from tests.support.fixtures_matrix import *  # noqa: F403
 from tests.support.fixtures_registry import *  # noqa: F403
 from tests.support.fixtures_store import *  # noqa: F403
+from tests.support.no_process import no_process
 from tests.support.server import log_errors, running_servers
 
 RIG_FIXTURES = {
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RIG_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.rig)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    # Outside the rig nothing may start a process, in its fixtures either.
+    if item.get_closest_marker("rig"):
+        return (yield)
+    with no_process():
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -174,6 +174,25 @@ def archive_problem(path: Path) -> str | None:
     return None
 
 
+def check_archive(path: Path, image: Image) -> None:
+    """The archive is a docker save of `image`: its config bytes, and every layer tar
+    hashing to the config's diff_id, in order."""
+    with tarfile.open(path) as tar:
+        manifest_file = tar.extractfile("manifest.json")
+        assert manifest_file is not None
+        (entry,) = json.load(manifest_file)
+        config = tar.extractfile(entry["Config"])
+        assert config is not None and config.read() == image.config
+        diff_ids = []
+        for name in entry["Layers"]:
+            member = tar.extractfile(name)
+            assert member is not None
+            digest = hashlib.sha256()
+            while chunk := member.read(1 << 20):
+                digest.update(chunk)
+            diff_ids.append("sha256:" + digest.hexdigest())
+    assert diff_ids == image.diff_ids
+
 def member_bytes(path: Path, name: str) -> bytes:
     with tarfile.open(path) as archive:
         member = archive.extractfile(name)
@@ -195,10 +214,6 @@ def members(path: Path) -> dict[str, bytes]:
                 assert data is not None
                 out[member.name] = data.read()
     return out
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def one_line_error(fetched: Fetched, status: int | None = None) -> str:

@@ -9,7 +9,6 @@ token realm clients are sent to must be in its settings (as in test_v2_tokens.py
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -21,6 +20,7 @@ from typing import Any
 
 import requests
 
+from tests.support.helpers import digest
 from tests.support.procs import LOOPBACK, free_port
 from tests.support.server import PassthroughServer
 
@@ -33,10 +33,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCTET = "application/octet-stream"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def write_htpasswd(path: Path, users: Mapping[str, str]) -> Path:
@@ -154,13 +150,13 @@ def push_blob(session: requests.Session, base: str, name: str, data: bytes) -> s
     location = absolute(base, started.headers["Location"])
     done = session.put(
         location,
-        params={"digest": sha256(data)},
+        params={"digest": digest(data)},
         data=data,
         headers={"Content-Type": OCTET},
         timeout=120,
     )
     assert done.status_code == 201, done.text
-    return sha256(data)
+    return digest(data)
 
 
 def absolute(base: str, location: str) -> str:
@@ -171,9 +167,9 @@ def image_manifest(config: bytes, layers: list[bytes], **extra: Any) -> bytes:
     document = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
+        "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
         "layers": [
-            {"mediaType": OCI_LAYER, "digest": sha256(layer), "size": len(layer)}
+            {"mediaType": OCI_LAYER, "digest": digest(layer), "size": len(layer)}
             for layer in layers
         ],
         **extra,

@@ -13,7 +13,6 @@ import socket
 import struct
 import tarfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.e2e.helpers import check_archive
 from tests.support.fronts import FaultFront
+from tests.support.helpers import wait_until
 from tests.support.images import Image, Layer, big_layer, build_image, push_image, runnable_image
 from tests.support.loaders import docker_load_and_run
 from tests.support.registry import ALICE, BOB, PUSHER, RegistryServer
@@ -68,26 +69,6 @@ def push(
     name = f"{prefix}/t{secrets.token_hex(5)}"
     push_image(registry.url, name, "v1", image, auth=auth)
     return name, f"{name.replace('/', '_')}_v1.tar"
-
-
-def check_archive(path: Path, image: Image) -> None:
-    """The archive is a docker save of `image`: its config bytes, and every layer tar
-    hashing to the config's diff_id, in order."""
-    with tarfile.open(path) as tar:
-        manifest_file = tar.extractfile("manifest.json")
-        assert manifest_file is not None
-        (entry,) = json.load(manifest_file)
-        config = tar.extractfile(entry["Config"])
-        assert config is not None and config.read() == image.config
-        diff_ids = []
-        for name in entry["Layers"]:
-            member = tar.extractfile(name)
-            assert member is not None
-            digest = hashlib.sha256()
-            while chunk := member.read(CHUNK):
-                digest.update(chunk)
-            diff_ids.append("sha256:" + digest.hexdigest())
-    assert diff_ids == image.diff_ids
 
 
 # --- a client ---------------------------------------------------------------------------
@@ -203,14 +184,6 @@ def saw_client_leave(server: PassthroughServer) -> bool:
     except requests.RequestException:
         return False
     return 'outcome="client_gone"' in metrics
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- the cache directory and the server's processes --------------------------------------

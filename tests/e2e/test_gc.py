@@ -26,6 +26,7 @@ from passthrough.store import open_store
 from passthrough.store.content import ContentStore
 from passthrough.store.layout import content_key
 from tests.support.fixtures_matrix import s3_env
+from tests.support.helpers import digest
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT, PassthroughServer, scrubbed_environment
 
@@ -35,6 +36,9 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 ACCEPT = ", ".join((MANIFEST_TYPE, INDEX_TYPE))
 USER, PASSWORD = "gc", "gc-password"
+
+# gc and the server run as real processes: the full tier.
+pytestmark = pytest.mark.rig
 
 
 def hosted_env(tmp_path: Path) -> dict[str, str]:
@@ -50,10 +54,6 @@ def hosted_env(tmp_path: Path) -> dict[str, str]:
         "PUBLIC_URL": "http://127.0.0.1",
         "TOKEN_SECRET": "gc-test-secret-0123456789",
     }
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def layer_bytes(marker: str, size: int = 96 * 1024) -> bytes:

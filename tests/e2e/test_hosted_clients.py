@@ -33,9 +33,9 @@ from tests.e2e.hosted import (
     hosted_server,
     image_manifest,
     push_blob,
-    sha256,
 )
 from tests.support.docker_engine import DOCKER_CLI, DockerEngine
+from tests.support.helpers import digest as digest_of
 from tests.support.images import (
     multi_platform_index,
     push_image,
@@ -266,7 +266,7 @@ def test_skopeo_copies_an_index_into_hosted_and_out_unchanged(
         expected.add(child.digest)
     assert expected <= stored
     for path in (out / "blobs" / "sha256").iterdir():
-        assert sha256(path.read_bytes()) == f"sha256:{path.name}"
+        assert digest_of(path.read_bytes()) == f"sha256:{path.name}"
     # One platform out again, as a client that wants only arm64 would take it.
     arm64 = index.image_for("linux", "arm64", "v8")
     one = tmp_path / "arm64"
@@ -296,7 +296,7 @@ def push_subject(hosted: Hosted, name: str) -> tuple[str, int]:
         timeout=30,
     )
     assert answer.status_code == 201, answer.text
-    return sha256(body), len(body)
+    return digest_of(body), len(body)
 
 
 def test_oras_pushes_an_artifact_with_a_subject_and_referrers_list_it(

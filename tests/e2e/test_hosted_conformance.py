@@ -37,8 +37,8 @@ import pytest
 import requests
 
 from tests.e2e.hosted import OCI_INDEX, OCI_MANIFEST, OCTET, Hosted, error_codes, hosted_server
-from tests.e2e.hosted import sha256 as digest_of
 from tests.support.fixtures_matrix import s3_env
+from tests.support.helpers import digest as digest_of
 from tests.support.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.rig

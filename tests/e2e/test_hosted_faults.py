@@ -29,7 +29,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +46,10 @@ from tests.e2e.hosted import (
     hosted_server,
     image_manifest,
     push_blob,
-    sha256,
 )
 from tests.support.fixtures_matrix import s3_env
+from tests.support.helpers import digest as digest_of
+from tests.support.helpers import wait_until
 from tests.support.procs import LOOPBACK
 from tests.support.seaweed import SeaweedS3
 
@@ -94,15 +94,6 @@ def read_answer(sock: socket.socket) -> tuple[int, bytes]:
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
-
-
-def wait_until(what: str, check: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pids(master: int) -> list[int]:
@@ -180,7 +171,7 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
     http = hosted.session()
     name = f"team/killed-{secrets.token_hex(4)}"
     data = os.urandom(40 << 20)
-    digest = sha256(data)
+    digest = digest_of(data)
     started = http.post(hosted.url(f"/v2/{name}/blobs/uploads/"), timeout=30)
     assert started.status_code == 202, started.text
     location = started.headers["Location"]
@@ -194,8 +185,11 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
     try:
         sock.sendall(raw_request_head(hosted, "PATCH", location, len(data)))
         sock.sendall(data[:sent])
-        wait_until("the worker to store some of the chunk",
-                   lambda: one_worker.session_has_bytes(upload_id))  # fmt: skip
+        wait_until(
+            lambda: one_worker.session_has_bytes(upload_id),
+            60,
+            "the worker to store some of the chunk",
+        )
         os.kill(before, signal.SIGKILL)
         with pytest.raises(OSError):
             # The peer is gone: the rest of the body cannot go anywhere, or the answer
@@ -209,11 +203,12 @@ def test_a_worker_killed_mid_patch_leaves_no_blob_and_the_retry_succeeds(
 
     # The master starts a new worker; the blob was never verified, so it is nowhere.
     wait_until(
-        "a new worker",
         lambda: (
             [p for p in worker_pids(hosted.server.pid) if p != before]
             and requests.get(hosted.url("/health"), timeout=5).status_code == 200
         ),
+        60,
+        "a new worker",
     )
     head = http.head(hosted.url(f"/v2/{name}/blobs/{digest}"), timeout=30)
     assert head.status_code == 404
@@ -284,7 +279,7 @@ def test_a_full_disk_during_an_upload_is_a_507_and_leaves_nothing(
     http = hosted.session()
     name = f"team/full-{secrets.token_hex(4)}"
     too_big = os.urandom(12 << 20)
-    digest = sha256(too_big)
+    digest = digest_of(too_big)
 
     # Monolithic: POST ?digest= with the whole blob.
     answer = http.post(
@@ -315,7 +310,7 @@ def test_a_full_disk_during_an_upload_is_a_507_and_leaves_nothing(
     # What fits still goes in: the failed uploads took no space with them.
     small = os.urandom(2 << 20)
     push_blob(http, hosted.public_url, name, small)
-    assert http.get(hosted.url(f"/v2/{name}/blobs/{sha256(small)}"), timeout=60).content == small
+    assert http.get(hosted.url(f"/v2/{name}/blobs/{digest_of(small)}"), timeout=60).content == small
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -343,13 +338,13 @@ def test_a_manifest_referencing_a_missing_blob(shared: Hosted) -> None:
         timeout=30,
     )
     assert answer.status_code == 400 and error_codes(answer) == ["MANIFEST_BLOB_UNKNOWN"]
-    assert sha256(b"never pushed") in error_message(answer)
+    assert digest_of(b"never pushed") in error_message(answer)
     assert http.get(shared.url(f"/v2/{name}/manifests/1.0"), timeout=30).status_code == 404
 
 
 def test_a_digest_that_does_not_match(shared: Hosted) -> None:
     http, name = shared.session(), repo()
-    data, claimed = os.urandom(4096), sha256(b"something else")
+    data, claimed = os.urandom(4096), digest_of(b"something else")
     # Monolithic, and at the end of a session: neither commits anything.
     answer = http.post(
         shared.url(f"/v2/{name}/blobs/uploads/"), params={"digest": claimed}, data=data, timeout=30
@@ -359,7 +354,7 @@ def test_a_digest_that_does_not_match(shared: Hosted) -> None:
     location = absolute(shared.public_url, started.headers["Location"])
     answer = http.put(location, params={"digest": claimed}, data=data, timeout=30)
     assert answer.status_code == 400 and error_codes(answer) == ["DIGEST_INVALID"]
-    for digest in (claimed, sha256(data)):
+    for digest in (claimed, digest_of(data)):
         assert http.head(shared.url(f"/v2/{name}/blobs/{digest}"), timeout=30).status_code == 404
         assert shared.cache is not None and blob_files(shared.cache, digest) == []
     # The session is gone with its failed commit.
@@ -367,7 +362,7 @@ def test_a_digest_that_does_not_match(shared: Hosted) -> None:
     # A manifest whose content is not the digest it is pushed by.
     body = b'{"schemaVersion": 2}'
     answer = http.put(
-        shared.url(f"/v2/{name}/manifests/{sha256(b'other')}"),
+        shared.url(f"/v2/{name}/manifests/{digest_of(b'other')}"),
         data=body,
         headers={"Content-Type": OCI_MANIFEST},
         timeout=30,
@@ -410,11 +405,11 @@ def test_a_chunk_after_the_session_was_closed(shared: Hosted) -> None:
     data = os.urandom(1024)
     started = http.post(shared.url(f"/v2/{name}/blobs/uploads/"), timeout=30)
     location = absolute(shared.public_url, started.headers["Location"])
-    done = http.put(location, params={"digest": sha256(data)}, data=data, timeout=30)
+    done = http.put(location, params={"digest": digest_of(data)}, data=data, timeout=30)
     assert done.status_code == 201
     late = http.patch(location, data=b"more", headers={"Content-Type": OCTET}, timeout=30)
     assert late.status_code == 404 and error_codes(late) == ["BLOB_UPLOAD_UNKNOWN"]
-    again = http.put(location, params={"digest": sha256(data)}, data=b"", timeout=30)
+    again = http.put(location, params={"digest": digest_of(data)}, data=b"", timeout=30)
     assert again.status_code == 404 and error_codes(again) == ["BLOB_UPLOAD_UNKNOWN"]
     # A cancelled session is as closed.
     started = http.post(shared.url(f"/v2/{name}/blobs/uploads/"), timeout=30)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,6 +25,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.helpers import wait_until
 from tests.support.images import File as TarFile
 from tests.support.images import Image, build_image, make_layer, push_image, tar_layer
 from tests.support.procs import LOOPBACK
@@ -104,14 +104,6 @@ def push(registry: RegistryServer, prefix: str, image: Image) -> str:
     return f"{name.replace('/', '_')}_v1.tar"
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 # -- traces ----------------------------------------------------------------------------------
 
 
@@ -136,7 +128,7 @@ def test_a_download_is_one_trace_at_the_otlp_receiver(
     assert response.headers["Docker-Content-Digest"] == image.digest
     # SIGTERM: the worker finishes, worker_exit flushes the batch, the master exits.
     assert server.stop() == 0
-    wait_for(lambda: any(s.name == "stream_archive" for _, s in receiver.spans()), 10, "spans")
+    wait_until(lambda: any(s.name == "stream_archive" for _, s in receiver.spans()), 10, "spans")
 
     received = receiver.spans()
     resource = received[0][0]

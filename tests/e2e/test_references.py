@@ -26,9 +26,10 @@ from tests.e2e.helpers import (
     one_line_error,
     push,
     running_server,
-    sha256_hex,
     unique,
 )
+from tests.support.helpers import digest as digest_of
+from tests.support.helpers import sha256_hex
 from tests.support.images import (
     ALL_EXTRAS,
     OCI_INDEX,
@@ -283,14 +284,14 @@ def test_digest_that_does_not_match_the_content_is_an_error(
         served = plain.get(f"{registry_anon.url}/v2/{images.broken_repo}/manifests/{digest}",
                            headers={"Accept": OCI_MANIFEST}, timeout=30)
     assert served.status_code == 200
-    assert "sha256:" + sha256_hex(served.content) != digest
+    assert digest_of(served.content) != digest
     url = f"{anon_server.url}/ref/{images.broken_repo}@{images.broken.digest}.tar"
     got = fetch(url, tmp_path / "broken.tar")
     assert got.status >= 400, got.describe()
     line = one_line_error(got)
     assert "digest" in line
     # A well-formed digest the repository does not have.
-    missing = "sha256:" + sha256_hex(b"no such manifest")
+    missing = digest_of(b"no such manifest")
     got = fetch(f"{anon_server.url}/ref/{images.ref_repo}@{missing}.tar", tmp_path / "m.tar")
     one_line_error(got, 404)
 
@@ -376,8 +377,8 @@ def test_gzip_layers_load_and_run(case, oci_cases, anon_server, registry_anon, d
         data = member_bytes(got.path, name)
         if layer.compression == "gzip":
             # The registry's blob, byte for byte.
-            assert "sha256:" + sha256_hex(data) == layer.digest, name
+            assert digest_of(data) == layer.digest, name
         else:
             # Only gzip blobs are kept; zstd ones are sent as the tar.
-            assert "sha256:" + sha256_hex(data) == layer.diff_id, name
+            assert digest_of(data) == layer.diff_id, name
     load_and_run(docker_host, got.path, f"{registry_anon.host}/{c.repository}:{c.tag}", c.image)

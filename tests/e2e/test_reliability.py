@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from tests.support.fronts import FaultFront
+from tests.support.helpers import sha256_hex
 from tests.support.images import (
     File,
     Image,
@@ -63,10 +64,6 @@ def fetch(url: str, **kwargs: object) -> requests.Response:
     return response
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def baseline(registry_anon: RegistryServer, pushed: str) -> bytes:
     """The archive as a fault-free download gives it."""
@@ -96,7 +93,7 @@ def test_upstream_faults_end_in_a_complete_identical_archive(
     started = time.monotonic()
     response = fetch(server.url + pushed)
     assert response.status_code == 200
-    assert sha(response.content) == sha(baseline)
+    assert sha256_hex(response.content) == sha256_hex(baseline)
     assert fault_front.count("GET", digest) == 2, "one faulted request, one retry"
     if kind == "cut":
         # The retry resumed where the cut stopped instead of starting over.
@@ -175,7 +172,7 @@ def test_slow_clients_do_not_starve_others_and_the_cap_answers_503(
     assert all(client.status == 200 for client in stalled)
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     response = fetch(server.url + pushed)
-    assert response.status_code == 200 and sha(response.content) == sha(baseline)
+    assert response.status_code == 200 and sha256_hex(response.content) == sha256_hex(baseline)
 
     capped = passthrough_server(
         {"REGISTRY_URL": registry_anon.url, "MAX_CONCURRENT_DOWNLOADS": "2"}, threads=8
@@ -223,7 +220,7 @@ def test_sigterm_drains_an_in_flight_download(registry_anon, pushed, baseline):
         received = [next(chunks)]
         os.kill(server.pid, signal.SIGTERM)
         received.extend(chunks)
-        assert sha(b"".join(received)) == sha(baseline)
+        assert sha256_hex(b"".join(received)) == sha256_hex(baseline)
         process = server.process
         assert process is not None
         deadline = time.monotonic() + 30

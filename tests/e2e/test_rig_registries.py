@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.support.fronts import FaultFront, RedirectFront
+from tests.support.helpers import digest as digest_of
 from tests.support.procs import ManagedProcess, StartupError, free_port, wait_for_http
 from tests.support.registry import (
     ALICE,
@@ -34,7 +35,6 @@ from tests.support.registry import (
     push_manifest,
     registry_session,
     schema2_manifest,
-    sha256_digest,
 )
 from tests.support.token_issuer import TokenIssuer, decode_jwt
 
@@ -131,7 +131,7 @@ def test_push_and_read_back_directly(any_registry):
         assert manifest.headers["Docker-Content-Digest"] == image.manifest_digest
         blob = session.get(f"/v2/{name}/blobs/{layer}")
         assert blob.status_code == 200
-        assert sha256_digest(blob.content) == layer
+        assert digest_of(blob.content) == layer
         assert any_registry.blob_path(layer).read_bytes() == blob.content
         by_digest = session.get(f"/v2/{name}/manifests/{image.manifest_digest}", headers=ACCEPT)
         assert by_digest.content == image.manifest
@@ -153,7 +153,7 @@ def test_push_and_read_back_through_fronts(any_registry, front_class):
         for digest in (*image.layer_digests, image.config_digest):
             blob = session.get(f"/v2/{name}/blobs/{digest}")
             assert blob.status_code == 200, blob.text
-            assert sha256_digest(blob.content) == digest
+            assert digest_of(blob.content) == digest
             assert blob.headers["Content-Length"] == str(len(blob.content))
         head = session.head(f"/v2/{name}/blobs/{image.config_digest}")
         assert head.status_code == (307 if front_class is RedirectFront else 200)
@@ -182,9 +182,9 @@ def test_chunked_upload_through_front_is_streamed(registry_anon):
         assert patched.status_code == 202, patched.text
         assert patched.headers["Range"] == f"0-{len(data) - 1}"
         location = patched.headers["Location"]
-        done = session.put(location + f"&digest={sha256_digest(data)}")
+        done = session.put(location + f"&digest={digest_of(data)}")
         assert done.status_code == 201, done.text
-        assert registry_anon.blob_path(sha256_digest(data)).read_bytes() == data
+        assert registry_anon.blob_path(digest_of(data)).read_bytes() == data
 
 
 def test_blob_path_lets_tests_corrupt_a_blob(registry_anon, plain):
@@ -198,7 +198,7 @@ def test_blob_path_lets_tests_corrupt_a_blob(registry_anon, plain):
     # The registry does not re-check digests on read: the corruption reaches the client.
     assert served.status_code == 200
     assert served.content == corrupted
-    assert sha256_digest(served.content) != digest
+    assert digest_of(served.content) != digest
 
 
 # --- authentication ---------------------------------------------------------------------
@@ -562,7 +562,7 @@ def test_push_manifest_by_digest_and_tag(registry_token, plain):
         ).encode()
         config_digest = push_blob(session, name, config)
         manifest = json.dumps(schema2_manifest((config_digest, len(config)), [])).encode()
-        digest = push_manifest(session, name, sha256_digest(manifest), manifest)
+        digest = push_manifest(session, name, digest_of(manifest), manifest)
         assert push_manifest(session, name, "latest", manifest) == digest
     with registry_session(registry_token) as anonymous:
         answer = anonymous.get(f"/v2/{name}/manifests/latest", headers=ACCEPT)

@@ -10,7 +10,6 @@ lock directory, on one bucket and prefix.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -37,15 +36,12 @@ from passthrough.store.flight import Flight
 from passthrough.store.layout import content_key
 from passthrough.store.s3 import S3Backend
 from passthrough.store.s3_uploads import MIN_PART, PART_SIZE, S3Uploads, Session
+from tests.support.helpers import digest as digest_of
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT
 from tests.support.upload_worker import CountingUploads, chunked, payload
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Store:

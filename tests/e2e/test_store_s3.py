@@ -23,19 +23,19 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.e2e.helpers import check_archive
 from tests.e2e.test_cache import (
     Got,
     HoldingFront,
     Layers,
-    check_archive,
     fetch,
     fetch_all,
     push,
-    wait_until,
     worker_pids,
 )
 from tests.support.fixtures_matrix import s3_env
 from tests.support.fronts import FaultFront
+from tests.support.helpers import wait_until
 from tests.support.images import big_layer, build_image
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer

@@ -11,7 +11,6 @@ to ``https://``), the tar route's archive is whole and docker loads and runs it,
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pytest
 import requests
 
 from tests.e2e.helpers import PUSH_AUTH, download, fetch, load_and_run, one_line_error, unique
+from tests.support.helpers import digest as digest_of
 from tests.support.images import Image, push_image, runnable_image
 from tests.support.procs import StartupError
 from tests.support.registry import RegistryServer
@@ -112,10 +112,6 @@ def get(url: str, **headers: str) -> requests.Response:
         return session.get(url, headers=headers, timeout=60)
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def upstream_report(server: PassthroughServer) -> dict[str, object]:
     ready = get(f"{server.url}/ready")
     assert ready.status_code == 200, ready.text
@@ -186,7 +182,7 @@ def test_with_the_ca_the_v2_proxy_serves_manifest_and_blobs(
         for digest in [image.config_digest, *(layer.digest for layer in image.layers)]:
             blob = get(f"{with_ca.url}{prefix}/blobs/{digest}{query}")
             assert blob.status_code == 200, (prefix, query, digest, blob.text[:200])
-            assert sha256(blob.content) == digest
+            assert digest_of(blob.content) == digest
 
 
 def test_with_the_ca_the_tar_route_gives_a_whole_archive_that_runs(

@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from tests.e2e.test_cache import wait_until
 from tests.e2e.test_v2_proxy import (
     API_VERSION,
     MANIFEST_ACCEPT,
@@ -29,11 +28,12 @@ from tests.e2e.test_v2_proxy import (
     assert_manifest,
     call,
     check_pulled,
-    sha256,
     spec_error,
 )
 from tests.support.docker_engine import DOCKER_CLI, DockerEngine
 from tests.support.fronts import FaultFront
+from tests.support.helpers import digest as digest_of
+from tests.support.helpers import wait_until
 from tests.support.images import File, Image, build_image, make_layer, push_image, tar_layer
 from tests.support.loaders import LoaderError, skopeo_copy
 from tests.support.procs import free_port
@@ -253,7 +253,7 @@ def test_the_identity_travels_in_the_token_to_another_replica(
     token = bearer(first.token([pull_scope(name)], ALICE))
     assert_manifest(twin.get(f"/v2/{name}/manifests/v1", token), image)
     got = twin.get(f"/v2/{name}/blobs/{image.layers[0].digest}", token)
-    assert (got.status, sha256(got.body)) == (200, image.layers[0].digest), got.describe()
+    assert (got.status, digest_of(got.body)) == (200, image.layers[0].digest), got.describe()
     # The token is opaque: alice's password is not readable in it.
     raw = token.removeprefix("Bearer ")
     assert ALICE.password not in raw
@@ -301,7 +301,7 @@ def test_anonymous_clients_pull_public_images_through_the_token_flow(
     assert "private" in cache_control and "public" not in cache_control, cache_control
     for layer in image.layers:
         got = rig.get(f"/v2/{name}/blobs/{layer.digest}", bearer(token))
-        assert (got.status, sha256(got.body)) == (200, layer.digest), got.describe()
+        assert (got.status, digest_of(got.body)) == (200, layer.digest), got.describe()
         assert "private" in got.headers["Cache-Control"]
     # skopeo without credentials: /v2/ → 401 Bearer → anonymous token → pull.
     skopeo_pull(rig, f"{name}:v1", tmp_path / "anon")
@@ -318,7 +318,7 @@ def test_credentials_pull_private_images_with_skopeo_and_basic(
     assert_manifest(rig.get(f"/v2/{name}/manifests/v1", basic(ALICE)), image)
     token = rig.token([pull_scope(name)], ALICE)
     blob = rig.get(f"/v2/{name}/blobs/{image.layers[0].digest}", bearer(token))
-    assert (blob.status, sha256(blob.body)) == (200, image.layers[0].digest)
+    assert (blob.status, digest_of(blob.body)) == (200, image.layers[0].digest)
 
     with pytest.raises(LoaderError):
         skopeo_pull(rig, f"{name}:v1", tmp_path / "anon")
@@ -351,7 +351,7 @@ def test_a_cached_private_repository_is_refused_to_clients_who_cannot_read_it(ri
     digests = [image.config_digest, *(layer.digest for layer in image.layers)]
     for digest in digests:
         got = rig.get(f"/v2/{name}/blobs/{digest}", alice)
-        assert (got.status, sha256(got.body)) == (200, digest), got.describe()
+        assert (got.status, digest_of(got.body)) == (200, digest), got.describe()
 
     outsiders = {
         "no credentials": None,
@@ -390,7 +390,7 @@ def test_a_cached_private_repository_is_refused_to_clients_who_cannot_read_it(ri
     # Alice still gets it, from the store (upstream only answers her HEAD).
     fetched = rig.front.count("GET", digests[1])
     got = rig.get(f"/v2/{name}/blobs/{digests[1]}", alice)
-    assert (got.status, sha256(got.body)) == (200, digests[1])
+    assert (got.status, digest_of(got.body)) == (200, digests[1])
     assert rig.front.count("GET", digests[1]) == fetched
 
 

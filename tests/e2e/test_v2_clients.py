@@ -18,7 +18,6 @@ import json
 import re
 import secrets
 import shlex
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.e2e.helpers import running_server
+from tests.e2e.helpers import check_archive, running_server
 from tests.support.docker_engine import RUNC, DockerEngine
 from tests.support.fronts import BLOB_PATH, FaultFront
 from tests.support.images import (
@@ -485,26 +484,6 @@ def test_skopeo_inspect_and_list_tags_through_an_alias(
 # --- the tar route and /v2 on one store --------------------------------------------------
 
 
-def archive_check(path: Path, image: Image) -> None:
-    """The archive is a docker save of `image`: its config bytes, and each layer tar
-    hashing to the config's diff_id, in order."""
-    with tarfile.open(path) as tar:
-        manifest_file = tar.extractfile("manifest.json")
-        assert manifest_file is not None
-        (entry,) = json.load(manifest_file)
-        config = tar.extractfile(entry["Config"])
-        assert config is not None and config.read() == image.config
-        diff_ids = []
-        for member_name in entry["Layers"]:
-            member = tar.extractfile(member_name)
-            assert member is not None
-            digest = hashlib.sha256()
-            while chunk := member.read(CHUNK):
-                digest.update(chunk)
-            diff_ids.append(f"sha256:{digest.hexdigest()}")
-    assert diff_ids == image.diff_ids
-
-
 def download_tar(server: PassthroughServer, name: str, dest: Path) -> None:
     url = f"{server.url}/docker/{name.replace('/', '__')}_1.0.tar"
     with requests.Session() as session:
@@ -542,7 +521,7 @@ def test_tar_download_after_a_docker_pull_costs_no_blob_get(
     before = blob_gets(fault_front)
 
     download_tar(shared_store, name, tmp_path / "after-pull.tar")
-    archive_check(tmp_path / "after-pull.tar", image)
+    check_archive(tmp_path / "after-pull.tar", image)
     assert blob_gets(fault_front) == before, fault_front.counts
     assert_fetched_once(fault_front, image)
 
@@ -560,7 +539,7 @@ def test_docker_pull_after_a_tar_download_costs_no_blob_get(
     push(fault_front, name, image)
 
     download_tar(shared_store, name, tmp_path / "first.tar")
-    archive_check(tmp_path / "first.tar", image)
+    check_archive(tmp_path / "first.tar", image)
     assert_fetched_once(fault_front, image)
     before = blob_gets(fault_front)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -29,9 +28,11 @@ import pytest
 import requests
 import urllib3
 
-from tests.e2e.test_cache import HoldingFront, read_then_reset, wait_until, worker_pids
+from tests.e2e.test_cache import HoldingFront, read_then_reset, worker_pids
 from tests.support.fixtures_matrix import s3_env
 from tests.support.fronts import FaultFront, RedirectFront
+from tests.support.helpers import digest as digest_of
+from tests.support.helpers import wait_until
 from tests.support.images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -42,7 +43,6 @@ from tests.support.images import (
     big_layer,
     build_image,
     build_index,
-    digest_of,
     make_layer,
     push_image,
     push_index,
@@ -288,10 +288,6 @@ def blob_requests(front: FaultFront, digest: str) -> int:
     return front.count("GET", digest) + front.count("HEAD", digest)
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 @pytest.fixture
 def serve(
     passthrough_server: ServerFactory, fault_front: FaultFront
@@ -375,7 +371,7 @@ def test_manifests_keep_their_formatting_and_a_cold_head_needs_no_body(
     for ref in ("pretty", digest):
         got = manifest(server, name, ref)
         assert got.status == 200 and got.body == pretty, got.describe()
-        assert got.headers["Docker-Content-Digest"] == digest == sha256(pretty)
+        assert got.headers["Docker-Content-Digest"] == digest == digest_of(pretty)
 
 
 def test_a_manifest_whose_bytes_are_wrong_is_never_served_nor_stored(
@@ -392,7 +388,7 @@ def test_a_manifest_whose_bytes_are_wrong_is_never_served_nor_stored(
     # hash to it are not the tag's manifest, whatever they are.
     assert by_tag.status >= 500 or by_tag.body == image.manifest, by_tag.describe()
     if by_tag.status == 200:
-        assert by_tag.headers["Docker-Content-Digest"] == sha256(by_tag.body)
+        assert by_tag.headers["Docker-Content-Digest"] == digest_of(by_tag.body)
     fault_front.reset()
     assert_manifest(manifest(server, name, image.digest), image)
     assert_manifest(manifest(server, name, "v1"), image)
@@ -447,7 +443,7 @@ def test_blob_get_head_and_range_follow_the_spec(
     full = blob(server, name, big.digest)
     assert full.status == 200, full.describe()
     assert full.error is None
-    assert sha256(full.body) == big.digest
+    assert digest_of(full.body) == big.digest
     assert full.headers["Docker-Content-Digest"] == big.digest
     assert full.headers["Content-Length"] == str(size)
     assert full.headers["Cache-Control"] == IMMUTABLE
@@ -485,7 +481,7 @@ def test_errors_are_the_specs_json_and_never_cached(
     image = build_image([layers.small])
     name = pushed(fault_front.registry, image)
     server = serve()
-    missing_digest = sha256(b"no such content " + secrets.token_bytes(8))
+    missing_digest = digest_of(b"no such content " + secrets.token_bytes(8))
 
     spec_error(manifest(server, name, "nope"), 404, "MANIFEST_UNKNOWN")
     spec_error(manifest(server, name, missing_digest), 404, "MANIFEST_UNKNOWN")
@@ -527,7 +523,7 @@ def test_a_host_the_client_names_must_pass_the_outbound_policy(
     for path in (
         "/v2/169.254.169.254/latest/manifests/v1",
         "/v2/latest/meta/manifests/v1?ns=169.254.169.254",
-        "/v2/169.254.169.254/latest/blobs/" + sha256(b"x"),
+        "/v2/169.254.169.254/latest/blobs/" + digest_of(b"x"),
     ):
         got = call(f"{server.url}{path}", headers={"Accept": MANIFEST_ACCEPT})
         spec_error(got, (400, 403), "DENIED", "NAME_INVALID", "UNSUPPORTED")
@@ -573,7 +569,7 @@ def test_referrers_answer_an_index_filtered_by_artifact_type(
     image = build_image([layers.small], kind="oci")
     name = pushed(fault_front.registry, image)
     signature = Blob(
-        sha256(b"a signature"), len(b"a signature"), "application/octet-stream", b"a signature"
+        digest_of(b"a signature"), len(b"a signature"), "application/octet-stream", b"a signature"
     )
     artifact_type = "application/vnd.example.signature.v1"
     artifact_raw = json.dumps(
@@ -634,7 +630,7 @@ def test_referrers_answer_an_index_filtered_by_artifact_type(
     assert other.headers.get("OCI-Filters-Applied") == "artifactType"
 
     # A digest nobody refers to: an empty index, never 404 (the spec forbids it).
-    lonely = call(f"{server.url}/v2/{name}/referrers/{sha256(b'lonely')}")
+    lonely = call(f"{server.url}/v2/{name}/referrers/{digest_of(b'lonely')}")
     assert lonely.status == 200, lonely.describe()
     assert lonely.json()["manifests"] == []
     bad = call(f"{server.url}/v2/{name}/referrers/sha256:zz")
@@ -834,7 +830,7 @@ def test_registry_auth_file_credentials_and_blob_redirects_without_authorization
     assert_manifest(manifest(server, name, "v1"), image)
     for layer in image.layers:
         got = blob(server, name, layer.digest)
-        assert (got.status, sha256(got.body)) == (200, layer.digest), got.describe()
+        assert (got.status, digest_of(got.body)) == (200, layer.digest), got.describe()
     host = redirect_front_token.blob_host
     assert host.requests >= len(image.layers)
     assert host.requests_with_authorization == 0, "a signed blob URL got the credentials"
@@ -900,7 +896,7 @@ def test_a_miss_streams_to_the_client_and_followers_read_the_growing_file(
         leader.join(120)
         follower.join(120)
         assert not errors, errors
-        assert [sha256(r) for r in rests] == [big.digest] * 2
+        assert [digest_of(r) for r in rests] == [big.digest] * 2
         assert front.count("GET", big.digest) == 1
         wait_until(lambda: view(server).blob(big.digest) is not None, 30, "the commit")
         assert view(server).blob(big.digest) == data
@@ -918,7 +914,7 @@ def test_concurrent_misses_of_one_blob_make_one_upstream_get(
     answers = at_once(CONCURRENT, lambda _: blob(server, name, big.digest))
     for got in answers:
         assert got.status == 200 and got.error is None, got.describe()
-        assert sha256(got.body) == big.digest
+        assert digest_of(got.body) == big.digest
     assert fault_front.count("GET", big.digest) == 1
     # The last byte goes out once the blob is verified; the commit (an upload to S3)
     # may end a moment later.
@@ -977,7 +973,7 @@ def test_a_blob_whose_bytes_are_wrong_is_never_committed_and_its_transfer_aborts
 
     good = blob(server, name, big.digest)
     assert good.status == 200 and good.error is None, good.describe()
-    assert sha256(good.body) == big.digest
+    assert digest_of(good.body) == big.digest
     assert fault_front.count("GET", big.digest) == 2
     wait_until(lambda: view(server).blob(big.digest) is not None, 30, "the good commit")
     assert view(server).blob(big.digest) == data
@@ -1053,7 +1049,7 @@ def test_a_client_that_leaves_a_miss_does_not_stop_the_fetch(
         front.release()
         wait_until(lambda: view(server).blob(big.digest) is not None, 60, "the commit")
         got = blob(server, name, big.digest)
-        assert got.status == 200 and sha256(got.body) == big.digest, got.describe()
+        assert got.status == 200 and digest_of(got.body) == big.digest, got.describe()
         assert front.count("GET", big.digest) == 1
         wait_until(lambda: view(server).partials() == [], 20, "no unfinished write left")
 
@@ -1097,14 +1093,14 @@ def test_readers_of_a_fetch_whose_worker_dies_abort_or_get_the_whole_blob(
             if isinstance(got, BaseException):
                 continue
             if got.status == 200 and got.error is None:
-                assert sha256(got.body) == big.digest, "a dead fetch ended cleanly"
+                assert digest_of(got.body) == big.digest, "a dead fetch ended cleanly"
             else:
                 assert got.error is not None or got.status >= 500, got.describe()
         stored = view(server).blob(big.digest)
         assert stored is None or stored == data
         again = blob(server, name, big.digest)
         assert again.status == 200 and again.error is None, again.describe()
-        assert sha256(again.body) == big.digest
+        assert digest_of(again.body) == big.digest
         wait_until(lambda: view(server).blob(big.digest) == data, 30, "the commit")
 
 
@@ -1122,7 +1118,7 @@ def test_upstream_cut_mid_blob_leaves_nothing_partial(
     first = blob(server, name, big.digest)
     if first.error is None and first.status == 200:
         # The proxy resumed upstream: then the client got the whole, right blob.
-        assert sha256(first.body) == big.digest, "a cut transfer ended cleanly"
+        assert digest_of(first.body) == big.digest, "a cut transfer ended cleanly"
     else:
         assert first.status in (200, 502, 503), first.describe()
     wait_until(lambda: view(server).partials() == [], 20, "the cut write to be removed")
@@ -1131,7 +1127,7 @@ def test_upstream_cut_mid_blob_leaves_nothing_partial(
 
     second = blob(server, name, big.digest)
     assert second.status == 200 and second.error is None, second.describe()
-    assert sha256(second.body) == big.digest
+    assert digest_of(second.body) == big.digest
     assert view(server).blob(big.digest) == data
 
 
@@ -1173,7 +1169,7 @@ def check_pulled(dest: Path, image: Image) -> None:
     """skopeo's dir: holds the manifest as served and every blob, each hashing right."""
     assert (dest / "manifest.json").read_bytes() == image.manifest
     for digest in [image.config_digest, *(layer.digest for layer in image.layers)]:
-        assert sha256((dest / digest.split(":", 1)[1]).read_bytes()) == digest
+        assert digest_of((dest / digest.split(":", 1)[1]).read_bytes()) == digest
 
 
 @pytest.mark.parametrize("workers, threads", [(1, 16), (2, 8)], ids=["one-worker", "two-workers"])
@@ -1351,11 +1347,11 @@ def test_a_replica_killed_mid_fetch_leaves_the_blob_to_the_other(
         got_b = results.get("b")
         assert isinstance(got_b, Answer), f"B's client: {got_b!r}"
         assert got_b.status == 200 and got_b.error is None, got_b.describe()
-        assert sha256(got_b.body) == big.digest
+        assert digest_of(got_b.body) == big.digest
         got_a = results.get("a")
         assert got_a is not None, "A's client hung"
         if isinstance(got_a, Answer) and got_a.error is None and got_a.status == 200:
-            assert sha256(got_a.body) == big.digest
+            assert digest_of(got_a.body) == big.digest
         assert front.count("GET", big.digest) == 2
         wait_until(lambda: StoreView(second, seaweed).blob(big.digest) == big.read(), 30, "commit")
 

@@ -21,6 +21,7 @@ import requests
 from tests.e2e.helpers import push, unique
 from tests.e2e.test_v2_tokens import MirrorEngine, docker, fresh_private, scopes_asked_by
 from tests.support.docker_engine import DockerEngine
+from tests.support.htpasswd import bcrypt_line, htpasswd
 from tests.support.images import Image, runnable_image
 from tests.support.loaders import LoaderError, skopeo
 from tests.support.procs import LOOPBACK, StartupError, free_port
@@ -29,7 +30,6 @@ from tests.support.registry import BOB as UPSTREAM_BOB
 from tests.support.registry import RegistryServer
 from tests.support.server import PassthroughServer
 from tests.support.token_issuer import TokenIssuer
-from tests.unit.test_users import bcrypt_line, htpasswd
 
 SECRET = "e2e secret for passthrough's own users"
 CURL = "/usr/bin/curl"

@@ -30,6 +30,8 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 import zstandard
 
+from tests.support.helpers import digest as digest_of
+
 __all__ = [
     "ALL_EXTRAS",
     "CREATED",
@@ -69,7 +71,6 @@ __all__ = [
     "busybox_bytes",
     "compress",
     "decompress",
-    "digest_of",
     "layer_media_type",
     "make_config",
     "make_layer",
@@ -118,10 +119,6 @@ _LAYER_MEDIA_TYPES: dict[tuple[ManifestKind, Compression], str] = {
     ("oci", "zstd"): OCI_LAYER_ZSTD,
     ("oci", "none"): OCI_LAYER,
 }
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _json_bytes(obj: Any) -> bytes:

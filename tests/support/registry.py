@@ -30,6 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from passthrough.tls import SelfSignedFiles, make_self_signed
+from tests.support.helpers import digest as digest_of
 from tests.support.procs import LOOPBACK, ManagedProcess, StartupError, free_port, wait_for_http
 from tests.support.token_issuer import TokenIssuer
 
@@ -446,10 +447,6 @@ class RegistryError(RuntimeError):
     """The registry refused a push; the message carries its answer."""
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _file_digest(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -473,7 +470,7 @@ def push_blob(session: RegistrySession, name: str, data: bytes | Path) -> str:
     if isinstance(data, Path):
         digest, size = _file_digest(data)
     else:
-        digest, size = sha256_digest(data), len(data)
+        digest, size = digest_of(data), len(data)
     started = session.post(f"/v2/{name}/blobs/uploads/")
     _expect(started, (202,), f"start upload to {name}")
     location = session.url(
@@ -509,7 +506,7 @@ def push_manifest(
         f"/v2/{name}/manifests/{reference}", data=raw, headers={"Content-Type": media_type}
     )
     _expect(response, (201,), f"put manifest {name}:{reference}")
-    digest = sha256_digest(raw)
+    digest = digest_of(raw)
     answered = response.headers.get("Docker-Content-Digest")
     if answered and answered != digest:
         raise RegistryError(f"registry says manifest digest {answered}, we computed {digest}")

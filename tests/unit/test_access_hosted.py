@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import secrets
 import textwrap
 from pathlib import Path
 
@@ -32,14 +31,14 @@ from passthrough.registry.access import (
     Gate,
     Identity,
     LoginLimiter,
-    RedisLoginLimiter,
     check_access,
     check_catalog,
 )
 from passthrough.registry.tokens import Scope, TokenService
 from passthrough.upstream.auth import Credentials
+from tests.support.htpasswd import bcrypt_line
 from tests.support.procs import free_port
-from tests.unit.test_users import Counting, bcrypt_line
+from tests.unit.test_users import Counting
 
 SECRET = "a shared secret for every replica"
 PUBLIC = "https://registry.example"
@@ -523,25 +522,6 @@ def test_no_password_or_hash_in_any_log_or_message(files, ruled, authenticated, 
 def fail_login(gate: Gate, settings: Settings, client: str) -> None:
     with pytest.raises(LoginFailed):
         check_access(settings, None, basic("alice", "guess"), "team/app", gate=gate, client=client)
-
-
-def test_redis_shares_the_count_between_workers(transparent, redis_server):
-    settings = dataclasses.replace(transparent, redis_url=redis_server.url)
-    # Two workers (or replicas): five failures on each make ten for the address.
-    first, second = Gate.create(settings), Gate.create(settings)
-    assert isinstance(first.limiter, RedisLoginLimiter)
-    client = f"198.18.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
-    for n in range(10):
-        fail_login(first if n % 2 else second, settings, client)
-    for gate in (first, second):
-        with pytest.raises(TooManyLogins) as caught:
-            check_access(settings, None, basic("alice"), "team/app", gate=gate, client=client)
-        assert 1 <= int(caught.value.headers["Retry-After"]) <= 60
-    # Another address logs in.
-    other = check_access(
-        settings, None, basic("alice"), "team/app", gate=first, client="192.0.2.99"
-    )
-    assert other.user == "alice"
 
 
 def test_without_redis_each_worker_counts_its_own(transparent, caplog):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import io
 import json
 import tarfile
@@ -17,12 +16,9 @@ from passthrough import create_app
 from passthrough.config import load_settings
 from passthrough.errors import UpstreamInvalid
 from passthrough.export.archive import layer_ids
+from tests.support.helpers import digest
 
 REG = "http://reg.test:5000"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tar_of(name: str, payload: bytes) -> bytes:

@@ -13,8 +13,9 @@ import pytest
 import responses
 
 from passthrough import create_app
+from tests.support.helpers import digest
 from tests.support.stores import filesystem_store, stored_bytes
-from tests.unit.test_app import REG, FakeImage, digest, tar_of
+from tests.unit.test_app import REG, FakeImage, tar_of
 
 
 @pytest.fixture
@@ -251,6 +252,7 @@ def test_serve_stale_uses_the_last_known_digest_while_the_registry_is_down(
             assert stale.status_code == 502
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_a_live_writers_sealed_part_survives_another_store_opening(tmp_path, monkeypatch):
     """A commit seals the part (mtime years back) just before its rename: a store
     opened in that instant by another process (gc, a new worker) must leave it alone,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,14 +29,11 @@ from passthrough.oci.reference import ImageReference
 from passthrough.upstream.auth import Credentials, TokenCache
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts, parse_retry_after
 from passthrough.upstream.target import Route, choose_target, registry_from_url
+from tests.support.helpers import digest
 
 REG = "https://reg.example.com"
 REALM = "https://auth.example.com/token"
 SECRET = "s3cret-Password!"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def make_client(

@@ -5,9 +5,9 @@ after every possible number of deletes, and the command's lines and exit codes."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,16 +26,13 @@ from passthrough.registry import hosted as hosted_module
 from passthrough.registry.gc import Collector, Summary, human_bytes, parse_duration
 from passthrough.store.flight import Held
 from passthrough.store.layout import content_key
+from tests.support.helpers import digest
 from tests.support.stores import filesystem_store, stored_bytes
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Rig:
@@ -412,16 +409,19 @@ def test_interrupted_after_any_number_of_deletes_every_tag_still_pulls(
         count_original(self, key, held)
 
     monkeypatch.setattr(Collector, "_delete", counting)
+    build_garbage(Rig(tmp_path / "template"))
+    shutil.copytree(tmp_path / "template", tmp_path / "probe")
     probe = Rig(tmp_path / "probe")
-    build_garbage(probe)
     probe.gc(delete=True)
     total = deletes
     assert total > 20
     monkeypatch.setattr(Collector, "_delete", count_original)
 
     for stop in range(1, total):
+        # Each stop starts from a copy of the store the probe began with (built once,
+        # pushed through the API): the same content, without pushing it again each time.
+        shutil.copytree(tmp_path / "template", tmp_path / f"stop{stop}")
         rig = Rig(tmp_path / f"stop{stop}")
-        build_garbage(rig)
         done = 0
 
         def interrupted(self: Collector, key: str, held: Held, stop: int = stop) -> None:

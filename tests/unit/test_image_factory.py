@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import digest
 from tests.support.images import (
     ALL_EXTRAS,
     DOCKER_CONFIG_MEDIA_TYPE,
@@ -40,17 +40,11 @@ from tests.support.images import (
     busybox_bytes,
     compress,
     decompress,
-    digest_of,
     make_layer,
     multi_platform_index,
     runnable_image,
     tar_layer,
 )
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
 
 ENTRIES: list[Entry] = [
     Dir("etc"),
@@ -72,21 +66,21 @@ def members(tar: bytes) -> list[tarfile.TarInfo]:
 def check_image(image: Image) -> None:
     """Every descriptor's digest and size match the bytes they describe."""
     m = image.manifest_json
-    assert image.digest == sha(image.manifest)
+    assert image.digest == digest(image.manifest)
     assert m["schemaVersion"] == 2
     assert m["mediaType"] == image.media_type
     assert m["config"] == {
         "mediaType": image.config_media_type,
         "size": len(image.config),
-        "digest": sha(image.config),
+        "digest": digest(image.config),
     }
     assert len(m["layers"]) == len(image.layers)
     for desc, layer in zip(m["layers"], image.layers, strict=True):
         blob = layer.read()
-        assert desc["digest"] == layer.digest == sha(blob)
+        assert desc["digest"] == layer.digest == digest(blob)
         assert desc["size"] == layer.size == len(blob)
         assert desc["mediaType"] == layer.media_type
-        assert sha(decompress(blob, layer.compression)) == layer.diff_id
+        assert digest(decompress(blob, layer.compression)) == layer.diff_id
     config = image.config_json
     assert config["rootfs"] == {"type": "layers", "diff_ids": image.diff_ids}
     history = config.get("history", [])
@@ -100,7 +94,7 @@ def check_image(image: Image) -> None:
 
 def test_empty_tar_is_two_zero_blocks_with_dockers_diff_id() -> None:
     assert tar_layer([]) == EMPTY_TAR == bytes(1024)
-    assert sha(EMPTY_TAR) == EMPTY_TAR_DIFF_ID
+    assert digest(EMPTY_TAR) == EMPTY_TAR_DIFF_ID
     assert make_layer(EMPTY_TAR, "gzip").diff_id == EMPTY_TAR_DIFF_ID
     assert members(EMPTY_TAR) == []
 
@@ -169,8 +163,8 @@ def test_compression_round_trip_and_determinism(compression: str) -> None:
 def test_layer_media_types(kind: str, compression: str, media_type: str) -> None:
     layer = make_layer(tar_layer(ENTRIES), compression, kind=kind)  # type: ignore[arg-type]
     assert layer.media_type == media_type
-    assert layer.digest == sha(layer.read())
-    assert layer.diff_id == sha(tar_layer(ENTRIES))
+    assert layer.digest == digest(layer.read())
+    assert layer.diff_id == digest(tar_layer(ENTRIES))
     if compression == "none":
         assert layer.digest == layer.diff_id
 
@@ -209,10 +203,10 @@ def test_big_layer_streams_to_a_file(tmp_path: Path, compression: str) -> None:
     )
     assert layer.data is None and layer.path == tmp_path / "a"
     blob = layer.read()
-    assert (layer.digest, layer.size) == (sha(blob), len(blob))
+    assert (layer.digest, layer.size) == (digest(blob), len(blob))
     assert (again.digest, again.diff_id) == (layer.digest, layer.diff_id)
     tar = decompress(blob, layer.compression)
-    assert sha(tar) == layer.diff_id and tar.endswith(bytes(1024))
+    assert digest(tar) == layer.diff_id and tar.endswith(bytes(1024))
     infos = members(tar)
     assert [(m.name, m.size) for m in infos] == [("big", 0), ("big/blob.bin", size)]
     assert b"".join(layer.chunks(1000)) == blob
@@ -325,7 +319,7 @@ def test_build_image_config_fields_and_annotations() -> None:
 def test_oci_index_lists_platforms_then_attestations() -> None:
     index = multi_platform_index("m", kind="oci")
     assert index.media_type == OCI_INDEX
-    assert index.digest == digest_of(index.manifest)
+    assert index.digest == digest(index.manifest)
     doc = index.manifest_json
     assert doc["mediaType"] == OCI_INDEX
     entries = doc["manifests"]

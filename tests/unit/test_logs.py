@@ -129,6 +129,7 @@ def test_the_download_line_is_structured(tmp_path, caplog):
     assert document["client"] == "127.0.0.1"
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_create_app_writes_json_lines_with_log_format_json(tmp_path):
     script = textwrap.dedent(
         f"""

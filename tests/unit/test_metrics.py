@@ -160,6 +160,7 @@ def test_every_metric_is_exposed_from_the_first_scrape(tmp_path):
 # -- multiprocess mode -----------------------------------------------------------------------
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_multiprocess_mode_adds_up_every_process(tmp_path):
     """Forked processes (as gunicorn's workers) each count; a render in any one of them
     sums them all, and a dead process's in-flight gauge stops counting."""

@@ -4,7 +4,6 @@ digest is proven, and nothing unverified committed."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -21,13 +20,10 @@ from passthrough.errors import (
 )
 from passthrough.store.content import ContentStore
 from passthrough.store.readthrough import BlobStream
+from tests.support.helpers import digest as digest_of
 from tests.support.stores import filesystem_store
 
 CHUNK = 64 * 1024
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Upstream:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import importlib.util
 import io
 import json
@@ -31,6 +30,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from passthrough import create_app
 from passthrough.observe import telemetry
 from passthrough.observe.logs import JsonFormatter, TextFormatter
+from tests.support.helpers import digest
 
 if TYPE_CHECKING:  # imported lazily: a test below proves the app alone never loads the SDK
     from opentelemetry.sdk.trace import ReadableSpan
@@ -40,10 +40,6 @@ REG = "http://reg.test:5000"
 REALM = "http://auth.test/token"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tar_of(name: str, payload: bytes) -> bytes:
@@ -513,6 +509,7 @@ def test_nothing_is_instrumented_when_the_endpoint_is_unset(tmp_path, monkeypatc
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_a_download_without_endpoint_loads_neither_sdk_nor_instrumentation(tmp_path):
     """In a fresh interpreter: a whole download with the endpoint unset never imports
     the SDK or an instrumentor, and leaves requests unpatched."""
@@ -588,6 +585,7 @@ def test_download_route_matches_the_flask_templates():
     )
 
 
+@pytest.mark.rig  # starts a Python process: the full tier
 def test_create_app_sets_tracing_up_once_outside_gunicorn(tmp_path):
     """With the endpoint set and no gunicorn, the app factory makes the global provider
     (OTLP over http/protobuf here) once, however many apps it makes."""

@@ -21,8 +21,8 @@ from passthrough.config import ConfigError
 from passthrough.registry.tokens import Grant
 from passthrough.upstream.auth import Credentials
 from passthrough.web.token import tokens_of
+from tests.support.htpasswd import bcrypt_line, htpasswd
 from tests.unit.test_access_hosted import ACCESS, PASSWORDS
-from tests.unit.test_users import bcrypt_line, htpasswd
 
 SECRET = "the replicas' shared token secret"
 PUBLIC = "https://registry.example"

@@ -6,7 +6,6 @@ whenever the record does not cover exactly the bytes stored."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,10 +16,7 @@ from passthrough.store.filesystem import FilesystemBackend
 from passthrough.store.flight import Flight
 from passthrough.store.layout import content_key
 from passthrough.store.uploads import FilesystemUploads
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.support.helpers import digest
 
 
 def worker(root: Path) -> FilesystemUploads:

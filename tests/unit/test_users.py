@@ -7,8 +7,6 @@ users, and the 72-byte limit as htpasswd applies it."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import bcrypt
@@ -16,22 +14,7 @@ import pytest
 
 from passthrough.config import ConfigError
 from passthrough.registry.users import Users, parse_htpasswd
-
-HTPASSWD = "/usr/bin/htpasswd"
-
-
-def htpasswd(*args: str) -> str:
-    """One line of `htpasswd -n` output (the binary, not a reimplementation)."""
-    assert shutil.which(HTPASSWD), "htpasswd is missing: apt-get install apache2-utils"
-    out = subprocess.run(
-        [HTPASSWD, "-n", "-b", *args], check=True, capture_output=True, text=True
-    ).stdout
-    return out.strip()
-
-
-def bcrypt_line(user: str, password: str) -> str:
-    # Cost 4, the least htpasswd makes: the tests check logic, not bcrypt's slowness.
-    return htpasswd("-B", "-C", "4", user, password)
+from tests.support.htpasswd import bcrypt_line, htpasswd
 
 
 def write(path: Path, *lines: str) -> Path:

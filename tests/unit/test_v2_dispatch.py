@@ -23,7 +23,7 @@ from passthrough.errors import Denied
 from passthrough.registry.proxy import Proxy
 from passthrough.registry.repository import ProxiedRepository
 from passthrough.registry.routing import route_name
-from tests.support.images import digest_of
+from tests.support.helpers import digest as digest_of
 from tests.unit.test_hosted_app import MANIFEST_TYPE, push_image
 
 REG = "http://reg.test:5000"
