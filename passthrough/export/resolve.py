@@ -41,15 +41,8 @@ ParsedManifest = tuple[bytes, str, str, dict[str, Any]]
 def head_manifest(client: RegistryClient, reference: str, what: str) -> str | None:
     """The digest a tag points at, by HEAD (free of Docker Hub's pull quota); None when
     the registry does not say."""
-    response = client.request(
-        "HEAD",
-        f"/v2/{client.repository}/manifests/{reference}",
-        headers={"Accept": ACCEPT},
-        what=what,
-    )
-    response.close()
-    digest = response.headers.get("Docker-Content-Digest", "").strip()
-    return digest if DIGEST_RE.fullmatch(digest) and digest.startswith("sha256:") else None
+    digest = client.head_manifest(reference, ACCEPT, what).digest
+    return digest if digest.startswith("sha256:") else None
 
 
 def fetch_manifest(

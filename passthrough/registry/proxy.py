@@ -295,19 +295,10 @@ class Proxy:
         )
 
     def _head_manifest(self, client: RegistryClient, reference: str, what: str) -> Manifest | None:
-        response = client.request(
-            "HEAD",
-            f"/v2/{client.repository}/manifests/{reference}",
-            headers={"Accept": MANIFEST_ACCEPT},
-            what=what,
-        )
-        response.close()
-        digest = response.headers.get("Docker-Content-Digest", "").strip()
-        length = response.headers.get("Content-Length", "")
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if not DIGEST_RE.fullmatch(digest) or not length.isdigit():
+        head = client.head_manifest(reference, MANIFEST_ACCEPT, what)
+        if not head.digest or head.size is None:
             return None
-        return Manifest(digest, media_type, int(length), None, "upstream")
+        return Manifest(head.digest, head.media_type, head.size, None, "upstream")
 
     def _get_manifest(self, client: RegistryClient, reference: str, what: str) -> tuple[bytes, str]:
         body, media_type, claimed = client.get_manifest(reference, MANIFEST_ACCEPT, what)

@@ -43,6 +43,7 @@ from passthrough.errors import (
 )
 from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import MAX_MANIFEST_BYTES
+from passthrough.oci.reference import DIGEST_RE
 from passthrough.upstream.auth import (
     DEFAULT_EXPIRES_IN,
     Challenge,
@@ -134,6 +135,15 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """What a manifest HEAD said: ``digest`` is "" and ``size`` None when missing."""
+
+    digest: str
+    size: int | None
+    media_type: str
 
 
 class RegistryClient:
@@ -279,6 +289,25 @@ class RegistryClient:
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
             claimed = response.headers.get("Docker-Content-Digest", "").strip()
         return body, media_type, claimed
+
+    def head_manifest(self, reference: str, accept: str, what: str) -> ManifestHead:
+        """``HEAD /v2/<repository>/manifests/<reference>`` (free of Docker Hub's pull
+        quota): the digest, size and media type upstream named, each empty (``""``,
+        None) when it named none or something malformed."""
+        response = self.request(
+            "HEAD",
+            f"/v2/{self.repository}/manifests/{reference}",
+            headers={"Accept": accept},
+            what=what,
+        )
+        response.close()
+        digest = response.headers.get("Docker-Content-Digest", "").strip()
+        length = response.headers.get("Content-Length", "")
+        return ManifestHead(
+            digest=digest if DIGEST_RE.fullmatch(digest) else "",
+            size=int(length) if length.isdigit() else None,
+            media_type=response.headers.get("Content-Type", "").split(";")[0].strip(),
+        )
 
     def request(
         self,
