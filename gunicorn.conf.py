@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from passthrough.capacity import threads_per_worker
 from passthrough.config import ConfigError, load_server_settings, read_variable
 
 if TYPE_CHECKING:
@@ -45,9 +46,9 @@ worker_class = "passthrough.web.worker.PassthroughWorker"
 workers = _server.workers
 # MAX_TRANSFERS is the pod's, shared by its workers, and the kernel may hand any one
 # worker most of the connections: each worker can hold every slot, plus room for quick
-# requests. Threads start as needed, so an idle one costs nothing.
-TRANSFER_RESERVE = 32
-threads = _server.threads or _max_transfers + TRANSFER_RESERVE
+# requests (passthrough.capacity.threads_per_worker). Threads start as needed, so an
+# idle one costs nothing.
+threads = threads_per_worker(_server.threads, _max_transfers)
 # Connections a worker holds (requests, kept-alive and stalled ones): its threads' and
 # as many waiting again.
 worker_connections = threads + 256

@@ -27,6 +27,8 @@ import threading
 from passthrough.errors import InsufficientStorage, TooBusy
 
 RETRY_AFTER_SECONDS = 5
+#: Threads of a worker beyond MAX_TRANSFERS: for quick requests while every slot is held.
+TRANSFER_RESERVE = 32
 #: Where the master's slot file is named for its workers (set by gunicorn.conf.py only).
 SLOTS_FILE_ENV = "PASSTHROUGH_TRANSFER_SLOTS"
 #: ``struct flock`` on Linux (x86-64, arm64): type, whence, start, len, pid (+ padding).
@@ -40,6 +42,13 @@ def create_slot_file() -> str:
     fd, path = tempfile.mkstemp(prefix="passthrough-transfers-", dir=parent)
     os.close(fd)
     return path
+
+
+def threads_per_worker(configured: int, max_transfers: int) -> int:
+    """GUNICORN_THREADS, or (0) enough for one worker to hold every slot of the pod: the
+    kernel may hand any one worker most of the connections, and a transfer that found a
+    slot must never wait for a thread."""
+    return configured or max_transfers + TRANSFER_RESERVE
 
 
 def _lock_request(kind: int, index: int) -> bytes:

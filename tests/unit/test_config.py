@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from passthrough.capacity import TRANSFER_RESERVE
 from passthrough.cli import main
 from passthrough.config import ConfigError, ServerSettings, Settings, load_settings
 
@@ -146,14 +147,14 @@ def test_gunicorn_reads_env_file_under_the_environment(tmp_path, monkeypatch):
 
 def test_gunicorn_sizes_threads_so_one_worker_holds_every_transfer(tmp_path, monkeypatch):
     conf = load_gunicorn_conf(monkeypatch, tmp_path)
-    assert conf.threads == 512 + conf.TRANSFER_RESERVE
+    assert conf.threads == 512 + TRANSFER_RESERVE
     assert conf.worker_connections > conf.threads
     assert conf.worker_class == "passthrough.web.worker.PassthroughWorker"
     conf = load_gunicorn_conf(monkeypatch, tmp_path, MAX_CONCURRENT_DOWNLOADS="100")
-    assert conf.threads == 100 + conf.TRANSFER_RESERVE, "the old name is read as MAX_TRANSFERS"
+    assert conf.threads == 100 + TRANSFER_RESERVE, "the old name is read as MAX_TRANSFERS"
     conf = load_gunicorn_conf(monkeypatch, tmp_path, HEALTH_BIND="off", MAX_TRANSFERS="0")
     assert conf.bind == ["0.0.0.0:8080"]
-    assert conf.threads == 512 + conf.TRANSFER_RESERVE, "0: the default"
+    assert conf.threads == 512 + TRANSFER_RESERVE, "0: the default"
 
 
 @pytest.mark.parametrize(
