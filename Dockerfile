@@ -68,10 +68,13 @@ COPY gunicorn.conf.py ./
 # Numeric, not a name: Kubernetes runAsNonRoot can only verify a numeric USER.
 USER 10001:10001
 
-EXPOSE 8080
+# 8080: downloads and /v2; 8081: the probe port (HEALTH_BIND), /health, /ready and
+# /metrics only, on threads of their own.
+EXPOSE 8080 8081
 
-# `passthrough healthcheck` probes http://127.0.0.1:$PORT/health with the stdlib:
-# the image has no curl. Keep PORT in step with BIND when you move the port.
+# `passthrough healthcheck` probes /health on HEALTH_BIND's port (127.0.0.1), with the
+# stdlib: the image has no curl. With HEALTH_BIND=off it probes $PORT; keep PORT in step
+# with BIND when you move that port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["passthrough", "healthcheck"]
 

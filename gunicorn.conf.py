@@ -2,11 +2,12 @@
 
 Every value can be overridden on the command line (`--bind 127.0.0.1:9000`) or with
 GUNICORN_CMD_ARGS; the environment variables read here (BIND, WEB_CONCURRENCY,
-GUNICORN_THREADS, GRACEFUL_TIMEOUT, LOG_LEVEL) are declared in passthrough's settings
-table (:class:`passthrough.config.ServerSettings`) and read like the app's, `.env` under
-the real environment, a bad value stopping start-up with one line naming it. TLS
+GUNICORN_THREADS, GRACEFUL_TIMEOUT, LOG_LEVEL, HEALTH_BIND, MAX_TRANSFERS) are declared
+in passthrough's settings table (:class:`passthrough.config.ServerSettings`) and read
+like the app's, `.env` under the real environment, a bad value stopping start-up with
+one line naming it. TLS
 (TLS_CERT_FILE/TLS_KEY_FILE, or TLS_SELF_SIGNED) is set up in on_starting, from the
-validated settings.
+validated settings, as is the pod's transfer slot file (MAX_TRANSFERS).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from passthrough.capacity import threads_per_worker
 from passthrough.config import ConfigError, load_server_settings, read_variable
 
 if TYPE_CHECKING:
@@ -22,19 +24,35 @@ if TYPE_CHECKING:
 try:
     _server = load_server_settings()
     _log_level: str = read_variable("LOG_LEVEL")
+    _max_transfers: int = read_variable("MAX_TRANSFERS")
 except ConfigError as exc:
     raise SystemExit(f"passthrough: configuration error: {exc}") from None
 
 wsgi_app = "passthrough:create_app()"
 
+# The main port, and the probe port (HEALTH_BIND: /health, /ready and /metrics only,
+# served by threads of their own). A --bind on the command line replaces both: give a
+# second --bind for the probe port.
 bind = [_server.bind]
+if _server.health_bind.strip().lower() != "off":
+    bind.append(_server.health_bind)
 
-# gthread: each download holds one thread for its whole life (routers read slowly),
-# and in gthread `timeout` is only the worker's liveness heartbeat, so a download
+# gthread, with passthrough's changes (passthrough/web/worker.py): closing a connection
+# never blocks the event loop, probes have threads of their own, and headers, bodies
+# and sends have deadlines. Each transfer holds one thread for its whole life (routers
+# read slowly), and `timeout` is only the worker's liveness heartbeat, so a download
 # that lasts an hour is not killed.
-worker_class = "gthread"
+worker_class = "passthrough.web.worker.PassthroughWorker"
 workers = _server.workers
-threads = _server.threads
+# MAX_TRANSFERS is the pod's, shared by its workers, and the kernel may hand any one
+# worker most of the connections: each worker can hold every slot, plus room for quick
+# requests (passthrough.capacity.threads_per_worker). Threads start as needed, so an
+# idle one costs nothing.
+threads = threads_per_worker(_server.threads, _max_transfers)
+# Connections a worker holds (requests, kept-alive and stalled ones): its threads' and
+# as many waiting again.
+worker_connections = threads + 256
+backlog = 2048
 timeout = 60
 keepalive = 5
 
@@ -69,6 +87,8 @@ logger_class = "passthrough.observe.logs.GunicornLogger"
 
 # The Prometheus directory this master created (removed when it exits), if any.
 _metrics_dir_created: list[str] = []
+# The transfer slot file this master made (removed when it exits).
+_slot_file: list[str] = []
 # The settings on_starting validated, inherited by every forked worker.
 _settings: list[Settings] = []
 
@@ -103,6 +123,7 @@ def on_starting(server: object) -> None:
         _settings.append(settings)
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
+    _make_slot_file()
     try:
         directory, created = metrics.prepare_multiprocess_dir()
     except OSError as exc:
@@ -111,6 +132,18 @@ def on_starting(server: object) -> None:
         ) from None
     if created:
         _metrics_dir_created.append(directory)
+
+
+def _make_slot_file() -> None:
+    """The pod's MAX_TRANSFERS slots: one file every worker locks bytes of
+    (passthrough.capacity), made before the fork and named to the workers in the
+    environment; only this master's file, never one inherited from outside."""
+    from passthrough import capacity
+
+    os.environ.pop(capacity.SLOTS_FILE_ENV, None)
+    path = capacity.create_slot_file()
+    _slot_file.append(path)
+    os.environ[capacity.SLOTS_FILE_ENV] = path
 
 
 def _configure_tls(server: Any, settings: Settings) -> None:
@@ -178,21 +211,19 @@ def child_exit(server: object, worker: object) -> None:
 
 
 def on_exit(server: object) -> None:
-    """Remove the Prometheus directory this master created."""
+    """Remove the Prometheus directory and the slot file this master created."""
+    from passthrough import capacity
     from passthrough.observe import metrics
 
     for directory in _metrics_dir_created:
         metrics.remove_multiprocess_dir(directory)
+    for path in _slot_file:
+        capacity.remove_slot_file(path)
 
 
 def post_worker_init(worker: object) -> None:
-    """Cap concurrent downloads below this worker's thread count, so a pool of slow
-    router downloads can never take the thread /health and /metrics need."""
+    """Instrument the app for tracing once the worker has it."""
     app = getattr(worker, "wsgi", None)
-    cfg = getattr(worker, "cfg", None)
-    services = getattr(app, "extensions", {}).get("passthrough")
-    if services is not None and cfg is not None:
-        services.slots.fit_to_threads(cfg.threads, services.settings.max_concurrent_downloads)
     if app is not None:  # an app preloaded in the master was made before post_fork's setup
         from passthrough.observe import telemetry
 

@@ -7,7 +7,8 @@ Each client is a socket with a small receive buffer (SO_RCVBUF) that reads at a 
 rate, so the server really holds it for size/rate seconds; all of them are driven by
 one asyncio loop (the client is not the bottleneck: hundreds of paced sockets, not
 hundreds of threads). Every body is hashed and compared with the expected digest.
-Beside the load, a prober asks GET /health (and /ready, /metrics) on a new connection
+Beside the load, a prober asks GET /health (and /ready, /metrics) on passthrough's probe
+port (HEALTH_BIND, where the chart's kubelet probes go) on a new connection
 every 0.5 s, as a kubelet does.
 
 Scenarios: `cncf` (the peer, a blob GET), `v2-warm` and `v2-cold` (passthrough's /v2
@@ -45,7 +46,9 @@ if __package__ in (None, ""):  # run as `python benchmarks/fleet.py`
 
 from benchmarks.measure import BenchmarkError, MemoryWatch, cpu_seconds, tree
 from benchmarks.run import MB, OUT, code_version, log, machine
-from tests.support.procs import LOOPBACK
+from passthrough.capacity import threads_per_worker
+from passthrough.config import load_server_settings, read_variable
+from tests.support.procs import LOOPBACK, free_port
 from tests.support.registry import (
     RegistryServer,
     push_image,
@@ -242,15 +245,24 @@ class Prober:
 # --- servers ----------------------------------------------------------------------------
 
 
-def default_server(env: dict[str, str]) -> PassthroughServer:
+def default_server(env: dict[str, str]) -> tuple[PassthroughServer, int]:
     """passthrough on gunicorn.conf.py's own workers and threads (what a new user runs),
     not the rig's: PassthroughServer passes --workers/--threads, so they are the values
-    gunicorn.conf.py would read from the same environment."""
-    server = PassthroughServer(env)
+    gunicorn.conf.py would read from the same environment. Its probe port (HEALTH_BIND)
+    on loopback too, as a second --bind (the first replaces gunicorn.conf.py's); returns
+    the server and that port."""
+    health_port = free_port()
+    health_bind = f"{LOOPBACK}:{health_port}"
+    server = PassthroughServer(
+        {**env, "HEALTH_BIND": health_bind}, extra_args=("--bind", health_bind)
+    )
     scrubbed = server.environment()
-    server.workers = int(scrubbed.get("WEB_CONCURRENCY", "2"))
-    server.threads = int(scrubbed.get("GUNICORN_THREADS", "16"))
-    return server
+    settings = load_server_settings(scrubbed)
+    server.workers = settings.workers
+    server.threads = threads_per_worker(
+        settings.threads, read_variable("MAX_TRANSFERS", scrubbed)
+    )
+    return server, health_port
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -274,6 +286,8 @@ class FleetBench:
         self.work = work
         self.upstream = RegistryServer("anonymous")
         self.server: PassthroughServer | None = None
+        #: Where the prober asks: the probe port (HEALTH_BIND), as a kubelet would.
+        self.probe_port = 0
         self.serial = 0
         self.results: list[dict[str, Any]] = []
 
@@ -289,7 +303,8 @@ class FleetBench:
     def start(self) -> None:
         self.upstream.start()
         env = {"REGISTRY_URL": self.upstream.url, "CACHE_DIR": str(self.work / "cache")}
-        self.server = default_server(env).start()
+        server, self.probe_port = default_server(env)
+        self.server = server.start()
 
     def stop(self) -> None:
         if self.server is not None:
@@ -322,7 +337,7 @@ class FleetBench:
         started = time.monotonic()
         # The peer is not probed: its row's probe columns stay empty.
         probes = () if name == "cncf" else PROBED
-        with MemoryWatch(pid) as memory, Prober(self.server.port, probes) as prober:
+        with MemoryWatch(pid) as memory, Prober(self.probe_port, probes) as prober:
             results = asyncio.run(
                 _fleet(port, path, n, rate=self.args.rate, rcvbuf=self.args.rcvbuf,
                        timeout=self.args.timeout)

@@ -1,52 +1,147 @@
-"""What one worker takes on at once, a property of the pod rather than of any one route:
-a cap on concurrent downloads (each holds a thread for its whole life, and routers read
-slowly), so /health and /metrics always find a free thread; and the free-space check
-before a download starts. Below the wings, so :mod:`passthrough.services` makes the one
-:class:`DownloadSlots` of the process and any wing may share it."""
+"""What the pod takes on at once, a property of the pod rather than of any one route: a
+pod-wide cap on concurrent transfers (tar downloads and /v2 blob bodies; each holds a
+thread for its whole life, and routers read slowly), answered with 503 at once past it,
+never a queue; and the free-space check before a download starts. Below the wings, so
+:mod:`passthrough.services` makes the one :class:`TransferSlots` of the process and any
+wing may share it.
+
+The slots are shared by every gunicorn worker of one master through one small file the
+master makes before it forks (:func:`create_slot_file`; its path reaches the workers in
+:data:`SLOTS_FILE_ENV`): slot *i* is byte *i* of that file, held by an OFD byte-range
+lock (``F_OFD_SETLK``) on a descriptor of its own. Such a lock belongs to the open file
+description, so threads of one process exclude each other, and the kernel releases it
+when the descriptor closes, also when its worker is SIGKILLed: a dead worker's slots
+come back at once, with no bookkeeping in the master."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import os
+import random
+import struct
 import tempfile
 import threading
 
 from passthrough.errors import InsufficientStorage, TooBusy
 
-#: Threads kept free for /health, /metrics and quick errors.
-RESERVED_THREADS = 2
 RETRY_AFTER_SECONDS = 5
+#: Threads of a worker beyond MAX_TRANSFERS: for quick requests while every slot is held.
+TRANSFER_RESERVE = 32
+#: Where the master's slot file is named for its workers (set by gunicorn.conf.py only).
+SLOTS_FILE_ENV = "PASSTHROUGH_TRANSFER_SLOTS"
+#: ``struct flock`` on Linux (x86-64, arm64): type, whence, start, len, pid (+ padding).
+_FLOCK = "hhqqi4x"
 
 
-class DownloadSlots:
-    """A non-blocking counting semaphore: over the cap, answer 503 at once."""
+def create_slot_file() -> str:
+    """A fresh, empty slot file, private to this user: in /dev/shm (memory, pod-local,
+    never the store's volume) where it exists, else the temp directory."""
+    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
+    fd, path = tempfile.mkstemp(prefix="passthrough-transfers-", dir=parent)
+    os.close(fd)
+    return path
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._in_use = 0
+
+def threads_per_worker(configured: int, max_transfers: int) -> int:
+    """GUNICORN_THREADS, or (0) enough for one worker to hold every slot of the pod: the
+    kernel may hand any one worker most of the connections, and a transfer that found a
+    slot must never wait for a thread."""
+    return configured or max_transfers + TRANSFER_RESERVE
+
+
+def _lock_request(kind: int, index: int) -> bytes:
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, index, 1, 0)
+
+
+class Transfer:
+    """One slot held: :meth:`release` (idempotent) gives it back."""
+
+    __slots__ = ("_fd", "_lock")
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
         self._lock = threading.Lock()
-
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
-    def acquire(self) -> None:
-        with self._lock:
-            if self._in_use >= self.capacity:
-                raise TooBusy(
-                    f"this server is already sending {self.capacity} downloads; retry shortly",
-                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-                )
-            self._in_use += 1
 
     def release(self) -> None:
         with self._lock:
-            self._in_use = max(0, self._in_use - 1)
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the kernel drops the OFD lock with the description
 
-    def fit_to_threads(self, threads: int, configured: int) -> None:
-        """Cap below the worker's thread count (called from gunicorn's post_worker_init);
-        an explicit MAX_CONCURRENT_DOWNLOADS is honoured but never exceeds it."""
-        ceiling = max(1, threads - RESERVED_THREADS)
-        self.capacity = min(configured, ceiling) if configured else ceiling
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+class TransferSlots:
+    """``capacity`` slots for the whole pod (see the module's docstring). Never blocks:
+    with every slot taken, :meth:`acquire` raises :class:`TooBusy` (503, Retry-After)."""
+
+    def __init__(self, capacity: int, path: str | None = None) -> None:
+        self.capacity = max(1, capacity)
+        self._path = path
+        self._made_lock = threading.Lock()
+
+    @classmethod
+    def for_pod(cls, capacity: int) -> TransferSlots:
+        """The master's file when gunicorn.conf.py made one; else (a process of its own:
+        tests, the Flask dev server) a private file made on first use."""
+        return cls(capacity, os.environ.get(SLOTS_FILE_ENV) or None)
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            with self._made_lock:
+                if self._path is None:
+                    made = create_slot_file()
+                    atexit.register(_remove_quietly, made)
+                    self._path = made
+        return self._path
+
+    def acquire(self) -> Transfer:
+        """A free slot, or TooBusy at once. The scan starts at a random slot, so
+        concurrent acquirers rarely contend for the same byte."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        start = random.randrange(self.capacity)  # noqa: S311 - spreading, not secrecy
+        for step in range(self.capacity):
+            index = (start + step) % self.capacity
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _lock_request(fcntl.F_WRLCK, index))
+            except (BlockingIOError, PermissionError):
+                continue
+            return Transfer(fd)
+        os.close(fd)
+        raise TooBusy(
+            f"this server is already sending {self.capacity} transfers; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    def in_use(self) -> int:
+        """How many slots are held now, by any process of the pod (F_OFD_GETLK)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            held = 0
+            for index in range(self.capacity):
+                answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _lock_request(fcntl.F_RDLCK, index))
+                held += struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+            return held
+        finally:
+            os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def remove_slot_file(path: str) -> None:
+    """The master's exit: the file goes (a worker still holding a slot keeps its inode)."""
+    _remove_quietly(path)
 
 
 def free_bytes(directory: str | None) -> int:

@@ -31,10 +31,12 @@ def tls_enabled(environ: dict[str, str] | None = None) -> bool:
 
 
 def default_health_url(environ: dict[str, str] | None = None) -> str:
-    from passthrough.config import read_variable
+    """/health on the probe port (HEALTH_BIND), or on PORT when there is none."""
+    from passthrough.config import load_server_settings
 
+    server = load_server_settings(environ)
     scheme = "https" if tls_enabled(environ) else "http"
-    return f"{scheme}://127.0.0.1:{read_variable('PORT', environ)}/health"
+    return f"{scheme}://127.0.0.1:{server.health_port or server.port}/health"
 
 
 def healthcheck(url: str, timeout: float) -> int:

@@ -106,6 +106,18 @@ class OAuthError(BadRequest):
         self.error = error
 
 
+class ClientStalled(TimeoutError):
+    """The client stopped sending its request (or reading the answer) within the
+    server's deadlines (HEADER_TIMEOUT, BODY_TIMEOUT, BODY_MIN_RATE, SEND_TIMEOUT): raised
+    by the gunicorn worker (:mod:`passthrough.web.worker`) from the socket's reads, so a
+    view reading an upload's body meets it; answered 408, and the connection is closed.
+    Not a PassthroughError: it is the connection's, not the request's."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"the client stalled ({phase})")
+        self.phase = phase
+
+
 class RangeNotSatisfiable(PassthroughError):
     """The Range starts past the end of the blob or archive (416). The spec has no code
     for it: the routes answer an empty 416 with ``Content-Range: bytes */<size>``."""

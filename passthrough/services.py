@@ -4,7 +4,7 @@ settings by :meth:`Services.create` (``create_app`` calls it and keeps the resul
 
 Every blueprint and the tar export take what they need from here: the content store,
 the upstream token cache and outbound policy, the gate (users, rules, the failed-login
-limiter), the service's own token issuer, the download slots, and the hosted area and
+limiter), the service's own token issuer, the pod's transfer slots, and the hosted area and
 pull-through proxy built on the store. It sits below the wings that use it (web,
 export) and above those it wires (registry, store, upstream, capacity), so no view has
 to import the tar pipeline, or any wing another, just to reach a shared object.
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from flask import Flask
 
-from passthrough.capacity import RESERVED_THREADS, DownloadSlots
+from passthrough.capacity import TransferSlots
 from passthrough.config import Settings
+from passthrough.config.table import DEFAULT_TRANSFERS
 from passthrough.registry.access import Gate
 from passthrough.registry.hosted import Hosted
 from passthrough.registry.proxy import Proxy
@@ -32,8 +33,6 @@ __all__ = ["EXTENSION", "Services", "services_of"]
 
 #: Where the app keeps its Services (``app.extensions``).
 EXTENSION = "passthrough"
-#: The download cap before gunicorn tells the worker its thread count (fit_to_threads).
-DEFAULT_SLOTS = 16 - RESERVED_THREADS
 
 
 @dataclass
@@ -44,7 +43,8 @@ class Services:
     tokens: TokenCache = field(default_factory=TokenCache)
     store: ContentStore | None = None
     policy: HostPolicy = field(default_factory=HostPolicy)
-    slots: DownloadSlots = field(default_factory=lambda: DownloadSlots(DEFAULT_SLOTS))
+    #: The pod's transfer slots (MAX_TRANSFERS), shared by every worker of the master.
+    slots: TransferSlots = field(default_factory=lambda: TransferSlots(DEFAULT_TRANSFERS))
     #: Who may do what (HTPASSWD_FILE, ACCESS_FILE, the failed-login limiter).
     gate: Gate | None = None
     #: The service's own Bearer tokens (TOKEN_SECRET; None without one): every worker
@@ -75,7 +75,7 @@ class Services:
             tokens=tokens,
             store=store,
             policy=policy,
-            slots=DownloadSlots(settings.max_concurrent_downloads or DEFAULT_SLOTS),
+            slots=TransferSlots.for_pod(settings.max_transfers),
             gate=Gate.create(settings),
             token_service=token_service,
             hosted=Hosted(settings, store) if store is not None else None,

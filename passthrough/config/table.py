@@ -31,6 +31,14 @@ SERVER = "gunicorn"
 GROUPS = (REGISTRY, V2, HOSTED, TLS, LIMITS, DISK, STORE, OBSERVE, SERVER)
 
 
+#: MAX_TRANSFERS when unset (or 0, the old MAX_CONCURRENT_DOWNLOADS's "automatic").
+DEFAULT_TRANSFERS = 512
+
+
+def _transfers(name: str, raw: str) -> int:
+    return int(p.integer(0)(name, raw)) or DEFAULT_TRANSFERS
+
+
 @dataclass(frozen=True)
 class Variable:
     """One environment variable: how it is read and how it is documented."""
@@ -321,10 +329,13 @@ class Settings:
     max_layers: int = setting(
         "MAX_LAYERS", p.integer(1), 500, "the most layers an image may have (`413`)", LIMITS,
     )  # fmt: skip
-    #: Concurrent downloads per worker; 0 means "gunicorn threads minus 2".
-    max_concurrent_downloads: int = setting(
-        "MAX_CONCURRENT_DOWNLOADS", p.integer(0), 0,
-        "downloads per worker; beyond it `503` with `Retry-After` (`0`: threads − 2)", LIMITS,
+    #: Concurrent transfers (tar downloads, /v2 blob bodies) of the whole pod.
+    max_transfers: int = setting(
+        "MAX_TRANSFERS", _transfers, DEFAULT_TRANSFERS,
+        "transfers (tar downloads and `/v2` blob bodies) the pod sends at once, shared by "
+        "its workers; beyond it `503` with `Retry-After` at once (the old per-worker "
+        "`MAX_CONCURRENT_DOWNLOADS` is read as this; `0`: the default)",
+        LIMITS, aliases=("MAX_CONCURRENT_DOWNLOADS",),
     )  # fmt: skip
     client_idle_timeout: float = setting(
         "CLIENT_IDLE_TIMEOUT", p.number(1), 120.0,
@@ -450,15 +461,47 @@ class ServerSettings:
     )  # fmt: skip
     port: int = setting(
         "PORT", p.integer(1, 65535), 8080,
-        "the port `passthrough healthcheck` probes on 127.0.0.1; keep it BIND's", SERVER,
+        "BIND's port: `passthrough healthcheck` probes it on 127.0.0.1 when `HEALTH_BIND` is "
+        "`off`", SERVER,
     )  # fmt: skip
     workers: int = setting(
         "WEB_CONCURRENCY", p.integer(1), 2,
         "worker processes (each download holds one thread for its whole life)", SERVER,
     )  # fmt: skip
+    #: 0: MAX_TRANSFERS + 32, so any one worker can hold every slot of the pod.
     threads: int = setting(
-        "GUNICORN_THREADS", p.integer(1), 16,
-        "threads per worker: concurrent requests = `WEB_CONCURRENCY` × `GUNICORN_THREADS`",
+        "GUNICORN_THREADS", p.integer(0), 0,
+        "threads per worker (started as needed); `0`: `MAX_TRANSFERS` + 32, so one worker "
+        "can hold every transfer of the pod however the kernel spreads connections",
+        SERVER, shown="`0`",
+    )  # fmt: skip
+    health_bind: str = setting(
+        "HEALTH_BIND", p.text, "0.0.0.0:8081",
+        "the probe listener: only `/health`, `/ready` and `/metrics`, on threads of their "
+        "own, so probes answer however busy the main port is; `off`: none",
+        SERVER,
+    )  # fmt: skip
+    header_timeout: float = setting(
+        "HEADER_TIMEOUT", p.number(0.5), 10.0,
+        "seconds from a connection (or the previous response) to its request's last header "
+        "line; a connection slower than that is dropped",
+        SERVER,
+    )  # fmt: skip
+    body_timeout: float = setting(
+        "BODY_TIMEOUT", p.number(0.5), 30.0,
+        "seconds a request body (an upload) may go without a byte before it is dropped",
+        SERVER,
+    )  # fmt: skip
+    body_min_rate: int = setting(
+        "BODY_MIN_RATE", p.size_or_off, 16 << 10,
+        "bytes per second a request body must average after its first 10 s (`0`: no "
+        "minimum)",
+        SERVER, shown="`16K`",
+    )  # fmt: skip
+    send_timeout: float = setting(
+        "SEND_TIMEOUT", p.number(1), 60.0,
+        "seconds a response may go without the client taking a byte before the connection "
+        "is dropped",
         SERVER,
     )  # fmt: skip
     graceful_timeout: int = setting(
@@ -467,6 +510,14 @@ class ServerSettings:
         "grace above it)",
         SERVER,
     )  # fmt: skip
+
+    @property
+    def health_port(self) -> int | None:
+        """HEALTH_BIND's TCP port; None when it is ``off`` (or not ``host:port``)."""
+        host, _, port = self.health_bind.rpartition(":")
+        if self.health_bind.strip().lower() == "off" or not host or not port.isdigit():
+            return None
+        return int(port)
 
 
 #: Variables without a field: REGISTRY_NAME folds into ``Settings.registry``; boto3 and

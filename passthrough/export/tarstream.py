@@ -13,7 +13,9 @@ from typing import Protocol
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
-FILE_CHUNK = 1 << 20
+#: A layer is read this much at a time: small, as a slow router holds each chunk for
+#: seconds (the same reasoning as store.readthrough.READ_CHUNK).
+FILE_CHUNK = 64 << 10
 
 
 def header(name: str, size: int, *, directory: bool = False) -> bytes:

@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -137,6 +137,18 @@ class _Metrics:
             "wrong_password, unknown_user, rate_limited",
             ["reason"],
         )
+        self.transfers_refused = Counter(
+            "passthrough_transfers_refused",
+            "Transfers answered 503 at once because the pod's MAX_TRANSFERS were all taken, "
+            "by kind (tar, v2)",
+            ["kind"],
+        )
+        self.connections_dropped = Counter(
+            "passthrough_connections_dropped",
+            "Connections dropped for stalling, by phase: idle (no request), headers, body "
+            "(an upload too slow), send (a response the client stopped reading)",
+            ["phase"],
+        )
         self.cache: dict[str, Any] = {
             field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
             for field, name in CACHE_COUNTERS.items()
@@ -170,6 +182,14 @@ def download_finished(route: str, outcome: str, sent_bytes: int, seconds: float)
     metrics.downloads.labels(route, outcome).inc()
     metrics.sent_bytes.labels(route).inc(sent_bytes)
     metrics.duration.labels(route, outcome).observe(seconds)
+
+
+def transfer_refused(kind: str) -> None:
+    _metrics().transfers_refused.labels(kind).inc()
+
+
+def connection_dropped(phase: str) -> None:
+    _metrics().connections_dropped.labels(phase).inc()
 
 
 def download_failed(route: str, status: int) -> None:
@@ -237,9 +257,23 @@ def cache_counts(changes: Mapping[str, int]) -> None:
 # -- exposition ----------------------------------------------------------------------------
 
 
-def render() -> tuple[bytes, str]:
+class _Gauges:
+    """Gauges read at scrape time (name: (help, value)), such as the pod's slots in use,
+    which the slot file knows better than any one worker's samples."""
+
+    def __init__(self, gauges: Mapping[str, tuple[str, float]]) -> None:
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, (documentation, value) in self.gauges.items():
+            yield GaugeMetricFamily(name, documentation, value=value)
+
+
+def render(gauges: Mapping[str, tuple[str, float]] | None = None) -> tuple[bytes, str]:
     """The exposition text and its content type: every worker's samples in multiprocess
-    mode, this process's otherwise."""
+    mode, this process's otherwise; plus ``gauges``, read now."""
     from prometheus_client import (
         CONTENT_TYPE_PLAIN_0_0_4,
         REGISTRY,
@@ -252,8 +286,14 @@ def render() -> tuple[bytes, str]:
     if multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
-    return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
+    if gauges:
+        extra = CollectorRegistry(auto_describe=False)
+        extra.register(_Gauges(gauges))
+        body += generate_latest(extra)
+    return body, CONTENT_TYPE_PLAIN_0_0_4
 
 
 # -- gunicorn's master (gunicorn.conf.py) ------------------------------------------------

@@ -14,7 +14,13 @@ import socket
 
 from flask import Blueprint, Response, current_app, request
 
-from passthrough.errors import ClientAuthRequired, RangeNotSatisfiable, UpstreamUnauthorized
+from passthrough.capacity import Transfer
+from passthrough.errors import (
+    ClientAuthRequired,
+    RangeNotSatisfiable,
+    TooBusy,
+    UpstreamUnauthorized,
+)
 from passthrough.export.download import prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
@@ -96,23 +102,31 @@ def drop_idle_clients(timeout: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
 
 
+def take_transfer(kind: str) -> Transfer:
+    """One of the pod's MAX_TRANSFERS slots for this response's body, or TooBusy (503
+    with Retry-After) at once, counted by ``kind`` (tar, v2)."""
+    try:
+        return services().slots.acquire()
+    except TooBusy:
+        metrics.transfer_refused(kind)
+        raise
+
+
 def _download(download_request: DownloadRequest) -> Response:
     svc = services()
-    # Each download holds a thread for its whole life: over the cap, 503 at once.
-    counted = request.method == "GET"
-    if counted:
-        svc.slots.acquire()
+    # Each download holds a thread for its whole life: over the pod's cap, 503 at once.
+    transfer = take_transfer("tar") if request.method == "GET" else None
     try:
         download = prepare_download(svc, download_request, fetch=False)
     except BaseException as exc:
-        if counted:
-            svc.slots.release()
+        if transfer is not None:
+            transfer.release()
         if isinstance(exc, UpstreamUnauthorized):
             offer_client_challenge(download_request.route, exc)
         telemetry.record_error(exc)
         raise
-    if counted:
-        download.on_close(svc.slots.release)
+    if transfer is not None:
+        download.on_close(transfer.release)
     drop_idle_clients(svc.settings.client_idle_timeout)
     headers = download.headers()
     status = 200

@@ -11,7 +11,7 @@ import logging
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from passthrough.errors import PassthroughError, UpstreamError, code_for_status
+from passthrough.errors import ClientStalled, PassthroughError, UpstreamError, code_for_status
 from passthrough.observe import metrics
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,17 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
         drain_request_body()
         return v2_error_response(status, code, error.message, error.headers)
     return error_response(error.status, error.message, error.headers)
+
+
+@bp.app_errorhandler(ClientStalled)
+def handle_client_stalled(error: ClientStalled) -> Response:
+    """An upload's body stalled past its deadline: 408, and the worker drops the
+    connection (and counts it); nothing for the error log."""
+    log.info("request failed: 408 %s", error)
+    message = "the request body arrived too slowly; the connection is closed"
+    if is_v2():
+        return v2_error_response(408, "UNKNOWN", message)
+    return error_response(408, message)
 
 
 @bp.app_errorhandler(HTTPException)

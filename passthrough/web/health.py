@@ -5,7 +5,8 @@ file, an S3 bucket answers a HEAD) and each configured upstream (``GET /v2/``). 
 answer is 200 while the store is usable, 503 otherwise. Upstreams are informational: a
 replica whose registry is down may still serve what its store holds, so taking it out
 of the load balancer would only make things worse. The whole answer is kept
-:data:`READY_TTL` seconds per worker, so a storm of probes costs one round of checks.
+:data:`READY_TTL` seconds per worker, so a storm of probes costs one round of checks,
+and then refreshed in the background while the last one is given.
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ def health() -> Response:
 
 @dataclass
 class _ReadyCache:
-    """The last /ready answer of this worker; the lock makes concurrent probes wait for
-    one round of checks instead of each starting its own."""
+    """The last /ready answer of this worker. Only the first probe waits for a round of
+    checks (the lock makes concurrent ones share it); after that an expired answer is
+    given at once while one background round refreshes it, so a probe never waits on an
+    upstream that is slow to answer (a kubelet's timeout is a second or two)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     expires: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)
+    refreshing: bool = False
+
+    def refresh(self, services: Services) -> None:
+        try:
+            report = readiness(services)
+        finally:
+            with self.lock:
+                self.refreshing = False
+        with self.lock:
+            self.report, self.expires = report, time.monotonic() + READY_TTL
 
 
 @bp.get("/ready")
@@ -57,9 +70,14 @@ def ready() -> Response:
     services = services_of(current_app)
     cache: _ReadyCache = current_app.extensions.setdefault(_EXTENSION, _ReadyCache())
     with cache.lock:
-        if time.monotonic() >= cache.expires:
+        if not cache.report:
             cache.report = readiness(services)
             cache.expires = time.monotonic() + READY_TTL
+        elif time.monotonic() >= cache.expires and not cache.refreshing:
+            cache.refreshing = True
+            threading.Thread(
+                target=cache.refresh, args=(services,), name="ready-refresh", daemon=True
+            ).start()
         report = cache.report
     status = 200 if report["status"] == "ready" else 503
     return Response(

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, g, request
 
+from passthrough.capacity import Transfer
 from passthrough.errors import (
     DigestInvalid,
     ManifestUnknown,
@@ -53,7 +54,7 @@ from passthrough.registry.repository import HostedRepository, ProxiedRepository,
 from passthrough.registry.routing import check_name, is_hosted, route_name
 from passthrough.services import Services, services_of
 from passthrough.store.uploads import UploadState
-from passthrough.web.downloads import drop_idle_clients, parse_range
+from passthrough.web.downloads import drop_idle_clients, parse_range, take_transfer
 
 bp = Blueprint("v2", __name__)
 
@@ -386,7 +387,16 @@ def blob(repository: Repository, digest: str) -> Answer:
         repository.delete_blob(digest)
         return Answer(Response(status=202, headers={"Content-Length": "0"}))
     want_body = request.method == "GET"
-    answer = repository.blob(digest, want_body=want_body)
+    # A body holds a thread for its whole life: one of the pod's slots, or 503 at once.
+    transfer = take_transfer("v2") if want_body else None
+    try:
+        answer = repository.blob(digest, want_body=want_body)
+    except BaseException:
+        if transfer is not None:
+            transfer.release()
+        raise
+    if transfer is not None and answer.stream is None:
+        transfer.release()  # a redirect, or nothing to send: no transfer after all
     headers = {
         "Docker-Content-Digest": digest,
         "Content-Type": "application/octet-stream",
@@ -400,16 +410,19 @@ def blob(repository: Repository, digest: str) -> Answer:
         return Answer(redirect, "redirect")
     if not want_body or answer.stream is None:
         return Answer(_head_response(headers, answer.size), answer.source)
-    return Answer(_blob_body(answer, headers), answer.source)
+    assert transfer is not None
+    return Answer(_blob_body(answer, headers, transfer), answer.source)
 
 
-def _blob_body(answer: BlobAnswer, headers: dict[str, str]) -> Response:
-    """The whole blob, or the Range asked for (206; 416 past its end)."""
+def _blob_body(answer: BlobAnswer, headers: dict[str, str], transfer: Transfer) -> Response:
+    """The whole blob, or the Range asked for (206; 416 past its end); the transfer's
+    slot goes back when the body is closed (sent, broken, or never started)."""
     assert answer.stream is not None
     try:
         wanted = parse_range(request.headers.get("Range"), answer.size)
     except RangeNotSatisfiable:
         answer.stream.close()
+        transfer.release()
         return Response(status=416, headers={**headers, "Content-Range": f"bytes */{answer.size}"})
     status = 200
     start, end = 0, answer.size
@@ -419,7 +432,10 @@ def _blob_body(answer: BlobAnswer, headers: dict[str, str]) -> Response:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{answer.size}"
     headers["Content-Length"] = str(end - start)
     drop_idle_clients(_services().settings.client_idle_timeout)
-    return Response(_send(answer, start, end), status=status, headers=headers)
+    response = Response(_send(answer, start, end), status=status, headers=headers)
+    # Also when the body never starts (the client left before it): the slot comes back.
+    response.call_on_close(transfer.release)
+    return response
 
 
 @bp.post("/v2/<path:name>/blobs/uploads/")

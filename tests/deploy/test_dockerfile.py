@@ -198,7 +198,9 @@ def test_exposes_the_port_gunicorn_binds(runtime: Stage) -> None:
     conf = (REPO / "gunicorn.conf.py").read_text(encoding="utf-8")
     assert re.search(r"^bind = \[_server\.bind\]$", conf, re.M), "gunicorn.conf.py binds BIND"
     default = ServerSettings()
-    assert exposed == {default.bind.rpartition(":")[2]} == {str(default.port)} == {"8080"}
+    assert {default.bind.rpartition(":")[2]} == {str(default.port)} == {"8080"}
+    # ...and the probe port (HEALTH_BIND), which gunicorn.conf.py binds as well.
+    assert exposed == {"8080", str(default.health_port)} == {"8080", "8081"}
 
 
 def test_healthcheck_runs_passthrough_healthcheck(runtime: Stage) -> None:

@@ -278,7 +278,7 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "CACHE_MAX_BYTES": ("config.cacheMaxBytes", 21474836480, "21474836480"),
     "MAX_IMAGE_BYTES": ("config.maxImageBytes", "4G", "4G"),
     "MAX_LAYERS": ("config.maxLayers", 200, "200"),
-    "MAX_CONCURRENT_DOWNLOADS": ("config.maxConcurrentDownloads", 12, "12"),
+    "MAX_TRANSFERS": ("config.maxTransfers", 300, "300"),
     "CLIENT_IDLE_TIMEOUT": ("config.clientIdleTimeout", 600, "600"),
     "DEFAULT_PLATFORM": ("config.defaultPlatform", "linux/arm64", "linux/arm64"),
     "SERVE_STALE": ("config.serveStale", True, "true"),
@@ -288,6 +288,11 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "WEB_CONCURRENCY": ("gunicorn.workers", 4, "4"),
     "GUNICORN_THREADS": ("gunicorn.threads", 8, "8"),
     "GRACEFUL_TIMEOUT": ("gunicorn.gracefulTimeout", 300, "300"),
+    "HEADER_TIMEOUT": ("gunicorn.headerTimeout", 5, "5"),
+    "BODY_TIMEOUT": ("gunicorn.bodyTimeout", 20, "20"),
+    "BODY_MIN_RATE": ("gunicorn.bodyMinRate", "8K", "8K"),
+    "SEND_TIMEOUT": ("gunicorn.sendTimeout", 90, "90"),
+    "HEALTH_BIND": ("healthPort", 9001, "0.0.0.0:9001"),
     "BIND": ("containerPort", 9000, "0.0.0.0:9000"),
     "PORT": ("containerPort", 9000, "9000"),
     "STORE": ("store.type", "s3", "s3"),
@@ -598,7 +603,7 @@ def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
 
 
 @pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
-def test_probes_hit_health_and_ready_on_the_served_port(values: Obj | None) -> None:
+def test_probes_hit_health_and_ready_on_the_probe_port(values: Obj | None) -> None:
     objects = render(values)
     ctr = container(objects)
     env = effective_env(objects)
@@ -608,7 +613,8 @@ def test_probes_hit_health_and_ready_on_the_served_port(values: Obj | None) -> N
         get = ctr[probe]["httpGet"]
         assert get["path"] == path
         assert get["port"] in port_names
-        assert str(port_names[get["port"]]) == env["PORT"]
+        # HEALTH_BIND's port: the probes never wait behind transfers.
+        assert f"0.0.0.0:{port_names[get['port']]}" == env["HEALTH_BIND"]
         assert get.get("scheme", "HTTP") == ("HTTPS" if tls else "HTTP")
     # /ready gives each check 2 s (and waits 3.5 s in all): the probe waits longer.
     assert ctr["readinessProbe"]["timeoutSeconds"] >= 4

@@ -438,9 +438,14 @@ def test_disk_full_gives_a_clean_error_and_the_next_download_works(
     assert list(small_disk.iterdir()) == []
 
 
-def test_the_cap_follows_gunicorns_thread_count(registry_anon, passthrough_server, pushed, stalled):
-    # 3 threads, nothing configured: one download at a time, two threads kept free.
-    server = passthrough_server({"REGISTRY_URL": registry_anon.url}, threads=3)
+def test_the_cap_is_max_transfers_not_the_thread_count(
+    registry_anon, passthrough_server, pushed, stalled
+):
+    # The cap is the pod's MAX_TRANSFERS (issue 18), no longer derived from the threads:
+    # gunicorn.conf.py sizes the threads from it. Set below them, it still refuses at once.
+    server = passthrough_server(
+        {"REGISTRY_URL": registry_anon.url, "MAX_TRANSFERS": "1"}, threads=3
+    )
     stalled.append(StalledClient(server.url, pushed))
     assert stalled[0].status == 200
     assert fetch(server.url + pushed).status_code == 503

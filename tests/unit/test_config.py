@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from passthrough.capacity import TRANSFER_RESERVE
 from passthrough.cli import main
 from passthrough.config import ConfigError, ServerSettings, Settings, load_settings
 
@@ -122,7 +123,10 @@ GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
 def load_gunicorn_conf(monkeypatch, tmp_path, **env):
     """Execute gunicorn.conf.py as gunicorn does (a module from a file) in tmp_path."""
     monkeypatch.chdir(tmp_path)
-    for name in ("WEB_CONCURRENCY", "GUNICORN_THREADS", "GRACEFUL_TIMEOUT", "BIND", "LOG_LEVEL"):
+    for name in (
+        "WEB_CONCURRENCY", "GUNICORN_THREADS", "GRACEFUL_TIMEOUT", "BIND", "LOG_LEVEL",
+        "HEALTH_BIND", "MAX_TRANSFERS", "MAX_CONCURRENT_DOWNLOADS",
+    ):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -138,7 +142,19 @@ def test_gunicorn_reads_env_file_under_the_environment(tmp_path, monkeypatch):
     conf = load_gunicorn_conf(monkeypatch, tmp_path, GUNICORN_THREADS="9")
     assert (conf.workers, conf.threads, conf.loglevel) == (5, 9, "debug")
     assert conf.graceful_timeout == ServerSettings().graceful_timeout == 120
+    assert conf.bind == ["0.0.0.0:8080", "0.0.0.0:8081"]  # the main port, the probe port
+
+
+def test_gunicorn_sizes_threads_so_one_worker_holds_every_transfer(tmp_path, monkeypatch):
+    conf = load_gunicorn_conf(monkeypatch, tmp_path)
+    assert conf.threads == 512 + TRANSFER_RESERVE
+    assert conf.worker_connections > conf.threads
+    assert conf.worker_class == "passthrough.web.worker.PassthroughWorker"
+    conf = load_gunicorn_conf(monkeypatch, tmp_path, MAX_CONCURRENT_DOWNLOADS="100")
+    assert conf.threads == 100 + TRANSFER_RESERVE, "the old name is read as MAX_TRANSFERS"
+    conf = load_gunicorn_conf(monkeypatch, tmp_path, HEALTH_BIND="off", MAX_TRANSFERS="0")
     assert conf.bind == ["0.0.0.0:8080"]
+    assert conf.threads == 512 + TRANSFER_RESERVE, "0: the default"
 
 
 @pytest.mark.parametrize(

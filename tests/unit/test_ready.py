@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,9 @@ def get_ready(app: Flask) -> tuple[int, dict[str, Any]]:
 
 
 def expire(app: Flask) -> None:
-    """The next /ready checks again (instead of waiting READY_TTL)."""
-    app.extensions["passthrough.ready"].expires = 0.0
+    """The next /ready checks again, and waits for it (as the first probe does), instead
+    of giving the last answer while a background round refreshes it."""
+    app.extensions["passthrough.ready"].report = {}
 
 
 def test_ready_without_a_store_is_ready_and_reports_the_upstreams(
@@ -139,6 +141,21 @@ def test_ready_with_a_writable_filesystem_store_then_a_broken_one(
     assert "cannot write" in report["store"]["detail"]
     # /health stays a liveness probe: the process serves.
     assert app.test_client().get("/health").status_code == 200
+
+
+def test_an_expired_answer_is_given_at_once_while_it_is_refreshed(
+    tmp_path: Path, stubs: Any
+) -> None:
+    cache = tmp_path / "cache"
+    app = app_with(tmp_path, REGISTRY_URL=stubs(200).url, CACHE_DIR=str(cache))
+    assert get_ready(app)[0] == 200
+    shutil.rmtree(cache / "tmp")
+    app.extensions["passthrough.ready"].expires = 0.0
+    assert get_ready(app)[0] == 200, "the last answer, at once"
+    deadline = time.monotonic() + 10
+    while get_ready(app)[0] != 503:
+        assert time.monotonic() < deadline, "the background round refreshed it"
+        time.sleep(0.05)
 
 
 def test_an_upstream_down_does_not_make_the_replica_unready(tmp_path: Path) -> None:
