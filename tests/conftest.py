@@ -31,12 +31,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.rig)
 
 
+def _outside_the_rig(item: pytest.Item) -> bool:
+    return item.get_closest_marker("rig") is None
+
+
+def _watched(item: pytest.Item) -> Generator[None, object, object]:
+    # Outside the rig nothing may start a process, in its fixtures either.
+    if not _outside_the_rig(item):
+        return (yield)
+    with no_process():
+        return (yield)
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_watched)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_watched)
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(
+def pytest_runtest_teardown(
     item: pytest.Item, nextitem: pytest.Item | None
 ) -> Generator[None, object, object]:
-    # Outside the rig nothing may start a process, in its fixtures either.
-    if item.get_closest_marker("rig"):
+    # The last test's teardown (nextitem None) also ends the session's fixtures, the
+    # rig's processes among them when the whole suite runs: stopping those is no test's
+    # doing, so only the teardowns before it are watched.
+    if not _outside_the_rig(item) or nextitem is None:
         return (yield)
     with no_process():
         return (yield)

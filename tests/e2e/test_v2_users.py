@@ -21,6 +21,7 @@ import requests
 from tests.e2e.helpers import push, unique
 from tests.e2e.test_v2_tokens import MirrorEngine, docker, fresh_private, scopes_asked_by
 from tests.support.docker_engine import DockerEngine
+from tests.support.helpers import wait_until
 from tests.support.htpasswd import bcrypt_line, htpasswd
 from tests.support.images import Image, runnable_image
 from tests.support.loaders import LoaderError, skopeo
@@ -361,6 +362,13 @@ def test_behind_a_trusted_proxy_the_limit_and_the_log_follow_the_forwarded_clien
         other = ("-H", "X-Forwarded-For: 198.51.100.7")
         status, _, _ = curl(*other, "-u", f"{ALICE.name}:{ALICE.password}", f"{base}/v2/")
         assert status == 200
+        # gunicorn logs a request once its response is sent: curl may be done before
+        # the last line is written.
+        wait_until(
+            lambda: '\n198.51.100.7 "GET /v2/' in "\n" + server.log_text(),
+            10,
+            "the access log line of the last request",
+        )
         log = server.log_text()
         assert "login refused (wrong_password) from 198.51.100.66" in log
         # gunicorn's access log reads the same environ: the client, not the proxy.

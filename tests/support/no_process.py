@@ -1,6 +1,7 @@
 """The fast tier starts no process: while a test that is not marked ``rig`` runs (its
-setup, call and teardown), every way this interpreter has to start a program or fork
-itself raises instead. A unit test that starts redis-server, gunicorn, htpasswd or a
+setup, call and teardown; not the session's last teardown, which also stops the rig's
+processes), every way this interpreter has to start a program or fork itself raises
+instead. A unit test that starts redis-server, gunicorn, htpasswd or a
 second Python fails loudly here, naming what it tried, rather than making
 `tests/run.sh fast` slow and dependent on the machine."""
 
