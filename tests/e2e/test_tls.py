@@ -79,9 +79,11 @@ def test_self_signed_certificate_verifies_against_the_ca_it_serves(
 
 
 def container_healthcheck(port: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`passthrough healthcheck` as the image's HEALTHCHECK runs it (PORT, no --url)."""
+    """`passthrough healthcheck` as the image's HEALTHCHECK runs it (no --url), on PORT:
+    the rig's server listens on its --bind alone, so HEALTH_BIND (the probe port the
+    image's check takes by default) is off here."""
     command = Path(sys.executable).with_name("passthrough")
-    environment = {**scrubbed_environment(), "PORT": str(port), **env}
+    environment = {**scrubbed_environment(), "PORT": str(port), "HEALTH_BIND": "off", **env}
     return subprocess.run(
         [str(command), "healthcheck"], env=environment, capture_output=True, text=True, timeout=30
     )

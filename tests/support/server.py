@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
+from passthrough.config import VARIABLES
 from tests.support.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -62,13 +63,20 @@ SCRUBBED_NAMES = frozenset(
 )
 
 
+#: Every variable the settings table declares, and the older names it still reads.
+DECLARED_NAMES = frozenset(
+    name for variable in VARIABLES for name in (variable.name, *variable.aliases)
+)
+
+
 def scrubbed_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """`base` (default os.environ) without the variables the service or gunicorn read."""
     env = dict(os.environ if base is None else base)
     return {
         k: v
         for k, v in env.items()
-        if not k.upper().startswith(SCRUBBED_PREFIXES) and k.upper() not in SCRUBBED_NAMES
+        if not k.upper().startswith(SCRUBBED_PREFIXES)
+        and k.upper() not in SCRUBBED_NAMES | DECLARED_NAMES
     }
 
 
