@@ -64,11 +64,23 @@ class _Metrics:
     """Every metric of the service; one instance per process, made on first use."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram, values
+        from prometheus_client import Counter, values
 
         if multiprocess_dir() and values.ValueClass is values.MutexValue:
             # prometheus_client was imported before the directory was set: choose again.
             values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        self._define_downloads()
+        self._define_upstream()
+        self._define_registry()
+        self._define_fleet()
+        self.cache: dict[str, Any] = {
+            field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
+            for field, name in CACHE_COUNTERS.items()
+        }
+
+    def _define_downloads(self) -> None:
+        """The tar export's downloads."""
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.downloads = Counter(
             "passthrough_downloads", "GET downloads by route and outcome", ["route", "outcome"]
@@ -92,6 +104,11 @@ class _Metrics:
             "Archives being streamed now",
             multiprocess_mode="livesum",
         )
+
+    def _define_upstream(self) -> None:
+        """What passthrough asks of registries."""
+        from prometheus_client import Counter, Gauge
+
         self.upstream = Counter(
             "passthrough_upstream_requests",
             "HTTP exchanges with registries, token services and blob storage",
@@ -107,6 +124,11 @@ class _Metrics:
             "The last ratelimit-remaining Docker Hub sent (pulls left in its window)",
             multiprocess_mode="mostrecent",
         )
+
+    def _define_registry(self) -> None:
+        """The /v2 API, the hosted area's pushes and the users' logins."""
+        from prometheus_client import Counter
+
         self.v2_requests = Counter(
             "passthrough_v2_requests",
             "/v2 API requests by operation (manifest, blob, tags, referrers, token), "
@@ -137,6 +159,11 @@ class _Metrics:
             "wrong_password, unknown_user, rate_limited",
             ["reason"],
         )
+
+    def _define_fleet(self) -> None:
+        """What a fleet of slow clients costs: refusals at the limit, stalled connections."""
+        from prometheus_client import Counter
+
         self.transfers_refused = Counter(
             "passthrough_transfers_refused",
             "Transfers answered 503 at once because the pod's MAX_TRANSFERS were all taken, "
@@ -149,10 +176,6 @@ class _Metrics:
             "(an upload too slow), send (a response the client stopped reading)",
             ["phase"],
         )
-        self.cache: dict[str, Any] = {
-            field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
-            for field, name in CACHE_COUNTERS.items()
-        }
 
 
 _instance: _Metrics | None = None
