@@ -329,6 +329,14 @@ class Gate:
 
     # -- permissions -------------------------------------------------------------------------
 
+    def is_admin(self, user: str | None) -> bool:
+        """Whether ``user`` (None: anonymous, never) administers the door: the inventory of
+        cached images, sync runs, evictions. With ACCESS_FILE, the members of its ``admin``
+        group; without it every HTPASSWD_FILE user, who may already do everything."""
+        if user is None or not self.is_user(user):
+            return False
+        return self.access is None or self.access.rules().is_admin(user)
+
     def user_may(self, user: str | None, repository: str, action: str) -> bool:
         """Whether ``user`` (None: anonymous) may ``action`` on ``repository``."""
         if not is_hosted(self.settings, repository):

@@ -10,6 +10,9 @@ YAML::
         push: ["@team-a"]
         delete: [alice]
 
+The group ``admin`` is special: its members are the door's administrators (the
+inventory of cached images, sync runs, evictions; see :meth:`AccessRules.is_admin`).
+
 The first rule whose patterns name the repository decides; an action it does not list
 is refused, and so is everything on a repository no rule names. The file only narrows:
 anonymous pulls also need HOSTED_ANONYMOUS_PULL, and anonymous clients never push or
@@ -36,6 +39,8 @@ from passthrough.registry.watched import WatchedFile
 VARIABLE = "ACCESS_FILE"
 #: The actions a rule grants, in the order of the token spec's scopes.
 ACTIONS = ("pull", "push", "delete")
+#: The group whose members administer the door (inventory, sync, eviction).
+ADMIN_GROUP = "admin"
 #: Principals with a meaning of their own.
 ANY_USER = "*"
 ANONYMOUS = "anonymous"
@@ -68,6 +73,11 @@ class AccessRules:
     """The parsed file: the rules in order."""
 
     rules: tuple[Rule, ...]
+    admins: frozenset[str] = frozenset()
+
+    def is_admin(self, user: str | None) -> bool:
+        """Whether ``user`` is in the file's ``admin`` group (anonymous never is)."""
+        return user is not None and user in self.admins
 
     def rule_for(self, repository: str) -> Rule | None:
         return next((r for r in self.rules if r.names(repository)), None)
@@ -157,7 +167,7 @@ def parse_access(text: str) -> AccessRules:
                     principals.add(name)
             allowed[action] = frozenset(principals)
         rules.append(Rule(number, parsed, allowed))
-    return AccessRules(tuple(rules))
+    return AccessRules(tuple(rules), groups.get(ADMIN_GROUP, frozenset()))
 
 
 class AccessFile:

@@ -542,3 +542,16 @@ def test_without_redis_each_worker_counts_its_own(transparent, caplog):
     # Once per worker however many logins (twelve here), never naming the URL.
     assert len(warnings) == 2
     assert not any("127.0.0.1" in w for w in warnings)
+
+
+def test_administrators_are_the_admin_group_or_every_user_without_rules(files, tmp_path):
+    assert Gate.create(settings_for(files)).is_admin("carol")
+    assert not Gate.create(settings_for(files)).is_admin("mallory")
+    assert not Gate.create(settings_for(files)).is_admin(None)
+    access = tmp_path / "admins.yaml"
+    access.write_text(
+        "groups:\n  admin: [carol]\nrules:\n  - repositories: ['team/*']\n    pull: ['*']\n"
+    )
+    gate = Gate.create(settings_for(files, access_file=str(access)))
+    assert gate.is_admin("carol")
+    assert not gate.is_admin("alice")

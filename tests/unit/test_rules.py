@@ -124,3 +124,14 @@ def test_a_bad_file_at_start_is_a_config_error(tmp_path):
     path.write_text("#" * (1 << 20) + "\n")
     with pytest.raises(ConfigError, match="larger than"):
         AccessFile(str(path))
+
+
+def test_admin_group_names_the_administrators() -> None:
+    rules = parse_access(
+        "groups:\n  admin: [root]\n  ops: [alice]\nrules:\n"
+        "  - repositories: ['team/*']\n    pull: ['*']\n"
+    )
+    assert rules.is_admin("root")
+    assert not rules.is_admin("alice")
+    assert not rules.is_admin(None)
+    assert not parse_access("rules:\n  - repositories: ['team/*']\n    pull: ['*']\n").admins
