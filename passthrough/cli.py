@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave alone what was pushed more recently than this (90s, 15m, 1h, 2d, 0s; "
         f"default {GC_GRACE})",
     )
+    from passthrough.cli_import import add_import_parser, import_command
+
+    add_import_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "import":
+        return import_command(args)
     if args.command == "healthcheck":
         return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":

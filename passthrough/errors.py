@@ -371,6 +371,16 @@ class ManifestBlobUnknown(RegistryRequestError):
     default_message = "manifest references a manifest or blob unknown to registry"
 
 
+class ArchiveInvalid(BadRequest):
+    """An archive given to ``passthrough import`` (or its upload endpoint) that cannot
+    be imported whole: truncated, a blob missing or not matching its digest, a
+    manifest.json or index.json that is not what it should be (400; nothing is stored)."""
+
+    kind = "archive_invalid"
+    code = "ARCHIVE_INVALID"
+    default_message = "the archive cannot be imported"
+
+
 # -- the content store -------------------------------------------------------------------
 
 

@@ -286,11 +286,35 @@ class Hosted:
                     self._descriptor(record),
                 )
             if not DIGEST_RE.fullmatch(reference):
-                self._put(
-                    hosted_tag_key(repository, reference),
-                    {"digest": digest, "media_type": media_type, "updated": time.time()},
-                )
+                self._write_tag(repository, reference, digest, media_type)
             return Pushed(digest, subject)
+
+    def _write_tag(self, repository: str, tag: str, digest: str, media_type: str) -> None:
+        self._put(
+            hosted_tag_key(repository, tag),
+            {"digest": digest, "media_type": media_type, "updated": time.time()},
+        )
+
+    def has_manifest(self, repository: str, digest: str) -> bool:
+        """Whether the repository holds the manifest (its record and its bytes)."""
+        if self._get(hosted_manifest_key(repository, check_digest(digest))) is None:
+            return False
+        return self.backend.size(content_key("manifests", digest)) is not None
+
+    def tag(self, repository: str, tag: str, digest: str) -> bool:
+        """Point ``tag`` at a manifest the repository holds; False when it already did
+        (nothing written)."""
+        if not TAG_RE.fullmatch(tag):
+            raise ManifestInvalid(f"invalid tag {tag[:80]!r}")
+        current = self._get(hosted_tag_key(repository, tag))
+        if current is not None and current.get("digest") == digest:
+            return False
+        with self._pushing():
+            record = self._get(hosted_manifest_key(repository, check_digest(digest)))
+            if record is None:
+                raise ManifestUnknown(f"manifest {digest} is not in {repository}")
+            self._write_tag(repository, tag, digest, str(record["media_type"]))
+        return True
 
     @staticmethod
     def _media_type(document: dict[str, Any], content_type: str) -> str:

@@ -216,6 +216,15 @@ class ContentStore:
                 handle.close()
                 path.unlink(missing_ok=True)
 
+    def new_part(self, name: str) -> tuple[Path, BinaryIO]:
+        """A new staging file (``name`` is a hint: a digest's hex), open for writing;
+        removed at start-up once its process is gone (an import stages here)."""
+        return self._part(name)
+
+    def commit_part(self, part: tuple[Path, BinaryIO], kind: str, digest: str, size: int) -> None:
+        """Make a staging file the caller verified the entry ``digest`` of ``kind``."""
+        self._commit(part, kind, digest, size)
+
     def _commit(self, part: tuple[Path, BinaryIO], kind: str, digest: str, size: int) -> None:
         path, handle = part
         self.backend.commit_file(content_key(kind, digest), handle, path, size)

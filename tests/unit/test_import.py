@@ -1,0 +1,315 @@
+"""Importing archives into the hosted area, in process on a real filesystem store: OCI
+archives and layout directories keep their digests, both docker save layouts are
+recompressed with their configs kept, a second import writes nothing, and every kind
+of broken archive is one error naming what is wrong, with nothing stored."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from passthrough import create_app
+from passthrough.config import load_settings
+from passthrough.errors import ArchiveInvalid, Denied
+from passthrough.registry.archives import TarSource, open_source
+from passthrough.registry.importer import (
+    Importer,
+    ImportReport,
+    Naming,
+    familiar,
+    split_reference,
+)
+from passthrough.services import services_of
+from tests.support.archives import (
+    REF_NAME,
+    docker_save_legacy,
+    docker_save_oci,
+    oci_archive,
+    oci_files,
+    write_dir,
+    write_tar,
+)
+from tests.support.helpers import digest
+from tests.support.images import File as Entry
+from tests.support.images import Image, build_image, build_index, make_layer, tar_layer
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def runnable_image(
+    marker: str,
+    *,
+    kind: str = "docker",
+    extras: tuple[str, ...] = (),
+    architecture: str = "amd64",
+) -> Image:
+    """A small image of two layers (three with "duplicate": the second twice); the
+    real runnable ones are for the rig, where a container runs them."""
+    layers = [
+        make_layer(tar_layer([Entry(f"{name}/{marker}", marker.encode() * 50)]), "gzip", kind=kind)  # type: ignore[arg-type]
+        for name in ("base", "app")
+    ]
+    if "duplicate" in extras:
+        layers.append(layers[1])
+    return build_image(layers, kind=kind, architecture=architecture)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    settings = load_settings({"CACHE_DIR": str(tmp_path / "cache")}, env_file="/nonexistent")
+    settings = replace(settings, hosted_repositories=("team/**",))
+    return create_app({"SETTINGS": settings})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def run_import(app: Flask, path: Path, naming: Naming | None = None) -> ImportReport:
+    services = services_of(app)
+    assert services.store is not None and services.hosted is not None
+    source = open_source(path)
+    try:
+        importer = Importer(services.settings, services.store, services.hosted)
+        return importer.run(source, naming or Naming())
+    finally:
+        source.close()
+
+
+def stored(app: Flask) -> dict[str, tuple[int, int]]:
+    """Every object of the store (not its staging files or locks): size and mtime."""
+    store = services_of(app).store
+    assert store is not None
+    root = Path(store.backend.staging_dir()).parent
+    skip = {store.backend.staging_dir(), store.backend.lock_dir()}
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file() and not any(path.is_relative_to(s) for s in skip)
+    }
+
+
+def staging_left(app: Flask) -> list[Path]:
+    store = services_of(app).store
+    assert store is not None
+    return [p for p in store.backend.staging_dir().iterdir() if p.name.startswith("import")]
+
+
+def manifest(client: FlaskClient, name: str, reference: str) -> tuple[str, bytes]:
+    got = client.get(f"/v2/{name}/manifests/{reference}")
+    assert got.status_code == 200, got.data
+    return got.headers["Docker-Content-Digest"], got.data
+
+
+def blob(client: FlaskClient, name: str, blob_digest: str) -> bytes:
+    got = client.get(f"/v2/{name}/blobs/{blob_digest}")
+    assert got.status_code == 200, got.data
+    return bytes(got.data)
+
+
+# -- OCI input keeps its digests --------------------------------------------------------------
+
+
+def test_oci_archive_keeps_its_digests(app: Flask, client: FlaskClient, tmp_path: Path) -> None:
+    image = runnable_image("oci-import", kind="oci", extras=("duplicate",))
+    archive = oci_archive(tmp_path / "app.tar", [(image, {REF_NAME: "team/app:1.0"})])
+    report = run_import(app, archive)
+    assert report.images == [
+        {"repository": "team/app", "tag": "1.0", "digest": image.digest, "kind": "oci"}
+    ]
+    assert report.blobs_written == len(image.blobs()) and report.tags_written == 1
+    assert manifest(client, "team/app", "1.0") == (image.digest, image.manifest)
+    for blob_digest, expected in image.blobs().items():
+        assert blob(client, "team/app", blob_digest) == expected.read()
+
+
+def test_oci_layout_directory_with_an_index_and_a_tag_only_name(
+    app: Flask, client: FlaskClient, tmp_path: Path
+) -> None:
+    images = [
+        runnable_image(f"multi {arch}", kind="oci", architecture=arch)
+        for arch in ("amd64", "arm64")
+    ]
+    index = build_index(images, kind="oci")
+    layout = write_dir(tmp_path / "layout", oci_files([(index, {REF_NAME: "2.0"})]))
+    with pytest.raises(ArchiveInvalid, match=r'named only by its tag "2\.0"'):
+        run_import(app, layout)
+    report = run_import(app, layout, Naming(repository="team/multi"))
+    assert report.images[0]["digest"] == index.digest and report.manifests_written == len(index.manifests) + 1
+    assert manifest(client, "team/multi", "2.0") == (index.digest, index.manifest)
+    for child in index.manifests:
+        assert manifest(client, "team/multi", child.digest) == (child.digest, child.manifest)
+
+
+def test_a_second_import_writes_nothing(app: Flask, tmp_path: Path) -> None:
+    image = runnable_image("twice", kind="oci")
+    archive = oci_archive(tmp_path / "a.tar", [(image, {REF_NAME: "team/twice:1"})])
+    saved = docker_save_legacy(tmp_path / "d.tar", [(runnable_image("twice-d"), ["d:1"])])
+    run_import(app, archive)
+    run_import(app, saved, Naming(prefix="team/"))
+    before = stored(app)
+    again = run_import(app, archive)
+    again_docker = run_import(app, saved, Naming(prefix="team/"))
+    assert stored(app) == before
+    for report in (again, again_docker):
+        assert (report.blobs_written, report.manifests_written, report.tags_written) == (0, 0, 0)
+        assert report.blobs_present > 0
+    assert again_docker.images == run_import(app, saved, Naming(prefix="team/")).images
+    assert not staging_left(app)
+
+
+# -- docker save input is recompressed, its config kept ----------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["legacy", "oci"])
+def test_docker_save_is_recompressed_with_its_config_kept(
+    app: Flask, client: FlaskClient, tmp_path: Path, layout: str
+) -> None:
+    image = runnable_image(f"docker-{layout}", extras=("duplicate",))
+    tags = ["127.0.0.1:5000/acc/app:1.0", "app:latest"]
+    if layout == "legacy":
+        archive = docker_save_legacy(tmp_path / "save.tar", [(image, tags)])
+    else:
+        archive = docker_save_oci(tmp_path / "save.tar", [(image, tags)])
+    report = run_import(app, archive, Naming(prefix="team/"))
+    names = [(entry["repository"], entry["tag"], entry["kind"]) for entry in report.images]
+    assert names == [("team/acc/app", "1.0", "docker"), ("team/app", "latest", "docker")]
+    got_digest, body = manifest(client, "team/app", "latest")
+    document = json.loads(body)
+    assert document["mediaType"] == DOCKER_MANIFEST and got_digest == digest(body)
+    assert document["config"]["digest"] == image.config_digest
+    assert blob(client, "team/app", image.config_digest) == image.config
+    plain = [
+        gzip.decompress(blob(client, "team/acc/app", layer["digest"]))
+        for layer in document["layers"]
+    ]
+    assert [digest(data) for data in plain] == image.diff_ids
+
+
+# -- broken archives: one error, nothing stored ----------------------------------------------
+
+
+def broken_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    image = runnable_image("broken", kind="oci")
+    files = oci_files([(image, {REF_NAME: "team/broken:1"})])
+    whole = write_tar(tmp_path / "whole.tar", files)
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[: len(data) // 2])
+    cut_trailer = tmp_path / "cut.tar"
+    cut_trailer.write_bytes(data[: len(data) - 10240 + 100].rstrip(b"\0")[:-1])
+    layer = image.layers[0].digest
+    missing = dict(files)
+    del missing["blobs/sha256/" + layer.removeprefix("sha256:")]
+    flipped = dict(files)
+    name = "blobs/sha256/" + layer.removeprefix("sha256:")
+    flipped[name] = bytes([files[name][0] ^ 1]) + files[name][1:]
+    docker = runnable_image("bad-diff")
+    saved = docker_save_legacy(tmp_path / "diff.tar", [(docker, ["team/bad:1"])])
+    altered = saved.read_bytes().replace(b'"amd64"', b'"AMD64"')
+    (tmp_path / "altered.tar").write_bytes(altered)
+    return {
+        "truncated": (truncated, "truncated"),
+        "no end marker": (cut_trailer, "truncated"),
+        "missing blob": (write_tar(tmp_path / "m.tar", missing), f"blob {layer} is missing"),
+        "digest mismatch": (write_tar(tmp_path / "f.tar", flipped), "does not match its digest"),
+        "not an archive": (write_tar(tmp_path / "e.tar", {"x": b"y"}), "neither a docker save"),
+        "config altered": (tmp_path / "altered.tar", "does not match its digest"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated",
+        "no end marker",
+        "missing blob",
+        "digest mismatch",
+        "not an archive",
+        "config altered",
+    ],
+)
+def test_a_broken_archive_is_one_error_and_nothing_is_stored(
+    app: Flask, client: FlaskClient, tmp_path: Path, case: str
+) -> None:
+    path, message = broken_cases(tmp_path)[case]
+    before = stored(app)
+    with pytest.raises(ArchiveInvalid, match=message) as raised:
+        run_import(app, path)
+    assert "\n" not in str(raised.value)
+    assert stored(app) == before and not staging_left(app)
+    assert client.get("/v2/team/broken/tags/list").status_code == 404
+
+
+def test_a_layer_that_does_not_match_its_diff_id(app: Flask, tmp_path: Path) -> None:
+    good = runnable_image("diff-id")
+    other = make_layer(tar_layer([Entry("other", b"other\n")]), "gzip")
+    wrong = replace(good, layers=(other, good.layers[1]))
+    archive = docker_save_legacy(tmp_path / "w.tar", [(wrong, ["team/w:1"])])
+    before = stored(app)
+    with pytest.raises(ArchiveInvalid, match="does not match its diff_id"):
+        run_import(app, archive)
+    assert stored(app) == before and not staging_left(app)
+
+
+def test_a_name_outside_the_hosted_area_is_refused(app: Flask, tmp_path: Path) -> None:
+    image = runnable_image("elsewhere", kind="oci")
+    archive = oci_archive(tmp_path / "x.tar", [(image, {REF_NAME: "other/app:1"})])
+    before = stored(app)
+    with pytest.raises(Denied, match="not a hosted repository"):
+        run_import(app, archive)
+    assert stored(app) == before
+
+
+def test_a_tar_member_past_the_end_is_found_before_anything_is_read(tmp_path: Path) -> None:
+    image = runnable_image("short", kind="oci")
+    archive = oci_archive(tmp_path / "a.tar", [(image, None)])
+    whole = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        last = tar.getmembers()[-1]
+    data_end = last.offset_data + last.size
+    for cut in (data_end + (-data_end % 512), data_end - 1, 700, 513):
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        with pytest.raises(ArchiveInvalid, match=r"cut\.tar"):
+            TarSource(tmp_path / "cut.tar")
+
+
+# -- naming -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("team/app:1.0", ("team/app", "1.0")),
+        ("127.0.0.1:5000/acc/app:1.0", ("127.0.0.1:5000/acc/app", "1.0")),
+        ("localhost:5000/app", ("localhost:5000/app", None)),
+        ("team/app", ("team/app", None)),
+        ("latest", (None, "latest")),
+        ("app:2", ("app", "2")),
+        (f"team/app@sha256:{'a' * 64}", ("team/app", None)),
+    ],
+)
+def test_split_reference(text: str, expected: tuple[str | None, str | None]) -> None:
+    assert split_reference(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("docker.io/library/nginx", "nginx"),
+        ("ghcr.io/org/app", "org/app"),
+        ("localhost/app", "app"),
+        ("team/app", "team/app"),
+        ("nginx", "nginx"),
+    ],
+)
+def test_familiar(name: str, expected: str) -> None:
+    assert familiar(name) == expected
