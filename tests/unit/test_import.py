@@ -143,7 +143,8 @@ def test_oci_layout_directory_with_an_index_and_a_tag_only_name(
     with pytest.raises(ArchiveInvalid, match=r'named only by its tag "2\.0"'):
         run_import(app, layout)
     report = run_import(app, layout, Naming(repository="team/multi"))
-    assert report.images[0]["digest"] == index.digest and report.manifests_written == len(index.manifests) + 1
+    assert report.images[0]["digest"] == index.digest
+    assert report.manifests_written == len(index.manifests) + 1
     assert manifest(client, "team/multi", "2.0") == (index.digest, index.manifest)
     for child in index.manifests:
         assert manifest(client, "team/multi", child.digest) == (child.digest, child.manifest)
