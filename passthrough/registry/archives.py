@@ -36,6 +36,7 @@ from passthrough.oci.manifest import (
     sha256_digest,
 )
 from passthrough.oci.reference import DIGEST_RE
+from passthrough.registry.hosted import sha256_descriptor
 
 #: Manifests, configs and the JSON files of an archive are read whole, up to this size.
 DOCUMENT_LIMIT = 4 << 20
@@ -308,15 +309,7 @@ def blob_member(digest: str) -> str:
 
 
 def _descriptor(entry: Any, what: str) -> tuple[str, int, dict[str, Any]]:
-    if not isinstance(entry, dict):
-        raise ArchiveInvalid(f"{what} is not a descriptor")
-    digest, size = entry.get("digest"), entry.get("size")
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise ArchiveInvalid(f"{what} has no valid digest")
-    if not digest.startswith("sha256:"):
-        raise ArchiveInvalid(f"{what}: only sha256 digests are supported, not {digest[:16]}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ArchiveInvalid(f"{what} has no valid size")
+    digest, size = sha256_descriptor(entry, what, ArchiveInvalid)
     return digest, size, entry
 
 

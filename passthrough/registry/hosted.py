@@ -33,6 +33,7 @@ from passthrough.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    PassthroughError,
     SizeInvalid,
     UploadUnknown,
     disk_full,
@@ -78,6 +79,23 @@ def check_digest(digest: str) -> str:
     if not DIGEST_RE.fullmatch(digest) or not digest.startswith("sha256:"):
         raise DigestMismatch(f"unsupported or malformed digest {digest[:80]!r}: sha256 only")
     return digest
+
+
+def sha256_descriptor(
+    entry: Any, what: str, error: type[PassthroughError] = ManifestInvalid
+) -> tuple[str, int]:
+    """The digest and size of a descriptor the store can keep (sha256), else ``error``
+    naming ``what``."""
+    if not isinstance(entry, dict):
+        raise error(f"{what} is not a descriptor")
+    digest, size = entry.get("digest"), entry.get("size")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise error(f"{what} has no valid digest")
+    if not digest.startswith("sha256:"):
+        raise error(f"{what}: only sha256 digests are supported")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise error(f"{what} has no valid size")
+    return digest, size
 
 
 class Hosted:
@@ -345,39 +363,27 @@ class Hosted:
         """(kind, digest, size) of everything the manifest points at, and its subject."""
         found: list[tuple[str, str, int | None]] = []
 
-        def descriptor(entry: Any, what: str) -> tuple[str, int]:
-            if not isinstance(entry, dict):
-                raise ManifestInvalid(f"{what} is not a descriptor")
-            digest, size = entry.get("digest"), entry.get("size")
-            if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-                raise ManifestInvalid(f"{what} has no valid digest")
-            if not digest.startswith("sha256:"):
-                raise ManifestInvalid(f"{what}: only sha256 digests are supported")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ManifestInvalid(f"{what} has no valid size")
-            return digest, size
-
         if media_type in INDEX_TYPES:
             children = document.get("manifests")
             if not isinstance(children, list):
                 raise ManifestInvalid("the index has no manifests list")
             for position, child in enumerate(children, start=1):
-                digest, size = descriptor(child, f"manifest {position} of the index")
+                digest, size = sha256_descriptor(child, f"manifest {position} of the index")
                 found.append(("manifests", digest, size))
         else:
-            digest, size = descriptor(document.get("config"), "the config")
+            digest, size = sha256_descriptor(document.get("config"), "the config")
             found.append(("blobs", digest, size))
             layers = document.get("layers")
             if not isinstance(layers, list):
                 raise ManifestInvalid("the manifest has no layers list")
             for position, layer in enumerate(layers, start=1):
-                digest, size = descriptor(layer, f"layer {position}")
+                digest, size = sha256_descriptor(layer, f"layer {position}")
                 if layer.get("mediaType") in FOREIGN_LAYER_TYPES and layer.get("urls"):
                     continue  # foreign layers live elsewhere, by design
                 found.append(("blobs", digest, size))
         subject = None
         if "subject" in document:
-            subject, _ = descriptor(document["subject"], "the subject")
+            subject, _ = sha256_descriptor(document["subject"], "the subject")
         return found, subject
 
     def _check_reference(self, repository: str, kind: str, digest: str, size: int | None) -> None:
