@@ -79,10 +79,7 @@ def import_command(args: argparse.Namespace) -> int:
         if store is None:
             raise ConfigError("import needs the content store: set CACHE_DIR, or STORE=s3")
         try:
-            prefix = args.repository_prefix
-            naming = Naming(
-                prefix + ("/" if prefix and not prefix.endswith("/") else ""), args.repository
-            )
+            naming = Naming.of(args.repository_prefix, args.repository)
             importer = Importer(settings, store, Hosted(settings, store), progress)
             source = open_source(args.archive)
             try:

@@ -117,7 +117,7 @@ class TarSource(Source):
             self._tar = tarfile.open(fileobj=self._file, mode="r:")
             members = self._tar.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ArchiveInvalid(f"{self.label} is not a tar archive: {exc}") from None
+            raise ArchiveInvalid(f"{self.label} is truncated or not a tar archive: {exc}") from None
         found: dict[str, tarfile.TarInfo] = {}
         end = 0
         for member in members:

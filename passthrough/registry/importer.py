@@ -76,6 +76,15 @@ class Naming:
     prefix: str = ""
     repository: str | None = None
 
+    @classmethod
+    def of(cls, prefix: str | None, repository: str | None) -> Naming:
+        """From the command's options (or the endpoint's query): ``team`` and ``team/``
+        are one prefix; an empty repository is none."""
+        prefix = (prefix or "").strip()
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return cls(prefix, repository or None)
+
 
 @dataclass(frozen=True)
 class Target:

@@ -2,13 +2,13 @@
 archive or an OCI archive) put into the hosted area, as ``passthrough import`` does
 (:mod:`passthrough.registry.importer`).
 
-Who may: an HTPASSWD_FILE user (HTTP Basic) who may push every repository the archive
-would write (ACCESS_FILE); that is known only once the archive is read, so the body is
-first streamed into a staging file of the store (never held in memory), then planned,
-authorized and imported. Query: ``repository-prefix`` and ``repository``, as the
-command's options. Answers: 201 with the import's report as JSON; errors as the /api
-JSON (``{"errors":[{"code":..,"message":..}]}``): 400 ARCHIVE_INVALID, 401, 403 DENIED,
-503 without a store. Nothing partial is stored.
+Who may: an HTPASSWD_FILE user (HTTP Basic, or a /v2 Bearer token of one) who may push
+every repository the archive would write (ACCESS_FILE); that is known only once the
+archive is read, so the body is first streamed into a staging file of the store (never
+held in memory), then planned, authorized and imported. Query: ``repository-prefix``
+and ``repository``, as the command's options. Answers: 201 with the import's report as
+JSON; errors as the /api JSON (``{"errors":[{"code":..,"message":..}]}``): 400
+ARCHIVE_INVALID, 401, 403 DENIED, 503 without a store. Nothing partial is stored.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from passthrough.errors import (
     LoginFailed,
     PassthroughError,
     StoreRequired,
+    TokenInvalid,
     disk_full,
     is_disk_full,
 )
@@ -41,11 +42,23 @@ CHALLENGE = {"WWW-Authenticate": 'Basic realm="passthrough import"'}
 
 
 def _user() -> str:
-    """The HTPASSWD_FILE user the request's Basic credentials prove (401 otherwise)."""
-    gate = services_of(current_app).access()
+    """The HTPASSWD_FILE user the request's Basic credentials (or a /v2 Bearer token
+    the token service issued to a user) prove; 401 otherwise."""
+    services = services_of(current_app)
+    gate = services.access()
     if gate.users is None:
         raise Denied("importing needs users: HTPASSWD_FILE is not set")
-    credentials = parse_basic_authorization(request.headers.get("Authorization"))
+    authorization = request.headers.get("Authorization") or ""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and services.token_service is not None:
+        try:
+            user = services.token_service.verify(token.strip()).user
+        except TokenInvalid as exc:
+            raise TokenInvalid(exc.message, headers=CHALLENGE) from None
+        if user is None or not gate.is_user(user):
+            raise LoginFailed("the token names no user of this service", headers=CHALLENGE)
+        return user
+    credentials = parse_basic_authorization(authorization or None)
     if credentials is None:
         raise LoginFailed("importing needs a login: HTTP Basic with a user", headers=CHALLENGE)
     return gate.login(credentials, request.remote_addr, CHALLENGE)
@@ -82,11 +95,7 @@ def import_archive() -> Response:
             if not gate.user_may(user, repository, "push"):
                 raise Denied(f"user {user!r} may not push {quote_input(repository)}")
 
-    prefix = request.args.get("repository-prefix", "")
-    naming = Naming(
-        prefix + ("/" if prefix and not prefix.endswith("/") else ""),
-        request.args.get("repository") or None,
-    )
+    naming = Naming.of(request.args.get("repository-prefix", ""), request.args.get("repository"))
     path, handle = services.store.new_part("import-upload")
     handle.close()
     try:

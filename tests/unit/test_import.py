@@ -5,17 +5,19 @@ of broken archive is one error naming what is wrong, with nothing stored."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import tarfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from passthrough import create_app
+from passthrough import cli, create_app
 from passthrough.config import load_settings
 from passthrough.errors import ArchiveInvalid, Denied
 from passthrough.registry.archives import TarSource, open_source
@@ -37,6 +39,7 @@ from tests.support.archives import (
     write_tar,
 )
 from tests.support.helpers import digest
+from tests.support.htpasswd import bcrypt_line
 from tests.support.images import File as Entry
 from tests.support.images import Image, build_image, build_index, make_layer, tar_layer
 
@@ -314,3 +317,85 @@ def test_split_reference(text: str, expected: tuple[str | None, str | None]) -> 
 )
 def test_familiar(name: str, expected: str) -> None:
     assert familiar(name) == expected
+
+
+# -- the upload endpoint and the command ------------------------------------------------------
+
+
+@pytest.fixture
+def users_app(tmp_path: Path) -> Flask:
+    """A hosted area with users: alice may push team/**, bob only pull."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        bcrypt_line("alice", "alice-pw-7Hq") + "\n" + bcrypt_line("bob", "bob-pw-3Zx") + "\n"
+    )
+    access = tmp_path / "access.yaml"
+    access.write_text('rules:\n  - repositories: ["team/**"]\n    pull: ["*"]\n    push: [alice]\n')
+    env = {
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "HOSTED_REPOSITORIES": "team/**",
+        "HTPASSWD_FILE": str(htpasswd),
+        "ACCESS_FILE": str(access),
+        "PUBLIC_URL": "http://door.example",
+        "TOKEN_SECRET": "import-unit-secret-0123456789abcdef",
+    }
+    return create_app({"SETTINGS": load_settings(env, env_file="/nonexistent")})
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def test_the_endpoint_asks_who_may_push_every_repository(users_app: Flask, tmp_path: Path) -> None:
+    client = users_app.test_client()
+    image = runnable_image("endpoint", kind="oci")
+    body = oci_archive(tmp_path / "e.tar", [(image, {REF_NAME: "app:1"})]).read_bytes()
+    url = "/api/v1/import?repository-prefix=team"
+    before = stored(users_app)
+
+    anonymous = client.post(url, data=body)
+    assert anonymous.status_code == 401 and anonymous.json is not None
+    assert anonymous.json["errors"][0]["code"] == "UNAUTHORIZED"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Basic ")
+    wrong = client.post(url, data=body, headers=basic("alice", "nope"))
+    assert wrong.status_code == 401
+    bob = client.post(url, data=body, headers=basic("bob", "bob-pw-3Zx"))
+    assert bob.status_code == 403 and bob.json is not None
+    assert bob.json["errors"][0] == {
+        "code": "DENIED",
+        "message": "user 'bob' may not push \"team/app\"",
+        "detail": None,
+    }
+    empty = client.post(url, data=b"", headers=basic("alice", "alice-pw-7Hq"))
+    assert empty.status_code == 400 and empty.json is not None
+    assert empty.json["errors"][0]["code"] == "ARCHIVE_INVALID"
+    assert stored(users_app) == before and not staging_left(users_app)
+
+    done = client.post(url, data=body, headers=basic("alice", "alice-pw-7Hq"))
+    assert done.status_code == 201, done.data
+    assert done.json is not None and done.json["images"] == [
+        {"repository": "team/app", "tag": "1", "digest": image.digest, "kind": "oci"}
+    ]
+    assert not staging_left(users_app)
+
+
+def test_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOSTED_REPOSITORIES", "team/**")
+    monkeypatch.setenv("ENV_FILE", str(tmp_path / "none.env"))
+    image = runnable_image("command", kind="oci")
+    archive = oci_archive(tmp_path / "c.tar", [(image, {REF_NAME: "1.0"})])
+    assert cli.main(["import", str(archive), "--repository", "team/cmd", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"][0]["digest"] == image.digest and report["tags_written"] == 1
+    assert cli.main(["import", str(archive), "--repository", "team/cmd"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"team/cmd:1.0 {image.digest} (oci)"
+    assert "0 blob(s) written" in out[-1] and "0 tag(s) written" in out[-1]
+
+    truncated = tmp_path / "t.tar"
+    truncated.write_bytes(archive.read_bytes()[:1000])
+    assert cli.main(["import", str(truncated), "--repository", "team/cmd"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("passthrough import: t.tar is truncated") and error.count("\n") == 1
