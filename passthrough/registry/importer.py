@@ -19,12 +19,14 @@ pinned references) stay valid. A docker save archive holds uncompressed layers a
 registry manifest: its layers are compressed here (gzip, deterministic: the same
 archive imported twice gives the same digests) and a Docker v2 manifest is written for
 its config, which is kept byte for byte (so the image id is the same). Blobs the store
-already holds are not staged again, and records already in place are not rewritten: a
-second import of the same archive writes nothing.
+already holds are not staged again (a docker save layer compressed before is not even
+read: ``imports/layers/<diff-id>.json`` names its blob), and records already in place
+are not rewritten: a second import of the same archive writes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +51,7 @@ from passthrough.registry.archives import (
 from passthrough.registry.hosted import Hosted
 from passthrough.registry.routing import check_name, is_hosted, looks_like_host
 from passthrough.store.content import ContentStore
-from passthrough.store.layout import hex_of
+from passthrough.store.layout import hex_of, import_layer_key
 
 try:  # isal compresses gzip several times faster than zlib; either gives valid gzip.
     from isal import isal_zlib as _zlib
@@ -173,6 +175,8 @@ class Staging:
         self.report = report
         self.progress = progress
         self.staged: dict[str, tuple[Path, int]] = {}
+        #: What each docker save layer (by diff_id) was compressed into.
+        self.compressed: dict[str, tuple[str, int]] = {}
         self._parts: list[Path] = []
 
     def __enter__(self) -> Staging:
@@ -206,9 +210,28 @@ class Staging:
             raise ArchiveInvalid(f"{what} does not match its digest {digest}")
         self.staged[digest] = (path, size)
 
-    def compress(self, chunks: Iterable[bytes], diff_id: str, size: int, what: str) -> str:
-        """Stage a plain layer tar gzip-compressed, checked against its diff_id; its
-        compressed digest."""
+    def _compressed_before(self, diff_id: str) -> tuple[str, int] | None:
+        """The blob an earlier import made of this layer, when the store still has it."""
+        if diff_id in self.compressed:
+            return self.compressed[diff_id]
+        try:
+            record = json.loads(self.store.backend.get_bytes(import_layer_key(diff_id)) or b"")
+            digest, size = record["digest"], record["size"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(digest, str) or self.store.blob_size(digest) != size:
+            return None
+        return digest, size
+
+    def compress(
+        self, chunks: Callable[[], Iterable[bytes]], diff_id: str, size: int, what: str
+    ) -> tuple[str, int]:
+        """Stage a plain layer tar gzip-compressed, checked against its diff_id: its
+        compressed digest and size. A layer an earlier import compressed is not read."""
+        known = self._compressed_before(diff_id)
+        if known is not None:
+            self.report.blobs_present += 1
+            return known
         path, handle = self._new(diff_id)
         plain, packed = hashlib.sha256(), hashlib.sha256()
         compressor = _zlib.compressobj(_LEVEL, _zlib.DEFLATED, 31)
@@ -216,7 +239,7 @@ class Staging:
 
         def compressed() -> Iterator[bytes]:
             nonlocal done
-            for chunk in chunks:
+            for chunk in chunks():
                 plain.update(chunk)
                 done += len(chunk)
                 self.progress(what, done, size)
@@ -235,14 +258,21 @@ class Staging:
             path.unlink(missing_ok=True)
         else:
             self.staged[digest] = (path, written)
-        return digest
+        self.compressed[diff_id] = (digest, written)
+        return digest, written
 
     def commit(self) -> None:
+        """Commit every staged blob, then note which blob each layer became."""
         for digest, (path, size) in self.staged.items():
             with path.open("rb") as handle:
                 self.store.commit_part((path, handle), "blobs", digest, size)
             self.report.blobs_written += 1
             self.report.bytes_written += size
+        for diff_id, (digest, size) in self.compressed.items():
+            key = import_layer_key(diff_id)
+            if self.store.backend.size(key) is None:
+                record = {"digest": digest, "size": size}
+                self.store.backend.put_bytes(key, json.dumps(record).encode())
 
 
 def _written(chunks: Iterable[bytes], handle: BinaryIO, what: str) -> Iterator[bytes]:
@@ -343,22 +373,13 @@ class Importer:
         layers: list[tuple[str, int]] = []
         for member, diff_id in image.layers:
             size = source.size(member) or 0
-            digest = staging.compress(
-                source.chunks(member), diff_id, size, f"{source.label}: layer {member}"
-            )
-            layers.append((digest, self._blob_size(digest, staging)))
+            chunks = functools.partial(source.chunks, member)
+            what = f"{source.label}: layer {member}"
+            layers.append(staging.compress(chunks, diff_id, size, what))
         manifest = docker_manifest((config_digest, len(image.config)), layers)
         document = Document(sha256_digest(manifest), DOCKER_MANIFEST, manifest)
         blobs = [(config_digest, len(image.config)), *layers]
         return Prepared("docker", [document], blobs, targets)
-
-    def _blob_size(self, digest: str, staging: Staging) -> int:
-        if digest in staging.staged:
-            return staging.staged[digest][1]
-        size = self.store.blob_size(digest)
-        if size is None:  # pragma: no cover - present() just found it
-            raise ArchiveInvalid(f"blob {digest} vanished from the store during the import")
-        return size
 
     def _record(self, image: Prepared, report: ImportReport) -> None:
         """Link the blobs, store the manifests, and only then write the tags."""

@@ -17,6 +17,9 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
     hosted/<repository>/_tags/<tag>.json         the tag's digest
     hosted/<repository>/_referrers/<subject hex>/<hex>.json
                                                  a manifest whose subject it is
+    imports/layers/<diff-id hex>.json            the blob ``passthrough import`` made of
+                                                 a docker save layer (so that importing it
+                                                 again compresses nothing)
     uploads/<id>/state.json                      an upload session of the hosted area
     uploads/<id>/data                            its bytes (on S3: the multipart upload)
     uploads/<id>/pending.<generation>            on S3: the bytes that are no part yet
@@ -52,6 +55,7 @@ TAGS = "tags/"
 PINS = "pins/"
 HOSTED = "hosted/"
 UPLOADS = "uploads/"
+IMPORTS = "imports/"
 
 #: The sections of a hosted repository's records, by the kind of record they hold.
 TAG, MANIFEST, BLOB, REFERRER = "_tags", "_manifests", "_blobs", "_referrers"
@@ -143,6 +147,12 @@ def parse_tag_record_key(key: str) -> str | None:
         return None
     identity = key[len(TAGS) : -len(_JSON)]
     return identity if _HEX_RE.fullmatch(identity) else None
+
+
+def import_layer_key(diff_id: str) -> str:
+    """``imports/layers/<diff-id hex>.json``: the blob an import compressed a plain
+    layer tar into."""
+    return f"{IMPORTS}layers/{hex_of(diff_id)}{_JSON}"
 
 
 def pin_key(kind: str, digest: str) -> str:
