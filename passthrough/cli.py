@@ -1,6 +1,7 @@
 """The `passthrough` console command: `healthcheck` for containers without curl,
-`check-config` to validate the environment before a deploy, and `gc` to remove what no
-tag of the hosted area reaches (:mod:`passthrough.registry.gc`).
+`check-config` to validate the environment before a deploy, `gc` to remove what no
+tag of the hosted area reaches (:mod:`passthrough.registry.gc`), and `import` to put the
+images of an archive into the hosted area (:mod:`passthrough.cli_import`).
 
 Each command checks the settings it uses: check-config all the server needs, gc the
 content store's (it issues no token, so PUBLIC_URL and TOKEN_SECRET are not its

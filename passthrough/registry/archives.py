@@ -12,7 +12,9 @@ list one diff_id per layer. Blob contents are hashed later, while they are stage
 Which reading an input gets: an OCI layout (``index.json``) keeps its manifests and
 digests, unless it is a ``docker save`` archive (it also has ``manifest.json``) whose
 layers are uncompressed tars, what Docker 25+'s classic image store writes: such
-layers are recompressed, as those of the older layout are.
+layers are recompressed, as those of the older layout are. Such an archive whose OCI
+layout is not whole (Docker 25+'s containerd image store lists a multi-platform index
+but saves one platform) is read by its ``manifest.json`` too.
 """
 
 from __future__ import annotations
@@ -268,8 +270,13 @@ def read_images(source: Source, manifest_limit: int = DOCUMENT_LIMIT) -> list[Im
     has_index = source.size("index.json") is not None
     has_docker = source.size("manifest.json") is not None
     if has_index:
-        images: list[Image] = list(_oci_images(source, manifest_limit))
-        if not has_docker or not any(_uncompressed(image) for image in images):
+        try:
+            images: list[Image] = list(_oci_images(source, manifest_limit))
+        except ArchiveInvalid:
+            if not has_docker:
+                raise
+            images = []  # manifest.json may still describe every image whole
+        if images and (not has_docker or not any(_uncompressed(image) for image in images)):
             return images
     if has_docker:
         return list(_docker_images(source))

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 _CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 
 #: Told what is being staged: (what, bytes done of it, its size or None).
 Progress = Callable[[str, int, int | None], None]
@@ -226,30 +229,35 @@ class Staging:
     def compress(
         self, chunks: Callable[[], Iterable[bytes]], diff_id: str, size: int, what: str
     ) -> tuple[str, int]:
-        """Stage a plain layer tar gzip-compressed, checked against its diff_id: its
-        compressed digest and size. A layer an earlier import compressed is not read."""
+        """Stage a plain layer tar gzip-compressed (a gzipped one as it is), checked
+        against its diff_id: its blob's digest and size. A layer an earlier import
+        compressed is not read."""
         known = self._compressed_before(diff_id)
         if known is not None:
             self.report.blobs_present += 1
             return known
         path, handle = self._new(diff_id)
-        plain, packed = hashlib.sha256(), hashlib.sha256()
-        compressor = _zlib.compressobj(_LEVEL, _zlib.DEFLATED, 31)
-        done = written = 0
+        stream = iter(chunks())
+        first = next(stream, b"")
+        packer: _Gzip | _Gzipped = _Gzipped() if first[:2] == GZIP_MAGIC else _Gzip()
+        packed, done, written = hashlib.sha256(), 0, 0
 
-        def compressed() -> Iterator[bytes]:
+        def packed_chunks() -> Iterator[bytes]:
             nonlocal done
-            for chunk in chunks():
-                plain.update(chunk)
+            for chunk in itertools.chain([first], stream):
                 done += len(chunk)
                 self.progress(what, done, size)
-                yield compressor.compress(chunk)
-            yield compressor.flush()
+                yield packer.pack(chunk)
+            yield packer.finish()
 
         with handle:
-            for out in _written(compressed(), handle, what):
-                packed.update(out)
-                written += len(out)
+            try:
+                for out in _written(packed_chunks(), handle, what):
+                    packed.update(out)
+                    written += len(out)
+            except zlib.error:
+                raise ArchiveInvalid(f"{what} is not a valid gzip stream") from None
+        plain = packer.plain
         if "sha256:" + plain.hexdigest() != diff_id:
             raise ArchiveInvalid(f"{what} does not match its diff_id {diff_id}")
         digest = "sha256:" + packed.hexdigest()
@@ -273,6 +281,43 @@ class Staging:
             if self.store.backend.size(key) is None:
                 record = {"digest": digest, "size": size}
                 self.store.backend.put_bytes(key, json.dumps(record).encode())
+
+
+class _Gzip:
+    """A plain layer tar in (its digest is the diff_id), gzip out."""
+
+    def __init__(self) -> None:
+        self.plain = hashlib.sha256()
+        self._compressor = _zlib.compressobj(_LEVEL, _zlib.DEFLATED, 31)
+
+    def pack(self, chunk: bytes) -> bytes:
+        self.plain.update(chunk)
+        return bytes(self._compressor.compress(chunk))
+
+    def finish(self) -> bytes:
+        return bytes(self._compressor.flush())
+
+
+class _Gzipped:
+    """A layer already gzipped (Docker 25+ with the containerd image store saves the
+    registry's blobs): kept as it is, its inflated bytes hashed for the diff_id, a
+    bounded piece at a time."""
+
+    def __init__(self) -> None:
+        self.plain = hashlib.sha256()
+        self._inflater = zlib.decompressobj(47)
+
+    def pack(self, chunk: bytes) -> bytes:
+        data = self._inflater.decompress(chunk, _CHUNK)
+        self.plain.update(data)
+        while self._inflater.unconsumed_tail:
+            data = self._inflater.decompress(self._inflater.unconsumed_tail, _CHUNK)
+            self.plain.update(data)
+        return chunk
+
+    def finish(self) -> bytes:
+        self.plain.update(self._inflater.flush())
+        return b""
 
 
 def _written(chunks: Iterable[bytes], handle: BinaryIO, what: str) -> Iterator[bytes]:

@@ -399,3 +399,33 @@ def test_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: An
     assert cli.main(["import", str(truncated), "--repository", "team/cmd"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("passthrough import: t.tar is truncated") and error.count("\n") == 1
+
+
+def test_a_containerd_store_save_keeps_its_gzip_layers(
+    app: Flask, client: FlaskClient, tmp_path: Path
+) -> None:
+    """Docker 25+ with the containerd image store: manifest.json names the registry's
+    gzip blobs, index.json an index whose other platform was not saved."""
+    image = runnable_image("containerd-store")
+    arm = runnable_image("containerd-arm", architecture="arm64")
+    index = build_index([image, arm], kind="oci", attestations=False)
+    files = oci_files([(index, {REF_NAME: "1.0"})])
+    del files["blobs/sha256/" + arm.digest.removeprefix("sha256:")]
+    files["manifest.json"] = json.dumps(
+        [
+            {
+                "Config": "blobs/sha256/" + image.config_digest.removeprefix("sha256:"),
+                "RepoTags": ["app:1.0"],
+                "Layers": [
+                    "blobs/sha256/" + layer.digest.removeprefix("sha256:") for layer in image.layers
+                ],
+            }
+        ]
+    ).encode()
+    report = run_import(app, write_tar(tmp_path / "c.tar", files), Naming(prefix="team/"))
+    assert [(i["repository"], i["kind"]) for i in report.images] == [("team/app", "docker")]
+    document = json.loads(manifest(client, "team/app", "1.0")[1])
+    assert [layer["digest"] for layer in document["layers"]] == [
+        layer.digest for layer in image.layers
+    ]
+    assert document["config"]["digest"] == image.config_digest
