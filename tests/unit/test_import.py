@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import tarfile
 from dataclasses import replace
@@ -18,6 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from passthrough import cli, create_app
+from passthrough.cli_import import TerminalProgress
 from passthrough.config import load_settings
 from passthrough.errors import ArchiveInvalid, Denied
 from passthrough.registry.archives import TarSource, open_source
@@ -429,3 +431,18 @@ def test_a_containerd_store_save_keeps_its_gzip_layers(
         layer.digest for layer in image.layers
     ]
     assert document["config"]["digest"] == image.config_digest
+
+
+def test_progress_shows_on_a_terminal_only() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown, piped = Terminal(), io.StringIO()
+    for out in (shown, piped):
+        progress = TerminalProgress(out)
+        progress("site.tar: layer abc/layer.tar", 1 << 20, 4 << 20)
+        progress("site.tar: layer abc/layer.tar", 4 << 20, 4 << 20)
+        progress.end()
+    assert "importing site.tar: layer abc/layer.tar 100% (4 MiB)" in shown.getvalue()
+    assert shown.getvalue().endswith("\r\x1b[K") and piped.getvalue() == ""
