@@ -205,7 +205,7 @@ class Staging:
         path, handle = self._new(digest)
         hasher, written = hashlib.sha256(), 0
         with handle:
-            for chunk in _written(chunks, handle, what):
+            for chunk in _written(_read(chunks, what), handle):
                 hasher.update(chunk)
                 written += len(chunk)
                 self.progress(what, written, size)
@@ -237,7 +237,7 @@ class Staging:
             self.report.blobs_present += 1
             return known
         path, handle = self._new(diff_id)
-        stream = iter(chunks())
+        stream = _read(chunks(), what)
         first = next(stream, b"")
         packer: _Gzip | _Gzipped = _Gzipped() if first[:2] == GZIP_MAGIC else _Gzip()
         packed, done, written = hashlib.sha256(), 0, 0
@@ -252,7 +252,7 @@ class Staging:
 
         with handle:
             try:
-                for out in _written(packed_chunks(), handle, what):
+                for out in _written(packed_chunks(), handle):
                     packed.update(out)
                     written += len(out)
             except zlib.error:
@@ -320,19 +320,24 @@ class _Gzipped:
         return b""
 
 
-def _written(chunks: Iterable[bytes], handle: BinaryIO, what: str) -> Iterator[bytes]:
-    """Write each chunk, then hand it on; a full disk or an unreadable archive member
-    is one clear error."""
+def _read(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
+    """An archive member's chunks; a member that cannot be read is one clear error."""
     try:
-        for chunk in chunks:
-            handle.write(chunk)
-            yield chunk
+        yield from chunks
     except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full() from None
         raise ArchiveInvalid(f"{what} cannot be read: {exc}") from None
     except EOFError as exc:
         raise ArchiveInvalid(f"{what} is truncated: {exc}") from None
+
+
+def _written(chunks: Iterable[bytes], handle: BinaryIO) -> Iterator[bytes]:
+    """Write each chunk to a staging file, then hand it on (a full disk is a 507)."""
+    for chunk in chunks:
+        try:
+            handle.write(chunk)
+        except OSError as exc:
+            raise disk_full() if is_disk_full(exc) else exc from None
+        yield chunk
 
 
 # -- the import -------------------------------------------------------------------------------
