@@ -4,7 +4,8 @@ by `passthrough import` (the same store as the running server), then pulled by d
 from passthrough and run, and downloaded through the tar routes and `docker load`ed.
 OCI input keeps its digests; a second import writes no object; a truncated archive and
 one missing a blob are one line each, non-zero, with nothing stored; the upload
-endpoint refuses anonymous clients (401) and users who may not push (403)."""
+endpoint refuses anonymous clients (401) and users who may not push (403). On the S3
+store (SeaweedFS) the command imports both kinds and a second run writes no object."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from passthrough.store import layout
 from tests.e2e.helpers import download
 from tests.e2e.hosted import Hosted, error_codes, hosted_server
 from tests.e2e.test_hosted_clients import Docker, run_marker
-from tests.support.archives import write_tar
+from tests.support.archives import REF_NAME, docker_save_legacy, oci_archive, write_tar
 from tests.support.docker_engine import DockerEngine
+from tests.support.fixtures_matrix import s3_env
 from tests.support.images import push_image, runnable_image
 from tests.support.loaders import docker_load_and_run, skopeo
 from tests.support.registry import RegistryServer
+from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT, scrubbed_environment
 
 pytestmark = pytest.mark.rig
@@ -238,3 +241,48 @@ def test_the_upload_endpoint(
     ]
     got = hosted.session("bob").get(hosted.url(f"/v2/team/up/{source}/manifests/3.0"), timeout=30)
     assert got.status_code == 200 and got.headers["Docker-Content-Digest"] == pushed
+
+
+def bucket_objects(seaweed: SeaweedS3, bucket: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """Every object under the prefix: size and ETag (a rewrite changes neither, but
+    its LastModified: compared too)."""
+    s3 = seaweed.client()
+    found: dict[str, tuple[int, str]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            found[entry["Key"]] = (entry["Size"], f"{entry['ETag']} {entry['LastModified']}")
+    return found
+
+
+def test_the_command_on_the_s3_store(seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    """docker save layers compressed and OCI blobs copied into a bucket; a second import
+    writes no object there."""
+    settings = s3_env(seaweed, s3_bucket)
+    env = {**scrubbed_environment(), **settings, "HOSTED_REPOSITORIES": "team/**"}
+    env.update({"TMPDIR": str(tmp_path), "ENV_FILE": str(tmp_path / "none.env")})
+    docker_image = runnable_image(mine("s3-docker-"))
+    oci_image = runnable_image(mine("s3-oci-"), kind="oci")
+    saved = docker_save_legacy(tmp_path / "save.tar", [(docker_image, ["app:1"])])
+    archive = oci_archive(tmp_path / "oci.tar", [(oci_image, {REF_NAME: "team/oci:1"})])
+    command = [str(Path(sys.executable).with_name("passthrough")), "import"]
+
+    def run(*args: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [*command, *args, "--json"], env=env, cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
+    first = [run(str(saved), "--repository-prefix", "team"), run(str(archive))]
+    assert [r["images"][0]["repository"] for r in first] == ["team/app", "team/oci"]
+    assert first[1]["images"][0]["digest"] == oci_image.digest
+    prefix = settings["S3_PREFIX"]
+    before = bucket_objects(seaweed, s3_bucket, prefix)
+    key = f"{prefix}manifests/sha256/{oci_image.digest[7:]}"
+    body = seaweed.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    assert body == oci_image.manifest
+    again = [run(str(saved), "--repository-prefix", "team"), run(str(archive))]
+    assert all(r["blobs_written"] == 0 and r["tags_written"] == 0 for r in again)
+    assert bucket_objects(seaweed, s3_bucket, prefix) == before
