@@ -374,7 +374,14 @@ def test_the_endpoint_asks_who_may_push_every_repository(users_app: Flask, tmp_p
     assert empty.json["errors"][0]["code"] == "ARCHIVE_INVALID"
     assert stored(users_app) == before and not staging_left(users_app)
 
-    done = client.post(url, data=body, headers=basic("alice", "alice-pw-7Hq"))
+    issued = client.get(
+        "/v2/token", query_string={"service": "passthrough"}, headers=basic("alice", "alice-pw-7Hq")
+    )
+    assert issued.status_code == 200 and issued.json is not None
+    bearer = {"Authorization": f"Bearer {issued.json['token']}"}
+    forged = client.post(url, data=body, headers={"Authorization": "Bearer not-a-token"})
+    assert forged.status_code == 401 and stored(users_app) == before
+    done = client.post(url, data=body, headers=bearer)
     assert done.status_code == 201, done.data
     assert done.json is not None and done.json["images"] == [
         {"repository": "team/app", "tag": "1", "digest": image.digest, "kind": "oci"}
