@@ -50,19 +50,20 @@ def start_run(proxy: Proxy | None) -> dict[str, Any]:
 def _run(
     proxy: Proxy, sync_file: SyncFile, runs: RunLog, run: dict[str, Any], hold: ExitStack
 ) -> None:
+    summary: Summary | None = None
+    error: str | None = None
     with hold:
-        summary: Summary | None = None
-        error: str | None = None
         try:
             summary = Sync(proxy, concurrency=proxy.settings.layer_concurrency).run(sync_file)
         except Exception as exc:  # the run's report says it failed
             log.exception("sync run %s failed", run["id"])
             error = f"the run stopped: {type(exc).__name__}"
-        log.info(
-            "sync run %s: %d images, %d bytes fetched, %d failed",
-            run["id"],
-            summary.images if summary else 0,
-            summary.bytes if summary else 0,
-            len(summary.failed) if summary else 1,
-        )
-        runs.finish(run, summary, error)
+    # Reported once the pod's lock is free: a run seen finished can be followed at once.
+    log.info(
+        "sync run %s: %d images, %d bytes fetched, %d failed",
+        run["id"],
+        summary.images if summary else 0,
+        summary.bytes if summary else 0,
+        len(summary.failed) if summary else 1,
+    )
+    runs.finish(run, summary, error)

@@ -338,8 +338,11 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
         "/etc/passthrough/htpasswd/htpasswd",
     ),
     "ACCESS_FILE": ("hosted.access", ACCESS, "/etc/passthrough/access/access.yaml"),
-    "SYNC_FILE": ("sync.file", {"images": [{"repository": "team/app", "tags": ["1.*"]}]},
-                  "/etc/passthrough/sync/sync.yaml"),  # fmt: skip
+    "SYNC_FILE": (
+        "sync.file",
+        {"images": [{"repository": "team/app", "tags": ["1.*"]}]},
+        "/etc/passthrough/sync/sync.yaml",
+    ),
     "HOSTED_ANONYMOUS_PULL": ("hosted.anonymousPull", True, "true"),
     "HOSTED_MANIFEST_MAX_BYTES": ("hosted.manifestMaxBytes", 1048576, "1048576"),
     "TRUSTED_PROXIES": ("config.trustedProxies", ["10.0.0.0/8", "fd00::/8"], "10.0.0.0/8,fd00::/8"),
