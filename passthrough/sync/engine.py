@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from passthrough.errors import PassthroughError, UpstreamInvalid
+from passthrough.errors import PassthroughError, StoreUnavailable, UpstreamInvalid
 from passthrough.observe import metrics
 from passthrough.oci.manifest import (
     FOREIGN_LAYER_TYPES,
@@ -33,6 +33,7 @@ from passthrough.oci.manifest import (
 from passthrough.registry.proxy import MANIFEST_ACCEPT, Proxy, sniff_media_type
 from passthrough.registry.routing import ProxyRoute, is_hosted, route_name
 from passthrough.store.content import ContentStore
+from passthrough.store.layout import hex_of
 from passthrough.sync.spec import Entry, SyncFile
 from passthrough.upstream.client import read_limited
 from passthrough.upstream.target import AuthKind
@@ -62,7 +63,8 @@ class ImageResult:
     image: str
     digest: str | None = None
     platforms: list[str] = field(default_factory=list)
-    #: Blobs (configs and layers) fetched, and their bytes; dry: those missing.
+    #: Blobs (configs and layers) the store lacked and now has, and their bytes; dry:
+    #: those it lacks.
     blobs: int = 0
     bytes: int = 0
     #: Blobs the store already had.
@@ -257,8 +259,9 @@ class Sync:
                     result.bytes += fetched
 
     def _blob(self, route: ProxyRoute, digest: str, size: int) -> int | None:
-        """The bytes fetched for one blob; None when the store has it (or, with
-        another replica fetching it, had it once that fetch was done)."""
+        """The bytes brought in for one blob; None when the store had it. Brought in by
+        this run or, the same moment, by another replica's fetch that this one waited
+        for (the read-through does not say which): either way upstream sent it once."""
         if self.store.blob_size(digest) is not None:
             return None
         if self.dry_run:
@@ -271,15 +274,23 @@ class Sync:
                 raise UpstreamInvalid(
                     f"blob {digest[:19]} is {answer.size} bytes, its manifest says {size}"
                 )
-            if stream.source == "store":
-                return None
-            # Reading to the end waits for the fetch's verification (the last byte is
-            # released only then): a bad blob raises here and nothing is committed.
-            for _ in stream.chunks():
-                pass
+            if stream.source == "fetch":
+                # Reading to the end waits for the fetch's verification (the last byte
+                # is released only then): a bad blob raises here, nothing is committed.
+                for _ in stream.chunks():
+                    pass
+                self._await_commit(digest)
         finally:
             stream.close()
         return size
+
+    def _await_commit(self, digest: str) -> None:
+        """Wait for the fetcher to let go of the blob's lock, which it holds until the
+        blob is committed: a CLI run must not exit (and end the fetcher's thread) before."""
+        with self.store.flight.hold(hex_of(digest), shared=False):
+            pass
+        if self.store.blob_size(digest) is None:
+            raise StoreUnavailable(f"blob {digest[:19]} was fetched but could not be stored")
 
     def _record(self, image: Planned, digest: str) -> None:
         """The tar routes' record of the tag (the proxy wrote its own): the digest, for
