@@ -74,7 +74,7 @@ GC_LOCK = "hosted-gc"
 EVICT_LOCK = "evict"
 #: One sync run at a time on a host (the API's background runs).
 SYNC_LOCK = "sync"
-_RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+_RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _JSON = ".json"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +30,8 @@ class RunLog:
 
     def start(self, trigger: str, *, dry_run: bool = False) -> dict[str, Any]:
         """A new run's report, saved as running."""
-        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+        # The start time to the microsecond first: the keys sort as the runs started.
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ-") + secrets.token_hex(4)
         run: dict[str, Any] = {
             "id": run_id,
             "state": "running",

@@ -14,11 +14,18 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from passthrough.errors import Forbidden, LoginFailed, PassthroughError, StoreRequired
+from passthrough.errors import (
+    Forbidden,
+    LoginFailed,
+    PassthroughError,
+    StoreRequired,
+    code_for_status,
+)
 from passthrough.services import services_of
 from passthrough.sync.background import start_run
 from passthrough.sync.runs import RunLog
 from passthrough.upstream.auth import parse_basic_authorization
+from passthrough.web.errors import v2_error_response
 
 bp = Blueprint("sync_api", __name__)
 
@@ -37,9 +44,9 @@ def _json(
 
 @bp.errorhandler(PassthroughError)
 def _error(error: PassthroughError) -> Response:
-    code = error.code or ("UNAUTHORIZED" if error.status == 401 else "UNSUPPORTED")
-    message = " ".join(error.message.split())
-    return _json({"errors": [{"code": code, "message": message}]}, error.status, error.headers)
+    # The spec's JSON errors, as on /v2 (the /api contract keeps its shape).
+    code = error.code or code_for_status(error.status)
+    return v2_error_response(error.status, code, error.message, error.headers)
 
 
 def _admin() -> str:
