@@ -210,6 +210,10 @@ class Sync:
                 self._record(image, digest)
         except PassthroughError as exc:
             result.error = exc.message
+        except (OSError, ValueError) as exc:
+            # The store failing (a full disk, S3 down), or a digest it cannot hold (only
+            # sha256 is stored): this image fails, the run goes on.
+            result.error = " ".join(str(exc).split()) or type(exc).__name__
         result.seconds = round(time.monotonic() - began, 3)
         return result
 

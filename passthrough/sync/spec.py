@@ -16,7 +16,7 @@ An entry's matches are the union of its ``tags`` globs, its ``regex`` and its
 ``semver`` range; ``latest: N`` then keeps the N highest versions among them
 (:mod:`passthrough.sync.semver`). Exact tags are always kept, without reading the tag
 list. Anything the file gets wrong (an unknown key, a bad glob, regex or range, an
-unknown alias) is one :class:`SyncFileError` naming the entry.
+unknown alias, a hosted repository) is one :class:`SyncFileError` naming the entry.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from passthrough.config import Settings
 from passthrough.oci.platforms import Platform
 from passthrough.oci.reference import PATH_COMPONENT_RE, TAG_RE
-from passthrough.registry.routing import looks_like_host, matches_pattern
+from passthrough.registry.routing import is_hosted, looks_like_host, matches_pattern
 from passthrough.sync.semver import Range, parse_range, parse_version
 
 ENTRY_KEYS = ("upstream", "repository", "tags", "regex", "semver", "latest", "platforms")
@@ -143,6 +143,9 @@ def _entry(number: int, raw: Any, settings: Settings, source: str) -> Entry:
         raise fail("repository is missing")
     _check_repository(repository, fail)
     upstream = _upstream(raw.get("upstream"), settings, fail)
+    name = f"{upstream}/{repository}" if upstream else repository
+    if "*" not in repository and is_hosted(settings, name):
+        raise fail(f"{name} is a hosted repository (HOSTED_REPOSITORIES): sync fills the cache")
     exact, globs = _tags(raw.get("tags"), fail)
     regex = _regex(raw.get("regex"), fail)
     semver = _semver(raw.get("semver"), fail)

@@ -146,6 +146,12 @@ def test_a_bad_file_is_one_line(text: str, message: str) -> None:
         parse_sync_file(text, SETTINGS, "sync.yaml")
 
 
+def test_a_hosted_repository_is_no_entry() -> None:
+    hosted = Settings(hosted_repositories=("team/*",))
+    with pytest.raises(SyncFileError, match=r"entry 1 \(team/app\): team/app is a hosted"):
+        parse_sync_file("images:\n  - repository: team/app\n    tags: [v1]\n", hosted)
+
+
 def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SyncFileError, match=r"cannot read the sync file .*missing\.yaml"):
         load_sync_file(str(tmp_path / "missing.yaml"), SETTINGS)
