@@ -199,15 +199,17 @@ class Sync:
         try:
             digest, media_type, body = self._manifest(image.route, image.tag)
             result.digest = digest
+            manifests = [digest]
             if media_type in INDEX_TYPES:
                 for platform, digest_of in self._platforms(image, body):
                     result.platforms.append(platform)
                     _, _, child = self._manifest(image.route, digest_of)
                     self._blobs(image.route, child, result)
+                    manifests.append(digest_of)
             else:
                 self._blobs(image.route, body, result)
             if not self.dry_run:
-                self._record(image, digest)
+                self._record(image, manifests)
         except PassthroughError as exc:
             result.error = exc.message
         except (OSError, ValueError) as exc:
@@ -296,15 +298,19 @@ class Sync:
         if self.store.blob_size(digest) is None:
             raise StoreUnavailable(f"blob {digest[:19]} was fetched but could not be stored")
 
-    def _record(self, image: Planned, digest: str) -> None:
-        """The tar routes' record of the tag (the proxy wrote its own): the digest, for
-        SERVE_STALE, under the identity class the tar routes read it with."""
+    def _record(self, image: Planned, manifests: list[str]) -> None:
+        """The tar routes' records (the proxy wrote its own): the tag's digest, and each
+        stored manifest's digest for pinned downloads, under the identity class the tar
+        routes read them with (SERVE_STALE; the records' shape is theirs)."""
         route = image.route
         anonymous = self.proxy.target(route, None).auth is AuthKind.ANONYMOUS
+        access = "anonymous" if anonymous else "environment"
+        seen = str(time.time())
+        for digest in manifests:
+            key = ContentStore.tag_key(route.upstream.url, route.repository, digest)
+            self.store.remember_tag(key, {"digest": digest, "access": access, "seen": seen})
         key = ContentStore.tag_key(route.upstream.url, route.repository, image.tag)
-        self.store.remember_tag(
-            key, {"digest": digest, "access": "anonymous" if anonymous else "environment"}
-        )
+        self.store.remember_tag(key, {"digest": manifests[0], "access": access, "seen": seen})
 
 
 def _json(body: bytes, what: str) -> dict[str, Any]:
