@@ -1626,6 +1626,18 @@ def test_bad_sync_values_fail_the_render(values: Obj, message: str) -> None:
         render(values)
 
 
+def test_sync_pods_get_the_servers_egress_and_no_ingress() -> None:
+    values = {"sync": {"enabled": True, "file": SYNC_FILE}, "networkPolicy": {"enabled": True}}
+    objects = render(values)
+    server = named(objects, "NetworkPolicy")["spec"]
+    policy = named(objects, "NetworkPolicy", f"{RELEASE}-passthrough-sync")["spec"]
+    cronjob = named(objects, "CronJob", f"{RELEASE}-passthrough-sync")
+    labels = cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["ingress"] == [] and policy["egress"] == server["egress"]
+    assert labels["app.kubernetes.io/component"] == "sync"
+
+
 def test_no_sync_file_no_sync_objects(defaults: list[Obj]) -> None:
     assert not [o for o in defaults if "sync" in o["metadata"]["name"]]
 
