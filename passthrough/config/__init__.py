@@ -102,3 +102,4 @@ def load_server_settings(
 def read_variable(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """One declared variable, parsed (its default when unset)."""
     return BY_NAME[name].read(read_environment(environ))
+

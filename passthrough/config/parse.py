@@ -176,7 +176,9 @@ def credential_user(name: str, raw: str) -> str:
 def namespace(name: str, raw: str) -> str:
     value = raw.strip("/")
     if not all(PATH_COMPONENT_RE.fullmatch(c) for c in value.split("/")):
-        raise ConfigError(f"{name} must be lowercase path components such as 'team' or 'org/team'")
+        raise ConfigError(
+            f"{name} must be lowercase path components such as 'team' or 'org/team'"
+        )
     return value
 
 

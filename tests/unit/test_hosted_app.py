@@ -157,11 +157,8 @@ def test_a_manifest_needs_its_blobs(client: FlaskClient) -> None:
     [
         (b"not json", "1", "MANIFEST_INVALID"),
         (b'{"schemaVersion": 1}', "1", "MANIFEST_INVALID"),
-        (
-            b'{"schemaVersion": 2, "mediaType": "' + MANIFEST_TYPE.encode() + b'"}',
-            "1",
-            "MANIFEST_INVALID",
-        ),
+        (b'{"schemaVersion": 2, "mediaType": "' + MANIFEST_TYPE.encode() + b'"}', "1",
+         "MANIFEST_INVALID"),
         (b"{}", "sha256:" + "0" * 64, "DIGEST_INVALID"),
     ],
 )
@@ -214,24 +211,16 @@ def test_referrers_and_subject(client: FlaskClient) -> None:
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,
             "artifactType": "application/spdx+json",
-            "config": {
-                "mediaType": "application/vnd.oci.empty.v1+json",
-                "digest": digest(b"{}"),
-                "size": 2,
-            },
-            "layers": [
-                {"mediaType": "application/spdx+json", "digest": digest(b"sbom"), "size": 4}
-            ],
-            "subject": {
-                "mediaType": MANIFEST_TYPE,
-                "digest": digest(subject),
-                "size": len(subject),
-            },
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/spdx+json", "digest": digest(b"sbom"),
+                        "size": 4}],
+            "subject": {"mediaType": MANIFEST_TYPE, "digest": digest(subject),
+                        "size": len(subject)},
         }
     ).encode()
     pushed = client.put(
-        f"/v2/team/app/manifests/{digest(artifact)}",
-        data=artifact,
+        f"/v2/team/app/manifests/{digest(artifact)}", data=artifact,
         headers={"Content-Type": MANIFEST_TYPE},
     )
     assert pushed.status_code == 201 and pushed.headers["OCI-Subject"] == digest(subject)

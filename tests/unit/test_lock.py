@@ -90,10 +90,13 @@ def _check_declared(path: Path, declared: list[Requirement]) -> None:
     pins = _pins(path)
     for requirement in declared:
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{requirement} (declared) is not pinned in {path.name}: run {REFRESH}"
+        assert name in pins, (
+            f"{requirement} (declared) is not pinned in {path.name}: run {REFRESH}"
+        )
         version = pins[name].version
         assert requirement.specifier.contains(version, prereleases=True), (
-            f"{path.name} pins {name}=={version}, which {requirement} does not allow: run {REFRESH}"
+            f"{path.name} pins {name}=={version}, which {requirement} does not allow: "
+            f"run {REFRESH}"
         )
 
 
@@ -111,11 +114,8 @@ def test_the_locks_agree_on_every_shared_package() -> None:
     runtime, test = _pins(RUNTIME), _pins(TEST)
     # test.txt is the superset: runtime.txt is resolved under it as constraints.
     assert set(runtime) <= set(test), f"only in runtime.txt: {sorted(set(runtime) - set(test))}"
-    differ = {
-        n: (runtime[n].version, test[n].version)
-        for n in runtime
-        if runtime[n].version != test[n].version
-    }
+    differ = {n: (runtime[n].version, test[n].version) for n in runtime
+              if runtime[n].version != test[n].version}
     assert not differ, f"runtime.txt vs test.txt versions: {differ}"
 
 
@@ -135,14 +135,10 @@ def test_the_project_itself_is_not_in_a_lock() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (
-            "a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n    # via b\n",
-            ["a==1 --hash=sha256:" + "0" * 64],
-        ),
-        (
-            "# header\n\nb==2 ; sys_platform == 'win32' \\\n  --hash=x \\\n  --hash=y\n",
-            ["b==2 ; sys_platform == 'win32' --hash=x --hash=y"],
-        ),
+        ("a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n    # via b\n",
+         ["a==1 --hash=sha256:" + "0" * 64]),
+        ("# header\n\nb==2 ; sys_platform == 'win32' \\\n  --hash=x \\\n  --hash=y\n",
+         ["b==2 ; sys_platform == 'win32' --hash=x --hash=y"]),
     ],
 )
 def test_logical_lines(text: str, expected: list[str]) -> None:

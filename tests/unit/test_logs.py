@@ -169,14 +169,8 @@ def gunicorn_logger(monkeypatch: pytest.MonkeyPatch, log_format: str) -> logs.Gu
 def test_gunicorn_error_and_access_logs_in_json(monkeypatch, capsys):
     logger = gunicorn_logger(monkeypatch, "json")
     logger.error("worker said Authorization: Bearer abcdef123456789")
-    atoms = {
-        "h": "10.0.0.7",
-        "r": "GET /docker/a_b.tar HTTP/1.1",
-        "s": "200",
-        "B": "1024",
-        "L": "0.250",
-        "a": "ios-xe",
-    }
+    atoms = {"h": "10.0.0.7", "r": "GET /docker/a_b.tar HTTP/1.1", "s": "200", "B": "1024",
+             "L": "0.250", "a": "ios-xe"}
     logger.access_log.info('%(h)s "%(r)s" %(s)s %(B)s %(L)ss "%(a)s"', atoms)
     captured = capsys.readouterr()
     error = json.loads(captured.err.strip().splitlines()[-1])

@@ -80,7 +80,8 @@ def test_429s_are_counted_and_the_failure_by_status(tmp_path):
     assert delta(before, after, limited, operation="manifest") == 1
     assert delta(before, after, "passthrough_downloads_total", route=DOCKER, outcome="failed") == 1
     assert (
-        delta(before, after, "passthrough_download_failures_total", route=DOCKER, status="429") == 1
+        delta(before, after, "passthrough_download_failures_total", route=DOCKER, status="429")
+        == 1
     )
 
 

@@ -29,15 +29,8 @@ CHUNK = 64 * 1024
 class Upstream:
     """An opener whose bytes come out at a pace the test controls."""
 
-    def __init__(
-        self,
-        data: bytes,
-        *,
-        sent: bytes | None = None,
-        pause: float = 0.0,
-        break_at: int | None = None,
-        gate: threading.Event | None = None,
-    ) -> None:
+    def __init__(self, data: bytes, *, sent: bytes | None = None, pause: float = 0.0,
+                 break_at: int | None = None, gate: threading.Event | None = None) -> None:
         self.data = data
         self.sent = data if sent is None else sent
         self.pause = pause

@@ -232,12 +232,8 @@ def secret_forms(user: str, secret: str) -> list[str]:
 
 def leaks(secrets: list[str], **texts: str) -> list[str]:
     """Where each secret shows up (a short list: pytest's diff of long texts is slow)."""
-    return [
-        f"{secret!r} in {where}"
-        for secret in secrets
-        for where, text in texts.items()
-        if secret in text
-    ]
+    return [f"{secret!r} in {where}" for secret in secrets for where, text in texts.items()
+            if secret in text]
 
 
 # -- the span tree ---------------------------------------------------------------------------
@@ -369,19 +365,13 @@ def test_cache_hits_and_misses_show_on_layer_spans(exporter, tmp_path):
     app = make_app(tmp_path, CACHE_DIR=str(tmp_path / "cache"))
     client = app.test_client()
     assert client.get("/docker/team__api_v1.tar").data
-    first = [
-        s.attributes["passthrough.cache.hit"]
-        for s in exporter.get_finished_spans()
-        if s.name.startswith("download_layer_")
-    ]
+    first = [s.attributes["passthrough.cache.hit"] for s in exporter.get_finished_spans()
+             if s.name.startswith("download_layer_")]
     exporter.clear()
     assert client.get("/docker/team__api_v1.tar").data
     tree = Tree(exporter.get_finished_spans())
-    second = [
-        s.attributes["passthrough.cache.hit"]
-        for s in tree.spans
-        if s.name.startswith("download_layer_")
-    ]
+    second = [s.attributes["passthrough.cache.hit"] for s in tree.spans
+              if s.name.startswith("download_layer_")]
     assert first == [False, False]
     assert second == [True, True]
     assert not tree.named("GET /v2/{repository}/blobs/{digest}"), "a warm download fetches no blob"
@@ -578,10 +568,8 @@ def test_sanitize_url_keeps_only_what_is_asked():
     [
         ("/docker/<filename>", "/docker/{filename}"),
         ("/ref/<path:reference>", "/ref/{reference}"),
-        (
-            "/registry-auth/<scheme>/<host>/docker/<filename>",
-            "/registry-auth/{scheme}/{host}/docker/{filename}",
-        ),
+        ("/registry-auth/<scheme>/<host>/docker/<filename>",
+         "/registry-auth/{scheme}/{host}/docker/{filename}"),
     ],
 )
 def test_route_templates(rule, template):

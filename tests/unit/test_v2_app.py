@@ -21,11 +21,8 @@ MANIFEST = json.dumps(
     {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "size": 2,
-            "digest": "sha256:" + "a" * 64,
-        },
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
+                   "digest": "sha256:" + "a" * 64},
         "layers": [],
     },
     separators=(",", ":"),
@@ -151,10 +148,8 @@ def test_tags_list_keeps_the_clients_name_and_rewrites_the_link(tmp_path: Path) 
         json={"name": "acc/plain", "tags": ["1", "2"]},
         headers={"Link": '</v2/acc/plain/tags/list?last=2&n=2>; rel="next"'},
     )
-    response = (
-        app_with(tmp_path, UPSTREAMS=f"lab={REG}")
-        .test_client()
-        .get("/v2/lab/acc/plain/tags/list?n=2")
+    response = app_with(tmp_path, UPSTREAMS=f"lab={REG}").test_client().get(
+        "/v2/lab/acc/plain/tags/list?n=2"
     )
     assert response.status_code == 200
     assert json.loads(response.data) == {"name": "lab/acc/plain", "tags": ["1", "2"]}
@@ -173,10 +168,8 @@ def test_referrers_are_filtered_when_upstream_did_not(tmp_path: Path) -> None:
         ],
     }
     responses.get(f"{REG}/v2/acc/plain/referrers/{subject}", json=index)
-    response = (
-        app_with(tmp_path)
-        .test_client()
-        .get(f"/v2/acc/plain/referrers/{subject}?artifactType=application/spdx%2Bjson")
+    response = app_with(tmp_path).test_client().get(
+        f"/v2/acc/plain/referrers/{subject}?artifactType=application/spdx%2Bjson"
     )
     assert response.status_code == 200
     assert response.headers["OCI-Filters-Applied"] == "artifactType"

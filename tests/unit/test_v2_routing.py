@@ -145,7 +145,7 @@ def test_registry_username_means_registry_url_only() -> None:
     ("content", "message"),
     [
         ("not json", "is not JSON"),
-        ('{"auths": 1}', 'has no "auths" object'),
+        ('{"auths": 1}', "has no \"auths\" object"),
         ('{"auths": {"ghcr.io": {"auth": "%%%"}}}', "not base64"),
         ('{"auths": {"ghcr.io": {}}}', "has no credentials"),
     ],
@@ -182,7 +182,8 @@ def test_users_of_the_hosted_area_leave_the_proxy_transparent(tmp_path: Path) ->
         REGISTRY_PASSWORD="pw",
     )
     assert current.auth_enabled and not current.uses_client_identity
-    proxy = Proxy(current, filesystem_store(tmp_path / "c", 0), TokenCache(), HostPolicy())
+    proxy = Proxy(current, filesystem_store(tmp_path / "c", 0), TokenCache(),
+                  HostPolicy())
     target = proxy.target(route_name(current, "acc/plain"), None)
     assert target.auth is AuthKind.CREDENTIALS and target.credentials_source == "environment"
     authenticated = settings(
