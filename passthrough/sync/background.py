@@ -41,7 +41,10 @@ def start_run(proxy: Proxy | None) -> dict[str, Any]:
         hold.close()
         raise
     thread = threading.Thread(
-        target=_run, args=(proxy, sync_file, runs, dict(run), hold), name="sync", daemon=True
+        target=_run,
+        args=(proxy, sync_file, runs, {**run, "failed": []}, hold),
+        name="sync",
+        daemon=True,
     )
     thread.start()
     return run
@@ -54,7 +57,8 @@ def _run(
     error: str | None = None
     with hold:
         try:
-            summary = Sync(proxy, concurrency=proxy.settings.layer_concurrency).run(sync_file)
+            engine = Sync(proxy, concurrency=proxy.settings.layer_concurrency)
+            summary = engine.run(sync_file, lambda *done: runs.progress(run, *done))
         except Exception as exc:  # the run's report says it failed
             log.exception("sync run %s failed", run["id"])
             error = f"the run stopped: {type(exc).__name__}"

@@ -12,7 +12,7 @@ from typing import Any
 
 from passthrough.store import layout
 from passthrough.store.content import ContentStore
-from passthrough.sync.engine import Summary
+from passthrough.sync.engine import ImageResult, Summary
 
 #: How many run reports are kept.
 KEEP = 20
@@ -45,6 +45,17 @@ class RunLog:
         }
         self._save(run)
         return run
+
+    def progress(self, run: dict[str, Any], result: ImageResult, done: int, total: int) -> None:
+        """Count one more image into a running run's report (``done`` of ``total``), so
+        ``GET /api/v1/sync`` shows how far it got."""
+        if result.error is None:
+            run["images"] += 1
+            run["bytes"] += result.bytes
+        else:
+            run["failed"].append(f"{result.image}: {result.error}")
+        run["progress"] = f"{done}/{total}"
+        self._save(run)
 
     def finish(
         self, run: dict[str, Any], summary: Summary | None, error: str | None = None

@@ -133,6 +133,20 @@ def test_run_reports_are_kept_newest_first_and_trimmed(
     assert listed[1]["state"] == "succeeded" and listed[1]["finished"]
 
 
+def test_a_running_run_shows_how_far_it_got(tmp_path: Path) -> None:
+    client = client_for(settings_for(tmp_path, GOOD))
+    store = services_of(client.application).store
+    assert store is not None
+    log = RunLog(store)
+    run = log.start("api")
+    log.progress(run, result("team/app:1.0"), 1, 3)
+    log.progress(run, result("team/app:2.0", "not found"), 2, 3)
+    (listed,) = client.get("/api/v1/sync", auth=ADMIN).get_json()["runs"]
+    assert listed["state"] == "running" and listed["progress"] == "2/3"
+    assert listed["images"] == 1 and listed["bytes"] == 3 << 20
+    assert listed["failed"] == ["team/app:2.0: not found"]
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
