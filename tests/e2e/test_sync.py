@@ -89,6 +89,13 @@ def small(
     )
 
 
+def sized(marker: str, size: int) -> Image:
+    """An image of one layer of `size` random bytes (which gzip cannot shrink)."""
+    data = File("data", secrets.token_bytes(size))
+    layer = make_layer(tar_layer([File("id", marker.encode()), data]), "gzip")
+    return build_image([layer], marker=marker)
+
+
 @dataclass
 class Content:
     """What the module pushed, by tag (`app`), and the rest."""
@@ -432,7 +439,7 @@ def test_the_api_runs_one_sync_at_a_time_for_admins(
         if mine["state"] != "running" or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert mine["state"] == "succeeded", mine
+    assert mine["state"] == "succeeded" and mine["progress"] == "1/1", mine
     assert mine["images"] == 1 and mine["bytes"] == sum(
         blob.size for blob in content.api.blobs().values()
     )
@@ -525,7 +532,8 @@ def test_two_replicas_on_s3_and_redis_fetch_each_blob_once(
 ) -> None:
     redis_server.ensure_running()
     prefix = f"acc/syncrep{secrets.token_hex(4)}"
-    images = {f"{prefix}/r{n}": small(f"{prefix} {n}") for n in range(6)}
+    # Each with a layer of 512 KiB of its own, so the two runs overlap on the wire.
+    images = {f"{prefix}/r{n}": sized(f"{prefix} {n}", 512 << 10) for n in range(6)}
     for repository, image in images.items():
         push(registry_anon, repository, "1.0", image)
     (tmp_path / "sync.yaml").write_text(
