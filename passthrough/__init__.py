@@ -46,6 +46,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         health,
         imports,
         metrics,
+        sync_api,
         tls,
         token,
         ui,
@@ -54,7 +55,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     # Order matters where paths overlap: /v2/token is this service, never a repository
     # name, so the token blueprint comes before the /v2 API.
-    for blueprint in (errors, health, tls, token, downloads, describe, ui, metrics, v2, imports):
+    for blueprint in (
+        errors,
+        health,
+        tls,
+        token,
+        downloads,
+        describe,
+        ui,
+        metrics,
+        sync_api,
+        v2,
+        imports,
+    ):
         app.register_blueprint(blueprint.bp)
     if settings.trusted_proxies:
         from passthrough.web.clients import ClientAddress

@@ -1,7 +1,8 @@
 """The `passthrough` console command: `healthcheck` for containers without curl,
 `check-config` to validate the environment before a deploy, `gc` to remove what no
-tag of the hosted area reaches (:mod:`passthrough.registry.gc`), and `import` to put the
-images of an archive into the hosted area (:mod:`passthrough.cli_import`).
+tag of the hosted area reaches (:mod:`passthrough.registry.gc`), `import` to put the
+images of an archive into the hosted area (:mod:`passthrough.cli_import`), and `sync` to
+fill the store from SYNC_FILE (:mod:`passthrough.cli_sync`).
 
 Each command checks the settings it uses: check-config all the server needs, gc the
 content store's (it issues no token, so PUBLIC_URL and TOKEN_SECRET are not its
@@ -13,6 +14,8 @@ import argparse
 import ssl
 import sys
 import urllib.request
+
+from passthrough import cli_sync
 
 #: gc's --grace when none is given (a push takes far less; replicas without Redis rely on it).
 GC_GRACE = "1h"
@@ -136,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     from passthrough.cli_import import add_import_parser, import_command
 
     add_import_parser(commands)
+    cli_sync.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "import":
         return import_command(args)
+    if args.command == "sync":
+        return cli_sync.run(args)
     if args.command == "healthcheck":
         return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":

@@ -379,6 +379,25 @@ class ArchiveInvalid(BadRequest):
     kind = "archive_invalid"
     code = "ARCHIVE_INVALID"
     default_message = "the archive cannot be imported"
+# -- sync runs ----------------------------------------------------------------------------
+
+
+class SyncFileInvalid(BadRequest):
+    """SYNC_FILE is not set, unreadable, or names something wrong (400, one line naming
+    the entry)."""
+
+    kind = "sync_file_invalid"
+    code = "SYNC_FILE_INVALID"
+    default_message = "SYNC_FILE is not set"
+
+
+class SyncRunning(PassthroughError):
+    """A sync run is already under way on this pod (409): one at a time."""
+
+    status = 409
+    kind = "sync_running"
+    code = "SYNC_RUNNING"
+    default_message = "a sync run is already under way on this pod"
 
 
 # -- the content store -------------------------------------------------------------------

@@ -237,6 +237,12 @@ class Settings:
         "PROXY_SERVE_STALE", p.boolean, True,
         "`/v2`: serve a tag seen before while upstream is down, with a `Warning`", V2,
     )  # fmt: skip
+    sync_file: str | None = setting(
+        "SYNC_FILE", p.existing_file, None,
+        "YAML: the images `passthrough sync` and `POST /api/v1/sync` keep in the store; see "
+        "[Pre-stage images: sync](#pre-stage-images-sync)",
+        V2,
+    )  # fmt: skip
     s3_redirect: bool = setting(
         "S3_REDIRECT", p.boolean, False,
         "`/v2`: a blob hit on S3 is a `307` to a presigned URL (`STORE=s3` only)", V2,

@@ -73,6 +73,7 @@ class _Metrics:
         self._define_upstream()
         self._define_registry()
         self._define_fleet()
+        self._define_sync()
         self.cache: dict[str, Any] = {
             field: Counter(f"passthrough_{name}", f"Shared layer cache: {field.replace('_', ' ')}")
             for field, name in CACHE_COUNTERS.items()
@@ -177,6 +178,19 @@ class _Metrics:
             ["phase"],
         )
 
+    def _define_sync(self) -> None:
+        """What ``passthrough sync`` and ``POST /api/v1/sync`` brought into the store."""
+        from prometheus_client import Counter
+
+        self.sync_images = Counter(
+            "passthrough_sync_images",
+            "Images a sync run went through, by outcome (synced, failed)",
+            ["outcome"],
+        )
+        self.sync_bytes = Counter(
+            "passthrough_sync_bytes", "Blob bytes a sync run fetched from upstream"
+        )
+
 
 _instance: _Metrics | None = None
 _lock = threading.Lock()
@@ -192,6 +206,13 @@ def _metrics() -> _Metrics:
 
 
 # -- recording -----------------------------------------------------------------------------
+
+
+def sync_image(outcome: str, fetched_bytes: int) -> None:
+    """One image of a sync run: synced (its blobs now stored) or failed."""
+    _metrics().sync_images.labels(outcome).inc()
+    if fetched_bytes:
+        _metrics().sync_bytes.inc(fetched_bytes)
 
 
 def download_started() -> None:

@@ -23,6 +23,8 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
     uploads/<id>/state.json                      an upload session of the hosted area
     uploads/<id>/data                            its bytes (on S3: the multipart upload)
     uploads/<id>/pending.<generation>            on S3: the bytes that are no part yet
+    sync/runs/<run id>.json                      a sync run's report (``passthrough sync``,
+                                                 ``POST /api/v1/sync``), for every replica
 
 Components starting with ``_`` cannot be part of a repository name, so a hosted
 record never collides with a nested repository: the first such component is the
@@ -56,6 +58,7 @@ PINS = "pins/"
 HOSTED = "hosted/"
 UPLOADS = "uploads/"
 IMPORTS = "imports/"
+SYNC_RUNS = "sync/runs/"
 
 #: The sections of a hosted repository's records, by the kind of record they hold.
 TAG, MANIFEST, BLOB, REFERRER = "_tags", "_manifests", "_blobs", "_referrers"
@@ -73,6 +76,9 @@ FLIGHT_STATE_GLOB = "flight-*.json*"
 #: lock file, and the Redis keys' infix: :meth:`passthrough.store.flight.Flight.gc_lock`).
 GC_LOCK = "hosted-gc"
 EVICT_LOCK = "evict"
+#: One sync run at a time on a host (the API's background runs).
+SYNC_LOCK = "sync"
+_RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _JSON = ".json"
@@ -163,6 +169,14 @@ def pin_key(kind: str, digest: str) -> str:
 def parse_pin_key(key: str) -> tuple[str, str] | None:
     """(kind, digest) of the entry a pin keeps."""
     return parse_content_key(key[len(PINS) :]) if key.startswith(PINS) else None
+
+
+def sync_run_key(run_id: str) -> str:
+    """``sync/runs/<run id>.json``; the id is ``<UTC time>-<random hex>``, so the keys
+    sort by start time."""
+    if not _RUN_ID_RE.fullmatch(run_id):
+        raise ValueError("not a sync run's id")
+    return f"{SYNC_RUNS}{run_id}{_JSON}"
 
 
 # -- the hosted area ---------------------------------------------------------------------------

@@ -389,3 +389,18 @@ def commented_blocks(text: str, header: str) -> list[Any]:
             body.append(following[len(prefix) :])
         blocks.append(yaml.safe_load("\n".join(body)))
     return blocks
+
+
+def test_sync_is_a_one_shot_service_on_the_servers_cache(compose: dict[str, Any]) -> None:
+    sync = compose["services"]["sync"]
+    server = compose["services"]["passthrough"]
+    assert sync["profiles"] == ["sync"]
+    assert sync["command"] == ["passthrough", "sync"]
+    assert sync["restart"] == "no" and not sync.get("ports")
+    assert sync["image"] == server["image"]
+    assert sync["environment"]["CACHE_DIR"] == server["environment"]["CACHE_DIR"]
+    assert sync["environment"]["SYNC_FILE"] == "/etc/passthrough/sync.yaml"
+    assert "cache:/var/cache/passthrough" in sync["volumes"]
+    assert "./sync.yaml:/etc/passthrough/sync.yaml:ro" in sync["volumes"]
+    # The hardening comes with the anchor.
+    assert sync["read_only"] is True and sync["cap_drop"] == ["ALL"]

@@ -338,6 +338,11 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
         "/etc/passthrough/htpasswd/htpasswd",
     ),
     "ACCESS_FILE": ("hosted.access", ACCESS, "/etc/passthrough/access/access.yaml"),
+    "SYNC_FILE": (
+        "sync.file",
+        {"images": [{"repository": "team/app", "tags": ["1.*"]}]},
+        "/etc/passthrough/sync/sync.yaml",
+    ),
     "HOSTED_ANONYMOUS_PULL": ("hosted.anonymousPull", True, "true"),
     "HOSTED_MANIFEST_MAX_BYTES": ("hosted.manifestMaxBytes", 1048576, "1048576"),
     "TRUSTED_PROXIES": ("config.trustedProxies", ["10.0.0.0/8", "fd00::/8"], "10.0.0.0/8,fd00::/8"),
@@ -1173,6 +1178,7 @@ VERBATIM = {
     "networkPolicy.egress.registries",
     "persistence.accessModes",
     "hosted.gc.resources",
+    "sync.resources",
 }
 
 
@@ -1576,6 +1582,64 @@ def test_gc_cronjob_runs_gc_with_the_servers_settings(all_on: list[Obj]) -> None
             assert volume == server_volumes[name], name
     assert "affinity" not in pod, "s3: any node"
     assert not any("livenessProbe" in c or "ports" in c for c in pod["containers"])
+
+
+SYNC_FILE = {"images": [{"upstream": "ghcr", "repository": "org/*", "semver": ">=1 <2"}]}
+
+
+def test_sync_cronjob_runs_sync_with_the_servers_settings_and_file() -> None:
+    values = merged(S3, {"sync": {"enabled": True, "schedule": "5 * * * *", "file": SYNC_FILE}})
+    objects = render(values)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    cronjob = named(objects, "CronJob", f"{RELEASE}-passthrough-sync")
+    assert cronjob["spec"]["schedule"] == "5 * * * *"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = gc_pod(cronjob)
+    [sync] = pod["containers"]
+    assert sync["command"] == ["passthrough", "sync"]
+    server = container(objects)
+    assert sync["image"] == server["image"]
+    assert (sync["envFrom"], sync["volumeMounts"]) == (server["envFrom"], server["volumeMounts"])
+    assert {"name": "sync", "mountPath": "/etc/passthrough/sync", "readOnly": True} in sync[
+        "volumeMounts"
+    ]
+    # The file, from its ConfigMap, in the pods (POST /api/v1/sync) and the job alike.
+    config = named(objects, "ConfigMap", f"{RELEASE}-passthrough-sync")
+    assert yaml.safe_load(config["data"]["sync.yaml"]) == SYNC_FILE
+    assert effective_env(objects)["SYNC_FILE"] == "/etc/passthrough/sync/sync.yaml"
+    labels = cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= labels.items(), "the sync pods are no servers"
+    assert labels["app.kubernetes.io/component"] == "sync"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"sync": {"enabled": True}}, "sync.enabled needs sync.file"),
+        ({"sync": {"file": ["a"]}}, "sync.file must be a mapping"),
+    ],
+)
+def test_bad_sync_values_fail_the_render(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+def test_sync_pods_get_the_servers_egress_and_no_ingress() -> None:
+    values = {"sync": {"enabled": True, "file": SYNC_FILE}, "networkPolicy": {"enabled": True}}
+    objects = render(values)
+    server = named(objects, "NetworkPolicy")["spec"]
+    policy = named(objects, "NetworkPolicy", f"{RELEASE}-passthrough-sync")["spec"]
+    cronjob = named(objects, "CronJob", f"{RELEASE}-passthrough-sync")
+    labels = cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["ingress"] == [] and policy["egress"] == server["egress"]
+    assert labels["app.kubernetes.io/component"] == "sync"
+
+
+def test_no_sync_file_no_sync_objects(defaults: list[Obj]) -> None:
+    assert not [o for o in defaults if "sync" in o["metadata"]["name"]]
 
 
 def test_gc_pods_are_not_servers(all_on: list[Obj]) -> None:

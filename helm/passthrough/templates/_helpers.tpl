@@ -169,6 +169,7 @@ Where the pod finds REGISTRY_AUTH_FILE, the TLS certificate, HTPASSWD_FILE and A
 {{- define "passthrough.tlsDir" -}}/etc/passthrough/tls{{- end }}
 {{- define "passthrough.htpasswdDir" -}}/etc/passthrough/htpasswd{{- end }}
 {{- define "passthrough.accessDir" -}}/etc/passthrough/access{{- end }}
+{{- define "passthrough.syncDir" -}}/etc/passthrough/sync{{- end }}
 {{- define "passthrough.upstreamCaDir" -}}/etc/passthrough/upstream-ca{{- end }}
 
 {{/*
@@ -195,6 +196,12 @@ Name of the Secret holding HTPASSWD_FILE (hosted users), or empty when there is 
 Labels of the gc CronJob's pods. Not the selector labels: the Service, the
 PodDisruptionBudget and the pods' NetworkPolicy must not count a gc pod as a server.
 */}}
+{{- define "passthrough.syncSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "passthrough.name" . }}-sync
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: sync
+{{- end }}
+
 {{- define "passthrough.gcSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "passthrough.name" . }}-gc
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -360,6 +367,12 @@ Checks of values that would otherwise fail only at run time.
 {{- if and $users (not $v2.publicUrl) }}
 {{- fail "hosted.htpasswd needs v2.publicUrl: the token realm users log in at (never taken from the Host header)" }}
 {{- end }}
+{{- if and .Values.sync.enabled (not .Values.sync.file) }}
+{{- fail "sync.enabled needs sync.file: the images the CronJob fetches ({images: [...]})" }}
+{{- end }}
+{{- if and .Values.sync.file (not (kindIs "map" .Values.sync.file)) }}
+{{- fail "sync.file must be a mapping: {images: [{repository, tags, ...}]}" }}
+{{- end }}
 {{- if and $hosted.repositories (eq $store.type "s3") (gt (int $store.s3.lifecycleDays) 0) }}
 {{- fail "store.s3.lifecycleDays would expire pushed content too (the rule knows no pins): keep it 0 with hosted.repositories" }}
 {{- end }}
@@ -483,6 +496,11 @@ they name: load_settings checks them) and opens the same store.
   mountPath: {{ include "passthrough.accessDir" . }}
   readOnly: true
 {{- end }}
+{{- if .Values.sync.file }}
+- name: sync
+  mountPath: {{ include "passthrough.syncDir" . }}
+  readOnly: true
+{{- end }}
 {{- if include "passthrough.upstreamCa" . }}
 - name: upstream-ca
   mountPath: {{ include "passthrough.upstreamCaDir" . }}
@@ -553,6 +571,15 @@ they name: load_settings checks them) and opens the same store.
     items:
       - key: access.yaml
         path: access.yaml
+{{- end }}
+{{- if .Values.sync.file }}
+- name: sync
+  configMap:
+    name: {{ include "passthrough.fullname" . }}-sync
+    defaultMode: 292
+    items:
+      - key: sync.yaml
+        path: sync.yaml
 {{- end }}
 {{- with .Values.upstream.caBundle }}
 {{- if .existingConfigMap }}
