@@ -263,6 +263,10 @@ class Proxy:
                         "store",
                     )
                 if not want_body:
+                    # containerd (every Kubernetes node) resolves a tag by HEAD and then
+                    # GETs the manifest by digest: the tag is recorded here, or nothing
+                    # would let it be served stale once that digest is in the store.
+                    self._remember(key, record, head.digest, head.media_type)
                     return head
             body, media_type = self._get_manifest(client, tag, what)
         digest = sha256_digest(body)
@@ -338,9 +342,7 @@ class Proxy:
         if not want_body:
             if stored_size is None:
                 with contextlib.closing(self.client(route, credentials)) as client:
-                    size = client.blob_exists(digest, what=what)
-                if size is None:
-                    raise UpstreamInvalid(f"{what}: the registry's HEAD gave no Content-Length")
+                    size = client.blob_size(digest, what=what)
                 return BlobAnswer(size, "upstream")
         if not digest.startswith("sha256:"):
             raise UpstreamNotFound(f"{what}: only sha256 blobs are served")

@@ -10,6 +10,10 @@ registry does.
 
 Both stream bodies in chunks and forward the client's Host header unchanged, so the
 URLs the registry generates (upload Locations) point back at the front.
+
+For upstreams that are not there at all: `RefusingPort` holds a loopback port bound but
+not listening (every connection refused, and no other process can take the port), and
+`UNRESOLVABLE_HOST` is a name that never resolves (RFC 6761 reserves `.invalid`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ BLOB_PATH = re.compile(
 MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 
 FaultKind = Literal["cut", "corrupt", "503", "429"]
+#: A host name no resolver answers (RFC 6761: `.invalid` never resolves).
+UNRESOLVABLE_HOST = "nonexistent.invalid"
 ManifestFaultKind = Literal["corrupt", "503", "429"]
 
 
@@ -318,16 +324,43 @@ class _Proxy:
 # --- RedirectFront ----------------------------------------------------------------------
 
 
+class RefusingPort:
+    """A loopback port bound and never listened on: a connection to it is refused at
+    once (RST), as a stopped registry's is, and no other process can take the port
+    while this holds it."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind((host, 0))
+        self.host, self.port = self._socket.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class BlobHost:
     """The signed-URL blob server behind a RedirectFront, on 127.0.0.2: GET/HEAD
     /blobs/<digest>?sig=.. straight from the registry's storage, with Range support.
 
     Like S3 given both a presigned URL and an Authorization header, it answers 400 to
-    any request carrying Authorization; a missing or wrong sig gets 403.
+    any request carrying Authorization; a missing or wrong sig gets 403. With
+    `head_allowed` false it answers 403 to every HEAD, as S3 does to a URL presigned
+    for GET alone.
     """
 
     def __init__(self, registry: RegistryServer, secret: bytes, host: str = "127.0.0.2") -> None:
         self.registry = registry
+        self.head_allowed = True
         self._secret = secret
         self._lock = threading.Lock()
         self.requests = 0
@@ -361,6 +394,7 @@ class BlobHost:
             self.requests = 0
             self.requests_with_authorization = 0
             self.log.clear()
+            self.head_allowed = True
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(handler.path)
@@ -381,6 +415,9 @@ class BlobHost:
                 handler, 405, b"<Error><Code>MethodNotAllowed</Code></Error>", content_type=xml
             )
             return 405
+        if handler.command == "HEAD" and not self.head_allowed:
+            _send_simple(handler, 403, b"", content_type=xml)
+            return 403
         if has_auth:
             body = (
                 b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed;"
