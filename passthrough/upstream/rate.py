@@ -32,7 +32,8 @@ from passthrough.capacity import lock_request
 #: Where the first bucket sits in the shared file: past any slot byte (one per transfer).
 BUCKETS_OFFSET = 1 << 24
 _BUCKET = struct.Struct("d")
-#: Time a bucket may lag behind the present: a short idle spell is made up for at once.
+#: How far a bucket's clock may run ahead of the present before a reader waits: a
+#: read that follows an idle spell goes at once.
 BURST_SECONDS = 0.1
 #: How much of a second's budget one read may take.
 PIECE_SECONDS = 0.1
@@ -74,7 +75,7 @@ class SharedBuckets:
             stored = os.pread(fd, _BUCKET.size, offset)
             clock = _BUCKET.unpack(stored)[0] if len(stored) == _BUCKET.size else 0.0
             now = time.monotonic()
-            clock = max(clock, now - BURST_SECONDS) + seconds
+            clock = max(clock, now) + seconds
             os.pwrite(fd, _BUCKET.pack(clock), offset)
         finally:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock_request(fcntl.F_UNLCK, offset, _BUCKET.size))
