@@ -12,8 +12,10 @@ Both stream bodies in chunks and forward the client's Host header unchanged, so 
 URLs the registry generates (upload Locations) point back at the front.
 
 For upstreams that are not there at all: `RefusingPort` holds a loopback port bound but
-not listening (every connection refused, and no other process can take the port), and
+not listening (every connection refused, and no other process can take the port),
+`SilentPort` one that accepts connections and never answers (a read timeout), and
 `UNRESOLVABLE_HOST` is a name that never resolves (RFC 6761 reserves `.invalid`).
+`TlsFront` serves the registry over HTTPS with a self-signed certificate nobody trusts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
+from passthrough.tls import make_self_signed
 from tests.support.procs import LOOPBACK, BackgroundHTTPServer
 from tests.support.registry import RegistryServer
 
@@ -346,6 +350,29 @@ class RefusingPort:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SilentPort(RefusingPort):
+    """A loopback port that listens and never accepts: the kernel completes each
+    connection and no byte ever comes back, as from a hung registry."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        super().__init__(host)
+        self._socket.listen(64)
+
+
+class TlsFront(_Proxy):
+    """The registry over HTTPS with a certificate of its own CA, made here for
+    127.0.0.1 and given to nobody: every client that verifies refuses the handshake."""
+
+    name = "tls-front"
+
+    def __init__(self, registry: RegistryServer, tls_dir: Path) -> None:
+        super().__init__(registry)
+        files = make_self_signed([LOOPBACK], tls_dir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(files.cert, files.key)
+        self._http.serve_tls(context)
 
 
 class BlobHost:
