@@ -3,8 +3,11 @@ content store and read through from the upstream a name routes to.
 
 - **manifests by tag** are revalidated upstream by HEAD on every request (free of
   Docker Hub's pull quota), or trusted for TAG_TTL seconds; when upstream is
-  unreachable, times out or answers 429/5xx, a tag seen before is served from the
-  store, marked stale (PROXY_SERVE_STALE);
+  unreachable, times out or answers 429/5xx, a tag seen before (by GET, or by HEAD as
+  containerd resolves tags, once its manifest is stored) is served from the store,
+  marked stale (PROXY_SERVE_STALE);
+- **a blob HEAD** of a blob not stored asks upstream, following a redirect to its
+  storage for the size (:meth:`RegistryClient.blob_size`);
 - **manifests by digest and blobs** are immutable: served from the store once there,
   else fetched once, verified and stored; blobs are streamed while they are fetched
   (:mod:`passthrough.store.readthrough`);
