@@ -1,7 +1,8 @@
 """Why a connection to an upstream failed, in one line that names the host and the
 cause: the name does not resolve (DNS), nothing listens on the port (refused), the
-host is unreachable, the connection was reset, it timed out, or the TLS handshake
-failed. The registry client and the /ready probe both speak these words, so a log
+host is unreachable, the connection was reset, or it timed out (a failed TLS
+handshake has its own words, :func:`passthrough.upstream.trust.tls_failure`). The
+registry client and the /ready probe both speak these words, so a log
 line, a tar route's plain-text answer and a /v2 JSON error read alike, and the
 README's troubleshooting table maps each wording to its fix.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import errno
 import socket
-from urllib.parse import urlsplit
+
+from passthrough.upstream.trust import upstream_origin
 
 #: getaddrinfo's codes for "this name has no address" (as opposed to a DNS server
 #: that did not answer, EAI_AGAIN).
@@ -19,7 +21,6 @@ _NAME_NOT_FOUND = frozenset(
     for code in (
         getattr(socket, "EAI_NONAME", None),
         getattr(socket, "EAI_NODATA", None),
-        getattr(socket, "EAI_FAIL", None),
     )
     if code is not None
 )
@@ -28,15 +29,7 @@ _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN
 
 def where(url: str) -> str:
     """``host:port`` of ``url`` (the port always shown, so a wrong one is visible)."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        port = 443 if parts.scheme == "https" else 80
-    return f"{host}:{port}"
+    return upstream_origin(url).partition("://")[2]
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
