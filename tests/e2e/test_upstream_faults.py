@@ -174,12 +174,12 @@ def stale_answers(server: PassthroughServer) -> float:
 
 
 def test_head_of_an_uncached_blob_behind_a_redirect_is_its_size(
-    redirect: RedirectFront, proxy: PassthroughServer
+    redirect: RedirectFront, proxy: PassthroughServer, tmp_path: Path
 ) -> None:
     name = unique("redir")
-    image = runnable_image(f"faults-{secrets.token_hex(6)}")
-    push_image(redirect.registry.url, name, "1.0", image)
-    layer = image.layers[-1]
+    # A layer of its own: never in the store, whatever ran before.
+    layer = big_layer(tmp_path / "l.gz", 64 << 10, seed=secrets.randbits(32))
+    push_image(redirect.registry.url, name, "1.0", build_image([layer]))
     url = f"{proxy.url}/v2/redir/{name}/blobs/{layer.digest}"
     redirect.reset()
 
