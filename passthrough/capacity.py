@@ -11,7 +11,8 @@ master makes before it forks (:func:`create_slot_file`; its path reaches the wor
 lock (``F_OFD_SETLK``) on a descriptor of its own. Such a lock belongs to the open file
 description, so threads of one process exclude each other, and the kernel releases it
 when the descriptor closes, also when its worker is SIGKILLed: a dead worker's slots
-come back at once, with no bookkeeping in the master."""
+come back at once, with no bookkeeping in the master. The same file holds, far past the
+slot bytes, the pod's UPSTREAM_MAX_RATE buckets (:mod:`passthrough.upstream.rate`)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def threads_per_worker(configured: int, max_transfers: int) -> int:
     return configured or max_transfers + TRANSFER_RESERVE
 
 
-def _lock_request(kind: int, index: int) -> bytes:
-    return struct.pack(_FLOCK, kind, os.SEEK_SET, index, 1, 0)
+def lock_request(kind: int, start: int, length: int = 1) -> bytes:
+    """The ``struct flock`` of an OFD lock of ``length`` bytes at ``start``."""
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
 
 
 class Transfer:
@@ -108,7 +110,7 @@ class TransferSlots:
         for step in range(self.capacity):
             index = (start + step) % self.capacity
             try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _lock_request(fcntl.F_WRLCK, index))
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock_request(fcntl.F_WRLCK, index))
             except (BlockingIOError, PermissionError):
                 continue
             return Transfer(fd)
@@ -127,7 +129,7 @@ class TransferSlots:
         try:
             held = 0
             for index in range(self.capacity):
-                answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _lock_request(fcntl.F_RDLCK, index))
+                answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, lock_request(fcntl.F_RDLCK, index))
                 held += struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
             return held
         finally:

@@ -500,7 +500,9 @@ class UpstreamRateLimited(UpstreamError):
 
 
 class UpstreamUnreachable(UpstreamError):
-    """No connection to the registry or its token service could be made (502)."""
+    """No connection to the registry or its token service could be made (502); the
+    message names the host and why (:mod:`passthrough.upstream.failures`: DNS name not
+    found, connection refused, reset, no route)."""
 
     status = 502
     kind = "upstream_unreachable"
@@ -518,7 +520,8 @@ class UpstreamCertificateError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The registry did not answer in time (504)."""
+    """The registry did not answer in time (504): a connect timeout or a read timeout,
+    named as such with the host and the setting that bounds it."""
 
     status = 504
     kind = "upstream_timeout"

@@ -27,6 +27,7 @@ from passthrough.store import open_store
 from passthrough.store.content import ContentStore
 from passthrough.upstream.auth import TokenCache
 from passthrough.upstream.netguard import HostPolicy, trusted_hosts
+from passthrough.upstream.rate import UpstreamRates
 from passthrough.upstream.trust import ca_bundle
 
 __all__ = ["EXTENSION", "Services", "services_of"]
@@ -65,7 +66,8 @@ class Services:
     def create(cls, settings: Settings) -> Services:
         """Open the store, read the users and rules (ConfigError), build the rest."""
         store = open_store(settings)
-        policy = outbound_policy(settings)
+        slots = TransferSlots.for_pod(settings.max_transfers)
+        policy = outbound_policy(settings, pod_file=slots.path)
         tokens = TokenCache()
         token_service = None
         if settings.token_secret is not None:
@@ -75,7 +77,7 @@ class Services:
             tokens=tokens,
             store=store,
             policy=policy,
-            slots=TransferSlots.for_pod(settings.max_transfers),
+            slots=slots,
             gate=Gate.create(settings),
             token_service=token_service,
             hosted=Hosted(settings, store) if store is not None else None,
@@ -83,8 +85,10 @@ class Services:
         )
 
 
-def outbound_policy(settings: Settings) -> HostPolicy:
-    """Where the service may connect: REGISTRY_ALLOWLIST, link-local, the CA bundle."""
+def outbound_policy(settings: Settings, *, pod_file: str | None = None) -> HostPolicy:
+    """Where the service may connect: REGISTRY_ALLOWLIST, link-local, the CA bundle;
+    and how fast it may read (UPSTREAM_MAX_RATE, in the buckets of ``pod_file``, the
+    pod's shared file)."""
     return HostPolicy(
         allowlist=settings.registry_allowlist,
         # The operator's own registries: REGISTRY_URL, its realm and UPSTREAMS.
@@ -97,7 +101,19 @@ def outbound_policy(settings: Settings) -> HostPolicy:
         ca_bundle=(
             str(ca_bundle(settings.upstream_ca_file)) if settings.upstream_ca_file else None
         ),
+        rates=upstream_rates(settings, pod_file) if pod_file else None,
     )
+
+
+def upstream_rates(settings: Settings, pod_file: str) -> UpstreamRates | None:
+    """UPSTREAM_MAX_RATE's caps, each alias's by its registry URL (None: no cap)."""
+    caps = settings.upstream_max_rate
+    if not caps:
+        return None
+    urls = {"default": settings.registry.url}
+    urls.update((alias, endpoint.url) for alias, endpoint in settings.upstreams)
+    per_url = [(urls[alias], rate) for alias, rate in caps.per_alias if alias in urls]
+    return UpstreamRates(pod_file, caps.pod, per_url)
 
 
 def services_of(app: Flask) -> Services:

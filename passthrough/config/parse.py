@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +101,39 @@ def size_or_off(name: str, raw: str) -> int:
     return 0 if raw == "0" else size(name, raw)
 
 
+@dataclass(frozen=True)
+class RateCaps:
+    """UPSTREAM_MAX_RATE: bytes per second read from upstreams by the whole pod (0: no
+    cap) and, per ``UPSTREAMS`` alias (``default`` for REGISTRY_URL), a cap of its own."""
+
+    pod: int = 0
+    per_alias: tuple[tuple[str, int], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pod or self.per_alias)
+
+
+def rate_caps(name: str, raw: str) -> RateCaps:
+    """``10M`` (the pod), ``10M,lab=2M`` (and the alias lab), ``lab=2M`` (lab alone); a
+    rate is a size per second, binary units (``4M`` is 4 MiB/s); ``0`` is no cap."""
+    pod = 0
+    per_alias: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        alias, equals, value = item.rpartition("=")
+        alias = alias.strip().lower()
+        shown = f"{name} ({alias})" if equals else name
+        rate = size_or_off(shown, value.strip().removesuffix("/s"))
+        if not equals:
+            pod = rate
+        elif not _ALIAS_RE.fullmatch(alias) or alias in per_alias:
+            raise ConfigError(f"{name}: {alias!r} is not an alias given once (alias=rate)")
+        elif rate:
+            per_alias[alias] = rate
+    return RateCaps(pod, tuple(per_alias.items()))
+
+
 def boolean(name: str, raw: str) -> bool:
     lowered = raw.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -176,9 +210,7 @@ def credential_user(name: str, raw: str) -> str:
 def namespace(name: str, raw: str) -> str:
     value = raw.strip("/")
     if not all(PATH_COMPONENT_RE.fullmatch(c) for c in value.split("/")):
-        raise ConfigError(
-            f"{name} must be lowercase path components such as 'team' or 'org/team'"
-        )
+        raise ConfigError(f"{name} must be lowercase path components such as 'team' or 'org/team'")
     return value
 
 

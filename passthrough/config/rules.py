@@ -63,6 +63,16 @@ def _credentials_pair(settings: Settings) -> None:
         raise ConfigError(f"{missing} must be set together with the other half of the credential")
 
 
+def _rate_aliases_exist(settings: Settings) -> None:
+    known = {"default", *(alias for alias, _ in settings.upstreams)}
+    for alias, _ in settings.upstream_max_rate.per_alias:
+        if alias not in known:
+            raise ConfigError(
+                f"UPSTREAM_MAX_RATE: {alias!r} is not an UPSTREAMS alias (nor default, "
+                "for REGISTRY_URL)"
+            )
+
+
 def _store_is_complete(settings: Settings) -> None:
     if settings.store == "s3" and not settings.s3_bucket:
         raise ConfigError("S3_BUCKET is required with STORE=s3")
@@ -106,7 +116,7 @@ def _tls_is_one_choice(settings: Settings) -> None:
 
 
 _CHECKS: dict[str, tuple[Callable[[Settings], None], ...]] = {
-    UPSTREAM: (_credentials_pair,),
+    UPSTREAM: (_credentials_pair, _rate_aliases_exist),
     STORE: (_store_is_complete, _lifecycle_spares_pushes),
     SERVE: (_pushes_have_users, _tokens_have_realm_and_key, _tls_is_one_choice),
 }

@@ -343,6 +343,14 @@ class Settings:
         "`MAX_CONCURRENT_DOWNLOADS` is read as this; `0`: the default)",
         LIMITS, aliases=("MAX_CONCURRENT_DOWNLOADS",),
     )  # fmt: skip
+    #: UPSTREAM_MAX_RATE: what reading from upstreams may cost the link, per second.
+    upstream_max_rate: p.RateCaps = setting(  # noqa: RUF009 - a field
+        "UPSTREAM_MAX_RATE", p.rate_caps, p.RateCaps(),
+        "bytes/s every upstream read of the pod shares (all workers; cache hits are never "
+        "slowed): `10M`, or `10M,lab=2M` to cap an `UPSTREAMS` alias (`default`: "
+        "`REGISTRY_URL`) on its own as well",
+        LIMITS, shown="off",
+    )  # fmt: skip
     client_idle_timeout: float = setting(
         "CLIENT_IDLE_TIMEOUT", p.number(1), 120.0,
         "seconds a client may leave sent data unacknowledged before it is dropped "

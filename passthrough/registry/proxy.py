@@ -3,8 +3,11 @@ content store and read through from the upstream a name routes to.
 
 - **manifests by tag** are revalidated upstream by HEAD on every request (free of
   Docker Hub's pull quota), or trusted for TAG_TTL seconds; when upstream is
-  unreachable, times out or answers 429/5xx, a tag seen before is served from the
-  store, marked stale (PROXY_SERVE_STALE);
+  unreachable, times out or answers 429/5xx, a tag seen before (by GET, or by HEAD as
+  containerd resolves tags, once its manifest is stored) is served from the store,
+  marked stale (PROXY_SERVE_STALE);
+- **a blob HEAD** of a blob not stored asks upstream, following a redirect to its
+  storage for the size (:meth:`RegistryClient.blob_size`);
 - **manifests by digest and blobs** are immutable: served from the store once there,
   else fetched once, verified and stored; blobs are streamed while they are fetched
   (:mod:`passthrough.store.readthrough`);
@@ -263,6 +266,10 @@ class Proxy:
                         "store",
                     )
                 if not want_body:
+                    # containerd (every Kubernetes node) resolves a tag by HEAD and then
+                    # GETs the manifest by digest: the tag is recorded here, or nothing
+                    # would let it be served stale once that digest is in the store.
+                    self._remember(key, record, head.digest, head.media_type)
                     return head
             body, media_type = self._get_manifest(client, tag, what)
         digest = sha256_digest(body)
@@ -338,9 +345,7 @@ class Proxy:
         if not want_body:
             if stored_size is None:
                 with contextlib.closing(self.client(route, credentials)) as client:
-                    size = client.blob_exists(digest, what=what)
-                if size is None:
-                    raise UpstreamInvalid(f"{what}: the registry's HEAD gave no Content-Length")
+                    size = client.blob_size(digest, what=what)
                 return BlobAnswer(size, "upstream")
         if not digest.startswith("sha256:"):
             raise UpstreamNotFound(f"{what}: only sha256 blobs are served")

@@ -14,6 +14,7 @@ import urllib3
 from passthrough.errors import Cancelled, UpstreamInvalid, UpstreamTimeout, UpstreamUnreachable
 from passthrough.oci.manifest import LayerDescriptor
 from passthrough.upstream.client import RegistryClient
+from passthrough.upstream.failures import where
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,13 @@ def blob_chunks(
                         offset += len(chunk)
                         yield chunk
                 except urllib3.exceptions.ReadTimeoutError:
-                    raise UpstreamTimeout(f"{what}: the registry stopped sending") from None
+                    raise UpstreamTimeout(
+                        f"{what}: {where(response.url)} stopped sending (read timeout)"
+                    ) from None
                 except (urllib3.exceptions.HTTPError, OSError):
-                    raise UpstreamUnreachable(f"{what}: the connection broke mid-blob") from None
+                    raise UpstreamUnreachable(
+                        f"{what}: the connection to {where(response.url)} broke mid-blob"
+                    ) from None
             if offset < layer.size and response.headers.get("Content-Length") is None:
                 raise UpstreamUnreachable(f"{what}: the blob ended early")
             return

@@ -51,6 +51,7 @@ from passthrough.upstream.auth import (
     TokenKey,
     parse_challenges,
 )
+from passthrough.upstream.failures import cannot_connect, timed_out, where
 from passthrough.upstream.netguard import GuardedAdapter, HostPolicy
 from passthrough.upstream.target import AuthKind, Target
 from passthrough.upstream.trust import tls_failure
@@ -176,6 +177,9 @@ class RegistryClient:
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        rates = (policy or HostPolicy()).rates
+        #: UPSTREAM_MAX_RATE's caps for this registry (None: reads at full speed).
+        self.throttle = rates.for_upstream(target.registry.url) if rates else None
         self._authorization: str | None = None
         if target.auth is AuthKind.STATIC_BEARER and target.bearer_token:
             self._authorization = f"Bearer {target.bearer_token}"
@@ -259,18 +263,22 @@ class RegistryClient:
             # host answered and its certificate was refused (a private CA, a wrong name).
             metrics.upstream_response(call.operation, method, "tls_error")
             raise UpstreamCertificateError(f"{what}: {tls_failure(url, exc)}") from None
-        except requests.Timeout:
+        except requests.Timeout as exc:
             metrics.upstream_response(call.operation, method, "timeout")
+            connecting = isinstance(exc, requests.ConnectTimeout)
+            seconds = self.timeouts.connect if connecting else self.timeouts.read
             raise UpstreamTimeout(
-                f"{what}: {urlsplit(url).netloc} did not answer in time"
+                f"{what}: {timed_out(url, connecting=connecting, seconds=seconds)}"
             ) from None
-        except requests.ConnectionError:
+        except requests.ConnectionError as exc:
             metrics.upstream_response(call.operation, method, "connection_error")
-            raise UpstreamUnreachable(f"{what}: cannot connect to {urlsplit(url).netloc}") from None
+            raise UpstreamUnreachable(f"{what}: {cannot_connect(url, exc)}") from None
         except requests.RequestException as exc:
             metrics.upstream_response(call.operation, method, "error")
             raise UpstreamError(f"{what}: request failed ({type(exc).__name__})") from None
         metrics.upstream_response(call.operation, method, str(response.status_code))
+        if self.throttle is not None:
+            self.throttle.wrap(response.raw)
         return response
 
     def get_manifest(self, reference: str, accept: str, what: str) -> tuple[bytes, str, str]:
@@ -504,6 +512,52 @@ class RegistryClient:
             return int(length)
         return None
 
+    def blob_size(self, digest: str, *, what: str) -> int:
+        """A blob's size from a HEAD. Registries on S3 or a CDN (Docker Hub among them)
+        answer it with a redirect to their storage and no Content-Length: the redirect is
+        then asked (:meth:`_size_at`), without our Authorization off the registry's
+        origin."""
+        path = f"/v2/{self.repository}/blobs/{digest}"
+        response = self.request("HEAD", path, what=what, follow_redirects=False)
+        response.close()
+        size = _content_length(response)
+        if response.status_code < 300 and size is not None:
+            return size
+        location = response.headers.get("Location")
+        if 300 <= response.status_code < 400 and location:
+            url = urljoin(self.base + path, location)
+            if urlsplit(url).scheme in ("http", "https"):
+                found = self._size_at(url, what)
+                if found is not None:
+                    return found
+        raise UpstreamInvalid(
+            f"{what}: neither the registry nor the storage it redirects to gave the blob's size"
+        )
+
+    def _size_at(self, url: str, what: str) -> int | None:
+        """The size of what a storage URL serves: its HEAD's Content-Length, else the total
+        of a one-byte Range GET's Content-Range (a URL presigned for GET alone refuses a
+        HEAD); None when neither tells."""
+        for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+            response = self._send(
+                method, url, headers, stream=True, what=what, authorization=self._authorization
+            )
+            response.close()
+            if response.status_code == 206:
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit():
+                    return int(total)
+            elif response.status_code == 200:
+                size = _content_length(response)
+                if size is not None:
+                    return size
+        return None
+
+
+def _content_length(response: requests.Response) -> int | None:
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
 
 def read_limited(
     response: requests.Response,
@@ -558,14 +612,19 @@ def _raise_mapped(response: requests.Response, status: int, what: str, detail: s
         raise UpstreamUnauthorized(f"{what}: the registry requires other credentials{detail}")
     if status == 403:
         raise UpstreamForbidden(f"{what}: the registry denied access{detail}")
+    # Overload and outages name the host that answered (the registry, or the storage
+    # it redirected to): the first thing an operator checks.
+    host = where(response.url) if response.url else "the registry"
     if status == 429:
         retry_after = response.headers.get("Retry-After", "").strip()
         headers = {"Retry-After": retry_after} if retry_after.isdigit() else {}
+        after = f", retry after {retry_after} s" if retry_after.isdigit() else ""
         raise UpstreamRateLimited(
-            f"{what}: the registry is rate-limiting us{detail}", headers=headers
+            f"{what}: the registry is rate-limiting us ({host} answered 429{after}){detail}",
+            headers=headers,
         )
     if status in (500, 502, 503, 504):
-        raise UpstreamUnavailable(f"{what}: the registry answered {status}{detail}")
+        raise UpstreamUnavailable(f"{what}: the registry answered {status} ({host}){detail}")
     if 300 <= status < 400:
         raise UpstreamInvalid(f"{what}: unexpected redirect {status}")
     raise UpstreamError(f"{what}: the registry answered {status}{detail}")

@@ -13,6 +13,8 @@ to (after DNS resolution), which defeats names that resolve to a metadata endpoi
 - With REGISTRY_ALLOWLIST set, every host must match one of its patterns (``ghcr.io``,
   ``*.docker.io``, ``registry.internal:5000``, ``127.0.0.1:*``), except the hosts of
   REGISTRY_URL and REGISTRY_AUTH_URL, which the operator configured.
+- What reading from upstreams may cost per second (UPSTREAM_MAX_RATE,
+  :mod:`passthrough.upstream.rate`), for the registry client to obey.
 - The CAs a TLS connection trusts: the public ones, plus UPSTREAM_CA_FILE's when set
   (``ca_bundle``, built by :mod:`passthrough.upstream.trust`), given to every request
   by the adapter, so registries, realms and redirect targets are verified alike.
@@ -34,6 +36,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from passthrough.errors import Forbidden
 from passthrough.oci.reference import quote_input
+from passthrough.upstream.rate import UpstreamRates
 
 BLOCKED_NETWORKS = tuple(
     ipaddress.ip_network(n)
@@ -50,6 +53,8 @@ class HostPolicy:
     #: The CA bundle file every https connection verifies with (the public CAs and the
     #: operator's, :func:`passthrough.upstream.trust.ca_bundle`); None: requests' own.
     ca_bundle: str | None = None
+    #: UPSTREAM_MAX_RATE: the throttles every registry client's reads obey (None: no cap).
+    rates: UpstreamRates | None = field(default=None, compare=False)
 
     def check_host(self, host: str, port: int | None) -> None:
         """Raise :class:`Forbidden` unless the allowlist (when set) admits host:port."""

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import requests
 
 from passthrough.errors import PassthroughError
+from passthrough.upstream.failures import cannot_connect, timed_out
 from passthrough.upstream.netguard import GuardedAdapter, HostPolicy
 from passthrough.upstream.trust import tls_failure
 
@@ -47,12 +48,14 @@ def probe_registry(url: str, policy: HostPolicy, timeout: float = PROBE_TIMEOUT)
         response.close()
     except PassthroughError as exc:  # refused by the outbound policy
         return ProbeResult(False, None, exc.message)
-    except requests.Timeout:
-        return ProbeResult(False, None, f"{host} did not answer within {timeout:g} s")
+    except requests.Timeout as exc:
+        connecting = isinstance(exc, requests.ConnectTimeout)
+        detail = timed_out(url, connecting=connecting, seconds=timeout, bounded=False)
+        return ProbeResult(False, None, detail)
     except requests.exceptions.SSLError as exc:
         return ProbeResult(False, None, tls_failure(url, exc))
-    except requests.ConnectionError:
-        return ProbeResult(False, None, f"cannot connect to {host}")
+    except requests.ConnectionError as exc:
+        return ProbeResult(False, None, cannot_connect(url, exc))
     except requests.RequestException as exc:
         return ProbeResult(False, None, f"{host}: {type(exc).__name__}")
     finally:

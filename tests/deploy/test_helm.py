@@ -279,6 +279,7 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "MAX_IMAGE_BYTES": ("config.maxImageBytes", "4G", "4G"),
     "MAX_LAYERS": ("config.maxLayers", 200, "200"),
     "MAX_TRANSFERS": ("config.maxTransfers", 300, "300"),
+    "UPSTREAM_MAX_RATE": ("config.upstreamMaxRate", "10M,lab=2M", "10M,lab=2M"),
     "CLIENT_IDLE_TIMEOUT": ("config.clientIdleTimeout", 600, "600"),
     "DEFAULT_PLATFORM": ("config.defaultPlatform", "linux/arm64", "linux/arm64"),
     "SERVE_STALE": ("config.serveStale", True, "true"),

@@ -10,6 +10,12 @@ registry does.
 
 Both stream bodies in chunks and forward the client's Host header unchanged, so the
 URLs the registry generates (upload Locations) point back at the front.
+
+For upstreams that are not there at all: `RefusingPort` holds a loopback port bound but
+not listening (every connection refused, and no other process can take the port),
+`SilentPort` one that accepts connections and never answers (a read timeout), and
+`UNRESOLVABLE_HOST` is a name that never resolves (RFC 6761 reserves `.invalid`).
+`TlsFront` serves the registry over HTTPS with a self-signed certificate nobody trusts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
+from passthrough.tls import make_self_signed
 from tests.support.procs import LOOPBACK, BackgroundHTTPServer
 from tests.support.registry import RegistryServer
 
@@ -57,6 +65,8 @@ BLOB_PATH = re.compile(
 MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 
 FaultKind = Literal["cut", "corrupt", "503", "429"]
+#: A host name no resolver answers (RFC 6761: `.invalid` never resolves).
+UNRESOLVABLE_HOST = "nonexistent.invalid"
 ManifestFaultKind = Literal["corrupt", "503", "429"]
 
 
@@ -318,16 +328,66 @@ class _Proxy:
 # --- RedirectFront ----------------------------------------------------------------------
 
 
+class RefusingPort:
+    """A loopback port bound and never listened on: a connection to it is refused at
+    once (RST), as a stopped registry's is, and no other process can take the port
+    while this holds it."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind((host, 0))
+        self.host, self.port = self._socket.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SilentPort(RefusingPort):
+    """A loopback port that listens and never accepts: the kernel completes each
+    connection and no byte ever comes back, as from a hung registry."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        super().__init__(host)
+        self._socket.listen(64)
+
+
+class TlsFront(_Proxy):
+    """The registry over HTTPS with a certificate of its own CA, made here for
+    127.0.0.1 and given to nobody: every client that verifies refuses the handshake."""
+
+    name = "tls-front"
+
+    def __init__(self, registry: RegistryServer, tls_dir: Path) -> None:
+        super().__init__(registry)
+        files = make_self_signed([LOOPBACK], tls_dir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(files.cert, files.key)
+        self._http.serve_tls(context)
+
+
 class BlobHost:
     """The signed-URL blob server behind a RedirectFront, on 127.0.0.2: GET/HEAD
     /blobs/<digest>?sig=.. straight from the registry's storage, with Range support.
 
     Like S3 given both a presigned URL and an Authorization header, it answers 400 to
-    any request carrying Authorization; a missing or wrong sig gets 403.
+    any request carrying Authorization; a missing or wrong sig gets 403. With
+    `head_allowed` false it answers 403 to every HEAD, as S3 does to a URL presigned
+    for GET alone.
     """
 
     def __init__(self, registry: RegistryServer, secret: bytes, host: str = "127.0.0.2") -> None:
         self.registry = registry
+        self.head_allowed = True
         self._secret = secret
         self._lock = threading.Lock()
         self.requests = 0
@@ -361,6 +421,7 @@ class BlobHost:
             self.requests = 0
             self.requests_with_authorization = 0
             self.log.clear()
+            self.head_allowed = True
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(handler.path)
@@ -381,6 +442,9 @@ class BlobHost:
                 handler, 405, b"<Error><Code>MethodNotAllowed</Code></Error>", content_type=xml
             )
             return 405
+        if handler.command == "HEAD" and not self.head_allowed:
+            _send_simple(handler, 403, b"", content_type=xml)
+            return 403
         if has_auth:
             body = (
                 b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed;"

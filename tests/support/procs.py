@@ -314,6 +314,13 @@ class BackgroundHTTPServer:
         )
         self._started = False
         self._stopped = False
+        self.scheme = "http"
+
+    def serve_tls(self, context: ssl.SSLContext) -> None:
+        """HTTPS from now on (before :meth:`start`): each connection's handshake happens
+        as it is accepted; one that fails is dropped."""
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https"
 
     @property
     def address(self) -> str:
@@ -321,7 +328,7 @@ class BackgroundHTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     def start(self) -> BackgroundHTTPServer:
         self._thread.start()
