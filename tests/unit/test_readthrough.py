@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from passthrough.errors import (
+    FetchFailed,
     TransferAborted,
     UpstreamInvalid,
     UpstreamNotFound,
@@ -132,10 +133,14 @@ def test_a_wrong_digest_aborts_before_the_last_byte_and_commits_nothing(
 
 def test_a_fast_bad_fetch_is_an_error_status_or_an_abort(store: ContentStore) -> None:
     """Whether the reader met the failure before or after its first byte, it fails
-    visibly: an error status (UpstreamInvalid, 502) or an aborted transfer."""
+    visibly: an error status (UpstreamInvalid, 502; or FetchFailed passing the fetch's 502
+    on, when a slow reader found the fetch already failed) or an aborted transfer."""
     data = os.urandom(CHUNK * 2)
-    with pytest.raises((UpstreamInvalid, TransferAborted), match="does not match its digest"):
+    with pytest.raises(
+        (UpstreamInvalid, FetchFailed, TransferAborted), match="does not match its digest"
+    ) as caught:
         read_all(store.read_through(digest_of(data), Upstream(data, sent=b"x" * len(data))))
+    assert caught.value.status == 502
     assert store.blob_size(digest_of(data)) is None
 
 
