@@ -1,6 +1,7 @@
 """The `passthrough` console command: `healthcheck` for containers without curl,
-`check-config` to validate the environment before a deploy, and `gc` to remove what no
-tag of the hosted area reaches (:mod:`passthrough.registry.gc`).
+`check-config` to validate the environment before a deploy, `gc` to remove what no
+tag of the hosted area reaches (:mod:`passthrough.registry.gc`), and `export` to write
+several images into one archive (:mod:`passthrough.cli_export`).
 
 Each command checks the settings it uses: check-config all the server needs, gc the
 content store's (it issues no token, so PUBLIC_URL and TOKEN_SECRET are not its
@@ -12,6 +13,8 @@ import argparse
 import ssl
 import sys
 import urllib.request
+
+from passthrough import cli_export
 
 #: gc's --grace when none is given (a push takes far less; replicas without Redis rely on it).
 GC_GRACE = "1h"
@@ -132,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         help="leave alone what was pushed more recently than this (90s, 15m, 1h, 2d, 0s; "
         f"default {GC_GRACE})",
     )
+    cli_export.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return cli_export.run(args)
     if args.command == "healthcheck":
         return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":

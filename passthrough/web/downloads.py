@@ -21,12 +21,14 @@ from passthrough.errors import (
     TooBusy,
     UpstreamUnauthorized,
 )
+from passthrough.export.checksum import recorded, split_suffix
 from passthrough.export.download import prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
 from passthrough.services import Services, services_of
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
+from passthrough.web.checksums import checksum_response
 from passthrough.web.errors import error_response
 
 bp = Blueprint("downloads", __name__)
@@ -71,6 +73,9 @@ def download_request(
 ) -> DownloadRequest:
     """The pipeline's view of this HTTP request (path, query, Authorization)."""
     settings = services().settings
+    # `<tar URL>.sha256` and `.md5` name the same archive (passthrough.web.checksums).
+    filename = split_suffix(filename)[0] if filename is not None else None
+    reference_path = split_suffix(reference_path)[0] if reference_path is not None else None
     return DownloadRequest(
         route=route,
         filename=filename,
@@ -125,6 +130,9 @@ def _download(download_request: DownloadRequest) -> Response:
             offer_client_challenge(download_request.route, exc)
         telemetry.record_error(exc)
         raise
+    algorithm = split_suffix(request.path)[1]
+    if algorithm is not None:
+        return checksum_response(download, algorithm, transfer)
     if transfer is not None:
         download.on_close(transfer.release)
     drop_idle_clients(svc.settings.client_idle_timeout)
@@ -154,7 +162,10 @@ def _download(download_request: DownloadRequest) -> Response:
         head.automatically_set_content_length = False
         return head
     download.start_fetching(start, end)
-    response = Response(download.body(start, end), status=status, headers=headers)
+    body = download.body(start, end)
+    if status == 200:  # the whole archive: its digests are recorded on the way
+        body = recorded(svc.store, download, body)
+    response = Response(body, status=status, headers=headers)
     # A response closed before its body started never runs the generator's cleanup.
     response.call_on_close(download.close)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
