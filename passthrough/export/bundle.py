@@ -57,7 +57,15 @@ from passthrough.export.tarstream import (
     total_size,
 )
 from passthrough.observe import metrics
-from passthrough.oci.manifest import OCI_INDEX, ResolvedImage, index_platforms, sha256_digest
+from passthrough.oci.manifest import (
+    IMAGE_MANIFEST_TYPES,
+    MAX_CONFIG_BYTES,
+    OCI_INDEX,
+    ResolvedImage,
+    descriptor,
+    index_platforms,
+    sha256_digest,
+)
 from passthrough.oci.platforms import DEFAULT_PLATFORM, Platform
 from passthrough.oci.reference import quote_input
 from passthrough.registry.routing import route_name
@@ -177,6 +185,8 @@ class BundleImage:
     spec: str
     members: list[Member]
     index: ParsedManifest | None = None
+    #: The index's other entries (attestations): manifests and their blobs by digest.
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 class _Layers:
@@ -246,6 +256,8 @@ def oci_entries(images: list[BundleImage], layers: _Layers) -> list[MetadataEntr
         if image.index is not None:
             body, media_type, digest = _kept_index(image)
             blobs.setdefault(digest, body)
+            for artifact, data in image.artifacts.items():
+                blobs.setdefault(artifact, data)
         name = first.selection.full_name
         descriptors.append(
             {
@@ -279,7 +291,7 @@ def _kept_index(image: BundleImage) -> tuple[bytes, str, str]:
     else (attestations left out) a new one listing what the bundle holds."""
     assert image.index is not None
     body, media_type, digest, document = image.index
-    held = {member.image.manifest_digest for member in image.members}
+    held = {member.image.manifest_digest for member in image.members} | set(image.artifacts)
     entries = document.get("manifests")
     listed = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     if all(entry.get("digest") in held for entry in listed):
@@ -410,8 +422,40 @@ def _prepare_image(services: Services, request: BundleRequest, spec: str) -> Bun
             # Pinned to the index's digest: a tag moved meanwhile cannot mix two indexes.
             each = image_request(settings, request, spec, platform=platform, digest=index_digest)
             image.members.append(prepare_download(services, each, fetch=False))
+        _add_artifacts(documents, image)
     except BaseException:
         for member in image.members:
             member.close()
         raise
     return image
+
+
+def _add_artifacts(documents: Documents, image: BundleImage) -> None:
+    """The index's entries that are no platform image (attestations), with their
+    blobs, so that the index goes in whole and keeps its digest. Small ones only (an
+    attestation is kilobytes): an entry that is not is left out, the index rewritten."""
+    assert image.index is not None
+    held = {member.image.manifest_digest for member in image.members}
+    entries = image.index[3].get("manifests")
+    for entry in entries if isinstance(entries, list) else ():
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or digest in held or digest in image.artifacts:
+            continue
+        found = _artifact(documents, digest, f"an entry of the index of {image.spec}")
+        if found is not None:
+            image.artifacts.update(found)
+
+
+def _artifact(documents: Documents, digest: str, what: str) -> dict[str, bytes] | None:
+    """One image manifest and its blobs, verified, when every blob is small."""
+    body, media_type, digest, document = documents.manifest_by_digest(digest, what)
+    if media_type not in IMAGE_MANIFEST_TYPES:
+        return None
+    layers = document.get("layers")
+    found = {digest: body}
+    for raw in [document.get("config"), *(layers if isinstance(layers, list) else ())]:
+        blob, size, _ = descriptor(raw, what)
+        if size > MAX_CONFIG_BYTES:
+            return None
+        found[blob] = documents.config(blob, size, what)
+    return found
