@@ -207,8 +207,14 @@ class _Layers:
         return name
 
     def segments(self) -> list[Segment]:
-        """The layer entries, smallest first (as a single download sends them)."""
-        ordered = sorted(self.chosen, key=lambda c: (c[1].size or 0, c[1].name))
+        """The layer entries, smallest first (as a single download sends them), by the
+        registry's size: known cold or warm, so the same bundle is always the same bytes."""
+
+        def order(chosen: tuple[Member, FileEntrySegment]) -> tuple[int, str]:
+            member, segment = chosen
+            return member.image.layers[segment.layer_index].size, segment.name
+
+        ordered = sorted(self.chosen, key=order)
         return [segment for _, segment in ordered]
 
 

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from passthrough.errors import UpstreamUnauthorized
 from passthrough.export.bundle import BundleRequest, prepare_bundle
 from passthrough.export.checksum import recorded, split_suffix
 from passthrough.export.request import parse_platform
-from passthrough.observe import telemetry
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
 from passthrough.web.checksums import checksum_response
-from passthrough.web.downloads import (
-    drop_idle_clients,
-    offer_client_challenge,
-    services,
-    take_transfer,
-)
+from passthrough.web.downloads import drop_idle_clients, prepared, services
 
 bp = Blueprint("bundles", __name__)
 
@@ -50,16 +43,7 @@ def bundle_request() -> BundleRequest:
 def bundle_download() -> Response:
     svc = services()
     wanted = bundle_request()
-    transfer = take_transfer("tar") if request.method == "GET" else None
-    try:
-        bundle = prepare_bundle(svc, wanted)
-    except BaseException as exc:
-        if transfer is not None:
-            transfer.release()
-        if isinstance(exc, UpstreamUnauthorized):
-            offer_client_challenge(Route.ENVIRONMENT, exc)
-        telemetry.record_error(exc)
-        raise
+    bundle, transfer = prepared(Route.ENVIRONMENT, lambda: prepare_bundle(svc, wanted))
     algorithm = split_suffix(request.path)[1]
     if algorithm is not None:
         return checksum_response(bundle, algorithm, transfer)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, request
 
@@ -32,6 +34,8 @@ from passthrough.web.checksums import checksum_response
 from passthrough.web.errors import error_response
 
 bp = Blueprint("downloads", __name__)
+
+T = TypeVar("T")
 
 
 def services() -> Services:
@@ -117,19 +121,28 @@ def take_transfer(kind: str) -> Transfer:
         raise
 
 
-def _download(download_request: DownloadRequest) -> Response:
-    svc = services()
+def prepared(route: Route, prepare: Callable[[], T]) -> tuple[T, Transfer | None]:
+    """``prepare()`` (everything before the first byte) with one of the pod's transfer
+    slots taken for a GET; on failure the slot goes back and a client that can answer
+    a challenge is offered one."""
     # Each download holds a thread for its whole life: over the pod's cap, 503 at once.
     transfer = take_transfer("tar") if request.method == "GET" else None
     try:
-        download = prepare_download(svc, download_request, fetch=False)
+        return prepare(), transfer
     except BaseException as exc:
         if transfer is not None:
             transfer.release()
         if isinstance(exc, UpstreamUnauthorized):
-            offer_client_challenge(download_request.route, exc)
+            offer_client_challenge(route, exc)
         telemetry.record_error(exc)
         raise
+
+
+def _download(download_request: DownloadRequest) -> Response:
+    svc = services()
+    download, transfer = prepared(
+        download_request.route, lambda: prepare_download(svc, download_request, fetch=False)
+    )
     algorithm = split_suffix(request.path)[1]
     if algorithm is not None:
         return checksum_response(download, algorithm, transfer)
