@@ -171,6 +171,8 @@ class Member(Protocol):
     plan: ArchivePlan
     selection: Selection
     segments: list[Segment]
+    #: How it ended, for its log line (a bundle's member: ``bundle_<outcome>``).
+    outcome: str
 
     def prefetch(self, indexes: list[int]) -> None: ...
 
@@ -371,6 +373,8 @@ class Bundle:
             outcome = "client_gone"
             raise
         finally:
+            for member in self.members:
+                member.outcome = f"bundle_{outcome}"
             self.close()
             seconds = time.monotonic() - self.started
             metrics.download_finished("bundle", outcome, self.bytes_sent, seconds)
