@@ -14,6 +14,7 @@ import pytest
 import responses
 
 from passthrough import create_app
+from passthrough.cli import main
 from passthrough.errors import BadRequest
 from passthrough.export.bundle import BundleRequest, split_image
 from passthrough.export.checksum import split_suffix
@@ -193,3 +194,41 @@ def test_image_names_and_suffixes():
     assert split_suffix("nginx_latest.tar") == ("nginx_latest.tar", None)
     with pytest.raises(BadRequest):
         BundleRequest(images=("nginx",), all_platforms=True)
+
+
+@pytest.fixture
+def export_env(tmp_path, monkeypatch):
+    """`passthrough export` configured as a server would be, from the environment."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "out").mkdir()
+    monkeypatch.setenv("REGISTRY_URL", REG)
+    monkeypatch.setenv("ENV_FILE", "/nonexistent")
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "out"
+
+
+@responses.activate
+def test_export_writes_the_bundle_and_prints_its_digests(export_env, capsys):
+    two_images(responses)
+    output = export_env / "site.tar"
+    code = main(["export", "-o", str(output), "--json", "team/one:1.0", "team/two:2.0"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    data = output.read_bytes()
+    assert summary["sha256"] == hashlib.sha256(data).hexdigest()
+    assert summary["bytes"] == len(data)
+    assert [image["image"] for image in summary["images"]] == ["team/one:1.0", "team/two:2.0"]
+    assert len(json.loads(read_archive(data)["manifest.json"] or b"")) == 2
+    assert sorted(p.name for p in export_env.iterdir()) == ["site.tar"]
+
+
+@responses.activate
+def test_export_of_an_unknown_image_names_it_and_leaves_nothing(export_env, capsys):
+    two_images(responses)
+    for method in (responses.GET, responses.HEAD):
+        responses.add(method, f"{REG}/v2/team/missing/manifests/9.9", status=404)
+    code = main(["export", "-o", str(export_env / "site.tar"), "team/one:1.0", "team/missing:9.9"])
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "team/missing:9.9" in lines[0]
+    assert list(export_env.iterdir()) == []
