@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -102,13 +103,41 @@ def checksum_line(record: dict[str, str | int], algorithm: str, filename: str) -
     return f"{record[algorithm]}  {filename}\n"
 
 
+class _Known:
+    """The archive ids this process knows to be recorded: a fleet downloading one image
+    costs the store one read of its record, not one per download."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._ids: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, identity: str) -> bool:
+        return identity in self._ids
+
+    def add(self, identity: str) -> None:
+        with self._lock:
+            self._ids[identity] = None
+            while len(self._ids) > self.LIMIT:
+                del self._ids[next(iter(self._ids))]
+
+
+KNOWN = _Known()
+
+
 def recorded(
     store: ContentStore | None, archive: Archive, chunks: Iterator[bytes]
 ) -> Iterator[bytes]:
     """``chunks`` (a whole archive) passed on while hashed, and the digests recorded once
     the last byte went out, unless the store holds them already."""
+    if store is None:
+        yield from chunks
+        return
     identity = archive_id(archive)
-    if store is None or _valid(store.recall_checksum(identity)):
+    known = f"{id(store)} {identity}"  # per store: tests open several in one process
+    if known in KNOWN or _valid(store.recall_checksum(identity)):
+        KNOWN.add(known)
         yield from chunks
         return
     hashes = Hashes()
@@ -128,5 +157,6 @@ def _remember(store: ContentStore | None, identity: str, record: dict[str, str |
         return
     try:
         store.remember_checksum(identity, record)
+        KNOWN.add(f"{id(store)} {identity}")
     except OSError as exc:
         log.warning("could not record the checksum of an archive: %s", exc.strerror)
