@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.e2e.helpers import download, fetch, running_server, unique
+from tests.support.docker_engine import DockerEngine
 from tests.support.helpers import wait_until
 from tests.support.images import (
     Image,
@@ -151,6 +152,35 @@ def test_oci_bundle_copies_into_a_registry_with_its_digests(site: Site, tmp_path
         assert manifest_digest(registry, target, "latest") == manifest_digest(
             registry, spec.rsplit(":", 1)[0], "1"
         )
+
+
+def test_oci_bundle_imports_into_containerd_under_every_name(
+    site: Site, docker_engine: DockerEngine, tmp_path: Path
+):
+    archive = tmp_path / "site-oci.tar"
+    specs = [site.spec("one"), site.spec("two"), site.spec("multi")]
+    query = "&".join(f"image={spec}" for spec in specs)
+    download(f"{site.server.url}/bundle.tar?{query}&format=oci&all=1", archive)
+    ctr = ["ctr", "--address", str(docker_engine.containerd_sock), "--namespace", "pt-bundle"]
+    names = [f"{site.registry.host}/{spec}" for spec in specs]
+    try:
+        imported = subprocess.run(
+            [*ctr, "images", "import", "--all-platforms", "--no-unpack", str(archive)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert imported.returncode == 0, imported.stderr
+        listed = subprocess.run(
+            [*ctr, "images", "ls"], capture_output=True, text=True, timeout=60, check=True
+        )
+        rows = {line.split()[0]: line.split()[2] for line in listed.stdout.splitlines()[1:]}
+        for spec, name in zip(specs, names, strict=True):
+            original = manifest_digest(site.registry, spec.rsplit(":", 1)[0], "1")
+            assert rows.get(name) == original, (name, listed.stdout)
+    finally:
+        subprocess.run([*ctr, "images", "rm", *names], capture_output=True, timeout=60, check=False)
 
 
 def manifest_digest(registry: RegistryServer, repository: str, tag: str) -> str:
