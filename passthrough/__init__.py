@@ -40,6 +40,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     telemetry.instrument_app(app)
 
     from passthrough.web import (
+        bundles,
         describe,
         downloads,
         errors,
@@ -61,6 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         tls,
         token,
         downloads,
+        bundles,
         describe,
         ui,
         metrics,

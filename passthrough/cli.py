@@ -1,8 +1,9 @@
 """The `passthrough` console command: `healthcheck` for containers without curl,
 `check-config` to validate the environment before a deploy, `gc` to remove what no
 tag of the hosted area reaches (:mod:`passthrough.registry.gc`), `import` to put the
-images of an archive into the hosted area (:mod:`passthrough.cli_import`), and `sync` to
-fill the store from SYNC_FILE (:mod:`passthrough.cli_sync`).
+images of an archive into the hosted area (:mod:`passthrough.cli_import`), `sync` to
+fill the store from SYNC_FILE (:mod:`passthrough.cli_sync`), and `export` to write
+several images into one archive (:mod:`passthrough.cli_export`).
 
 Each command checks the settings it uses: check-config all the server needs, gc the
 content store's (it issues no token, so PUBLIC_URL and TOKEN_SECRET are not its
@@ -15,7 +16,7 @@ import ssl
 import sys
 import urllib.request
 
-from passthrough import cli_sync
+from passthrough import cli_export, cli_sync
 
 #: gc's --grace when none is given (a push takes far less; replicas without Redis rely on it).
 GC_GRACE = "1h"
@@ -138,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     from passthrough.cli_import import add_import_parser, import_command
 
+    # The long-running commands, each in its own module: its parser, then its run.
     add_import_parser(commands)
     cli_sync.add_parser(commands)
+    cli_export.add_parser(commands)
+    runs = {"import": import_command, "sync": cli_sync.run, "export": cli_export.run}
     args = parser.parse_args(argv)
-    if args.command == "import":
-        return import_command(args)
-    if args.command == "sync":
-        return cli_sync.run(args)
+    if args.command in runs:
+        return runs[args.command](args)
     if args.command == "healthcheck":
         return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":

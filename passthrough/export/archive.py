@@ -184,9 +184,37 @@ def _loader_entries(
 ) -> list[MetadataEntry]:
     """``manifest.json`` and ``repositories``, which docker load reads in both layouts;
     ``top`` names the top layer (its directory, or its blob), empty without layers."""
-    manifest = [{"Config": config_name, "RepoTags": [repo_tag], "Layers": [s.name for s in slots]}]
-    name, tag = _split_repo_tag(repo_tag)
-    repositories = {name: {tag: top}} if top else {}
+    return loader_entries([LoaderImage(config_name, tuple(s.name for s in slots), top, repo_tag)])
+
+
+@dataclass(frozen=True)
+class LoaderImage:
+    """One image as ``manifest.json`` lists it: config and layer paths in the archive,
+    the top layer's id (empty without layers) and a name."""
+
+    config: str
+    layers: tuple[str, ...]
+    top: str
+    repo_tag: str
+
+
+def loader_entries(images: list[LoaderImage]) -> list[MetadataEntry]:
+    """``manifest.json`` (one entry per image, as ``docker save a b c`` writes: the same
+    image under two names is one entry with both RepoTags) and ``repositories``."""
+    tags_of: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
+    for image in images:
+        tags = tags_of.setdefault((image.config, image.layers, image.top), [])
+        if image.repo_tag not in tags:
+            tags.append(image.repo_tag)
+    manifest = [
+        {"Config": config, "RepoTags": tags, "Layers": list(layers)}
+        for (config, layers, _), tags in tags_of.items()
+    ]
+    repositories: dict[str, dict[str, str]] = {}
+    for (_, _, top), tags in tags_of.items():
+        for repo_tag in tags if top else ():
+            name, tag = _split_repo_tag(repo_tag)
+            repositories.setdefault(name, {})[tag] = top
     return [
         MetadataEntry("manifest.json", json.dumps(manifest).encode()),
         MetadataEntry("repositories", json.dumps(repositories).encode()),

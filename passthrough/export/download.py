@@ -251,6 +251,26 @@ class Download:
         for index in sorted(wanted, key=lambda i: (-self.image.layers[i].size, i)):
             self._submit(index)
 
+    def prefetch(self, indexes: list[int]) -> None:
+        """Start the fetches of these layers (a bundle fetches each shared layer once,
+        through the first image that has it)."""
+        for index in indexes:
+            if index not in self._futures:
+                self._submit(index)
+
+    @property
+    def checksum_identity(self) -> str:
+        """What decides this archive's bytes: the image (by digest, so a moved tag is
+        another archive), the options and the names written into it."""
+        return " ".join(
+            (
+                self.image.manifest_digest,
+                self.request.options.tag,
+                self.plan.repo_tag,
+                self.selection.full_name,
+            )
+        )
+
     # -- streaming -----------------------------------------------------------------------
 
     def headers(self) -> dict[str, str]:
@@ -392,7 +412,10 @@ def check_image_limits(image: ResolvedImage, settings: Settings) -> None:
 
 def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -> bool:
     """Whether layer ``index`` is sent as the registry's blob rather than a tar: only
-    gzip blobs, only with ``layers=gzip`` (zstd and plain layers are sent as tars)."""
+    gzip blobs, only with ``layers=gzip`` (zstd and plain layers are sent as tars);
+    every layer with ``layers=blob`` (an OCI bundle keeps the registry's digests)."""
+    if options.layers == "blob":
+        return True
     return options.layers == "gzip" and image.layers[index].compression == "gzip"
 
 

@@ -165,8 +165,10 @@
     if (platform) query.push("platform=" + platform);
     if ($("format").value !== "docker") query.push("format=" + $("format").value);
     if ($("layers").value !== "tar") query.push("layers=" + $("layers").value);
-    const path = prefix + tail + (query.length ? "?" + query.join("&") : "");
+    const search = query.length ? "?" + query.join("&") : "";
+    const path = prefix + tail + search;
     const url = base.href + path;
+    const md5Url = base.href + prefix + tail + ".md5" + search;
 
     const iosUrl = withCredentials ? url.replace("://", "://USER:PASSWORD@") : url;
     const appid = appIdOf(repo);
@@ -192,6 +194,8 @@
       curl: "curl -fL" + (withCredentials ? " -u 'USER:PASSWORD'" : "") + " -o " + file +
         " '" + url + "'",
       iosCopy: "copy " + iosUrl + " flash:" + file,
+      iosVerify: "verify /md5 flash:" + file,
+      md5Url: md5Url,
       iosInstall: "app-hosting install appid " + appid + " package flash:" + file,
       notes: notes,
     });
@@ -209,6 +213,8 @@
     $("out-link").href = route.url;
     $("out-curl").textContent = route.curl;
     $("out-ios-copy").textContent = route.iosCopy;
+    $("out-ios-verify").textContent = route.iosVerify;
+    $("out-md5-link").href = route.md5Url;
     $("out-ios-install").textContent = route.iosInstall;
     const list = $("notes");
     list.replaceChildren(...route.notes.map((text) => {
@@ -217,6 +223,30 @@
       return item;
     }));
     if (described !== null && described !== route.path) clearDescription();
+  }
+
+  // -- Checksum: the verify line with the MD5 of exactly what the URL sends -----------
+
+  async function fillMd5() {
+    if (!current) return;
+    const route = current;
+    $("out-ios-verify").textContent = route.iosVerify + " (asking the server…)";
+    let text = "";
+    try {
+      const response = await fetch(route.md5Url, {
+        cache: "no-store", credentials: "same-origin",
+      });
+      text = (await response.text()).trim();
+      if (!response.ok) throw new Error(text);
+    } catch (error) {
+      if (current === route) {
+        $("out-ios-verify").textContent = route.iosVerify + "  ! " + error.message;
+      }
+      return;
+    }
+    if (current === route) {
+      $("out-ios-verify").textContent = route.iosVerify + " " + text.split(/\s+/)[0];
+    }
   }
 
   // -- Describe ----------------------------------------------------------------------
@@ -468,6 +498,7 @@
       button.addEventListener("click", onCopy);
     }
     $("describe-button").addEventListener("click", runDescribe);
+    $("md5-button").addEventListener("click", fillMd5);
     syncRegistryFields();
     build();
     loadInfo();

@@ -308,6 +308,18 @@ class ContentStore:
             return None
         return record if isinstance(record, dict) else None
 
+    def remember_checksum(self, identity: str, record: dict[str, str | int]) -> None:
+        """Keep the digests of one archive (:mod:`passthrough.export.checksum`)."""
+        self.backend.put_bytes(layout.checksum_record_key(identity), json.dumps(record).encode())
+
+    def recall_checksum(self, identity: str) -> dict[str, str | int] | None:
+        try:
+            data = self.backend.get_bytes(layout.checksum_record_key(identity))
+            record = json.loads(data) if data is not None else None
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
     # -- pins ------------------------------------------------------------------------------
 
     def pin(self, kind: str, digest: str) -> None:

@@ -11,6 +11,10 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
     tags/<tag id>.json                           the last digest seen of an upstream tag
                                                  (SERVE_STALE); the id hashes registry,
                                                  repository and tag (:func:`tag_id`)
+    checksums/<archive id>.json                  sha256 and md5 of one tar archive as the
+                                                 tar routes send it; the id hashes what
+                                                 decides its bytes (the manifest digest
+                                                 among them: a moved tag gets a new one)
     pins/<kind>/sha256/<hex>                     a content entry kept from eviction
     hosted/<repository>/_blobs/<hex>.json        the blob is in the hosted repository
     hosted/<repository>/_manifests/<hex>.json    a manifest of the repository
@@ -54,6 +58,7 @@ from dataclasses import dataclass
 #: The kinds of content, each under ``<kind>/sha256/``.
 KINDS = ("blobs", "layers", "manifests")
 TAGS = "tags/"
+CHECKSUMS = "checksums/"
 PINS = "pins/"
 HOSTED = "hosted/"
 UPLOADS = "uploads/"
@@ -159,6 +164,11 @@ def import_layer_key(diff_id: str) -> str:
     """``imports/layers/<diff-id hex>.json``: the blob an import compressed a plain
     layer tar into."""
     return f"{IMPORTS}layers/{hex_of(diff_id)}{_JSON}"
+def checksum_record_key(identity: str) -> str:
+    """``checksums/<archive id>.json``: the digests of one archive's bytes."""
+    if not _HEX_RE.fullmatch(identity):
+        raise ValueError("a checksum record is named by a sha256 hex")
+    return f"{CHECKSUMS}{identity}{_JSON}"
 
 
 def pin_key(kind: str, digest: str) -> str:

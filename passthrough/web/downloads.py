@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, request
 
@@ -21,15 +23,19 @@ from passthrough.errors import (
     TooBusy,
     UpstreamUnauthorized,
 )
+from passthrough.export.checksum import recorded, split_suffix
 from passthrough.export.download import prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
 from passthrough.services import Services, services_of
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
+from passthrough.web.checksums import checksum_response
 from passthrough.web.errors import error_response
 
 bp = Blueprint("downloads", __name__)
+
+T = TypeVar("T")
 
 
 def services() -> Services:
@@ -71,6 +77,9 @@ def download_request(
 ) -> DownloadRequest:
     """The pipeline's view of this HTTP request (path, query, Authorization)."""
     settings = services().settings
+    # `<tar URL>.sha256` and `.md5` name the same archive (passthrough.web.checksums).
+    filename = split_suffix(filename)[0] if filename is not None else None
+    reference_path = split_suffix(reference_path)[0] if reference_path is not None else None
     return DownloadRequest(
         route=route,
         filename=filename,
@@ -112,19 +121,31 @@ def take_transfer(kind: str) -> Transfer:
         raise
 
 
-def _download(download_request: DownloadRequest) -> Response:
-    svc = services()
+def prepared(route: Route, prepare: Callable[[], T]) -> tuple[T, Transfer | None]:
+    """``prepare()`` (everything before the first byte) with one of the pod's transfer
+    slots taken for a GET; on failure the slot goes back and a client that can answer
+    a challenge is offered one."""
     # Each download holds a thread for its whole life: over the pod's cap, 503 at once.
     transfer = take_transfer("tar") if request.method == "GET" else None
     try:
-        download = prepare_download(svc, download_request, fetch=False)
+        return prepare(), transfer
     except BaseException as exc:
         if transfer is not None:
             transfer.release()
         if isinstance(exc, UpstreamUnauthorized):
-            offer_client_challenge(download_request.route, exc)
+            offer_client_challenge(route, exc)
         telemetry.record_error(exc)
         raise
+
+
+def _download(download_request: DownloadRequest) -> Response:
+    svc = services()
+    download, transfer = prepared(
+        download_request.route, lambda: prepare_download(svc, download_request, fetch=False)
+    )
+    algorithm = split_suffix(request.path)[1]
+    if algorithm is not None:
+        return checksum_response(download, algorithm, transfer)
     if transfer is not None:
         download.on_close(transfer.release)
     drop_idle_clients(svc.settings.client_idle_timeout)
@@ -154,7 +175,10 @@ def _download(download_request: DownloadRequest) -> Response:
         head.automatically_set_content_length = False
         return head
     download.start_fetching(start, end)
-    response = Response(download.body(start, end), status=status, headers=headers)
+    body = download.body(start, end)
+    if status == 200:  # the whole archive: its digests are recorded on the way
+        body = recorded(svc.store, download, body)
+    response = Response(body, status=status, headers=headers)
     # A response closed before its body started never runs the generator's cleanup.
     response.call_on_close(download.close)
     # Werkzeug must not buffer or inspect the generator: stream as produced.

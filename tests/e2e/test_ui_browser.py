@@ -7,6 +7,7 @@ SE_OFFLINE=true), and every browser process is gone by pid at the end."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -178,6 +179,14 @@ def test_route_builder_builds_a_working_url(browser: Any, registry_anon: Registr
     run = docker_load_and_run(docker_host, archive, f"{registry_anon.host}/{repository}:1.0",
                               marker=f"{marker} linux/amd64")
     assert run.repo_tags == [f"{registry_anon.host}/{repository}:1.0"]
+
+    # The verify line, completed with the md5 of exactly the bytes downloaded.
+    verify = f"verify /md5 flash:{filename}"
+    assert text_of(driver, "out-ios-verify") == verify
+    driver.find_element(By.ID, "md5-button").click()
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    wait_for(driver, lambda d: text_of(d, "out-ios-verify") == f"{verify} {md5}",
+             "the verify line gets the archive's md5")
 
     # Describe shows the image's platforms (attestations left out) and its size.
     driver.find_element(By.ID, "describe-button").click()
