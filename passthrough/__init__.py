@@ -39,11 +39,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             telemetry.setup_tracing(settings, environ=env)
     telemetry.instrument_app(app)
 
-    from passthrough.web import describe, downloads, errors, health, metrics, tls, token, ui, v2
+    from passthrough.web import (
+        api,
+        describe,
+        downloads,
+        errors,
+        health,
+        metrics,
+        tls,
+        token,
+        ui,
+        v2,
+    )
 
     # Order matters where paths overlap: /v2/token is this service, never a repository
     # name, so the token blueprint comes before the /v2 API.
-    for blueprint in (errors, health, tls, token, downloads, describe, ui, metrics, v2):
+    for blueprint in (errors, health, tls, token, downloads, describe, ui, metrics, v2, api):
         app.register_blueprint(blueprint.bp)
     if settings.trusted_proxies:
         from passthrough.web.clients import ClientAddress

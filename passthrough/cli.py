@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave alone what was pushed more recently than this (90s, 15m, 1h, 2d, 0s; "
         f"default {GC_GRACE})",
     )
+    from passthrough import cli_ls
+
+    cli_ls.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "ls":
+        return cli_ls.run(args)
     if args.command == "healthcheck":
         return _healthcheck_command(args.url, args.timeout)
     if args.command == "gc":

@@ -12,6 +12,11 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
                                                  (SERVE_STALE); the id hashes registry,
                                                  repository and tag (:func:`tag_id`)
     pins/<kind>/sha256/<hex>                     a content entry kept from eviction
+    pulls/<pull id>.json                         the inventory's record of one tag served
+                                                 (names, digest, pulls, last pulled); the
+                                                 id hashes source, upstream, repository
+                                                 and tag (:func:`pull_id`)
+    counters/evictions.json                      entries evicted, over every replica
     hosted/<repository>/_blobs/<hex>.json        the blob is in the hosted repository
     hosted/<repository>/_manifests/<hex>.json    a manifest of the repository
     hosted/<repository>/_tags/<tag>.json         the tag's digest
@@ -50,6 +55,8 @@ from dataclasses import dataclass
 KINDS = ("blobs", "layers", "manifests")
 TAGS = "tags/"
 PINS = "pins/"
+PULLS = "pulls/"
+EVICTIONS_KEY = "counters/evictions.json"
 HOSTED = "hosted/"
 UPLOADS = "uploads/"
 
@@ -142,6 +149,27 @@ def parse_tag_record_key(key: str) -> str | None:
     if not key.startswith(TAGS) or not key.endswith(_JSON):
         return None
     identity = key[len(TAGS) : -len(_JSON)]
+    return identity if _HEX_RE.fullmatch(identity) else None
+
+
+def pull_id(source: str, upstream: str | None, repository: str, tag: str) -> str:
+    """The name of the inventory's record of one tag: ``source`` hosted or cached,
+    ``upstream`` the registry's URL (None when hosted)."""
+    return tag_id(f"{source} {upstream or ''}", repository, tag)
+
+
+def pull_record_key(identity: str) -> str:
+    """``pulls/<pull id>.json``."""
+    if not _HEX_RE.fullmatch(identity):
+        raise ValueError("a pull record is named by its pull_id")
+    return f"{PULLS}{identity}{_JSON}"
+
+
+def parse_pull_record_key(key: str) -> str | None:
+    """The pull id of a pull record's key."""
+    if not key.startswith(PULLS) or not key.endswith(_JSON):
+        return None
+    identity = key[len(PULLS) : -len(_JSON)]
     return identity if _HEX_RE.fullmatch(identity) else None
 
 

@@ -21,9 +21,10 @@ from passthrough.errors import (
     TooBusy,
     UpstreamUnauthorized,
 )
-from passthrough.export.download import prepare_download
+from passthrough.export.download import Download, prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
+from passthrough.registry.pulls import CACHED, HOSTED, Served
 from passthrough.services import Services, services_of
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
@@ -154,12 +155,31 @@ def _download(download_request: DownloadRequest) -> Response:
         head.automatically_set_content_length = False
         return head
     download.start_fetching(start, end)
+    if start == 0:
+        _count_pull(svc, download)
     response = Response(download.body(start, end), status=status, headers=headers)
     # A response closed before its body started never runs the generator's cleanup.
     response.call_on_close(download.close)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
     response.direct_passthrough = True
     return response
+
+
+def _count_pull(svc: Services, download: Download) -> None:
+    """A download from its first byte is a pull of its tag, for the inventory (a
+    resumed one is not counted twice; a download by digest names no tag)."""
+    reference = download.selection.reference
+    if svc.pulls is None or not reference.tag or reference.digest:
+        return
+    digest = download.image.index_digest or download.image.manifest_digest
+    if download.selection.hosted:
+        served = Served(HOSTED, None, None, reference.repository, reference.tag, digest)
+    else:
+        registry = download.selection.target.registry
+        served = Served(
+            CACHED, registry.url, registry.name, reference.repository, reference.tag, digest
+        )
+    svc.pulls.record(served)
 
 
 def _if_range_matches(etag: str) -> bool:
