@@ -41,6 +41,8 @@ from passthrough.store.layout import content_key
 log = logging.getLogger(__name__)
 
 HOSTED, CACHED = "hosted", "cached"
+#: Seconds between two looks for a tag's still unknown tar size.
+DETAILS_RETRY = 300.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,13 @@ class PullCounter:
     def _write(self, served: Served, count: int, when: float) -> None:
         key = layout.pull_record_key(served.identity)
         record = read_json(self.store, key) or {}
-        stale = record.get("digest") != served.digest or record.get("tar_size") is None
+        # The details are read from the store when the digest moved, and while the tar
+        # size is unknown at most every DETAILS_RETRY seconds (a tar download stores the
+        # layer tars; a /v2 pull never does).
+        checked = float(record.get("details_checked") or 0)
+        stale = record.get("digest") != served.digest or (
+            record.get("tar_size") is None and when - checked >= DETAILS_RETRY
+        )
         record.update(
             source=served.source,
             upstream=served.upstream_url,
@@ -221,7 +229,7 @@ class PullCounter:
             last_pulled=max(float(record.get("last_pulled") or 0), when),
         )
         if stale:
-            record.update(image_details(self.store, served.digest))
+            record.update(image_details(self.store, served.digest), details_checked=when)
         self.store.backend.put_bytes(key, json.dumps(record).encode())
         self.writes += 1
 
