@@ -167,8 +167,7 @@ class Inventory:
         pulls = {(r["repository"], r["tag"]): r for r in records if r.get("source") == HOSTED}
         for name in self.hosted_area.repositories():
             entry = RepositoryEntry(name, HOSTED, repository=name)
-            for tag in self.hosted_area.tags(name) if self.hosted_area.exists(name) else []:
-                record = read_json(self.store, layout.hosted_tag_key(name, tag)) or {}
+            for tag, record in self._hosted_tags(name):
                 digest = str(record.get("digest") or "")
                 if not DIGEST_RE.fullmatch(digest):
                     continue
@@ -185,6 +184,15 @@ class Inventory:
                     )
                 )
             yield entry
+
+    def _hosted_tags(self, name: str) -> Iterable[tuple[str, dict[str, Any]]]:
+        """(tag, record) of each tag of the hosted repository ``name``, by tag."""
+        found = []
+        for info in self.store.backend.list(layout.hosted_prefix(name, layout.TAG)):
+            parsed = layout.parse_hosted_key(info.key)
+            if parsed is not None and parsed.repository == name:
+                found.append((parsed.name, read_json(self.store, info.key) or {}))
+        return sorted(found, key=lambda item: item[0])
 
     def _cached(self, records: list[dict[str, Any]]) -> Iterable[RepositoryEntry]:
         found: dict[str, RepositoryEntry] = {}

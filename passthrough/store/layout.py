@@ -137,19 +137,29 @@ def tag_id(registry: str, repository: str, tag: str) -> str:
     return hashlib.sha256(f"{registry}\0{repository}\0{tag}".encode()).hexdigest()
 
 
+def _record_key(section: str, identity: str) -> str:
+    """``<section><id>.json``: a record named by a hash (tags/, pulls/)."""
+    if not _HEX_RE.fullmatch(identity):
+        raise ValueError(f"a record of {section} is named by a sha256 hex")
+    return f"{section}{identity}{_JSON}"
+
+
+def _parse_record_key(section: str, key: str) -> str | None:
+    """The id of a ``<section><id>.json`` key, None for any other key."""
+    if not key.startswith(section) or not key.endswith(_JSON):
+        return None
+    identity = key[len(section) : -len(_JSON)]
+    return identity if _HEX_RE.fullmatch(identity) else None
+
+
 def tag_record_key(identity: str) -> str:
     """``tags/<tag id>.json``."""
-    if not _HEX_RE.fullmatch(identity):
-        raise ValueError("a tag record is named by its tag_id")
-    return f"{TAGS}{identity}{_JSON}"
+    return _record_key(TAGS, identity)
 
 
 def parse_tag_record_key(key: str) -> str | None:
     """The tag id of a tag record's key."""
-    if not key.startswith(TAGS) or not key.endswith(_JSON):
-        return None
-    identity = key[len(TAGS) : -len(_JSON)]
-    return identity if _HEX_RE.fullmatch(identity) else None
+    return _parse_record_key(TAGS, key)
 
 
 def pull_id(source: str, upstream: str | None, repository: str, tag: str) -> str:
@@ -160,17 +170,12 @@ def pull_id(source: str, upstream: str | None, repository: str, tag: str) -> str
 
 def pull_record_key(identity: str) -> str:
     """``pulls/<pull id>.json``."""
-    if not _HEX_RE.fullmatch(identity):
-        raise ValueError("a pull record is named by its pull_id")
-    return f"{PULLS}{identity}{_JSON}"
+    return _record_key(PULLS, identity)
 
 
 def parse_pull_record_key(key: str) -> str | None:
     """The pull id of a pull record's key."""
-    if not key.startswith(PULLS) or not key.endswith(_JSON):
-        return None
-    identity = key[len(PULLS) : -len(_JSON)]
-    return identity if _HEX_RE.fullmatch(identity) else None
+    return _parse_record_key(PULLS, key)
 
 
 def pin_key(kind: str, digest: str) -> str:
