@@ -13,9 +13,10 @@ its first byte, of a hosted or a cached image.
 gathers a tag's pulls in the process and writes them at most once per
 PULL_COUNT_INTERVAL seconds (the first pull of a tag at once), under the tag's lock (on
 this host; across replicas too with REDIS_URL), as a read of the record and a write.
-The image's details are worked out from the store only when the digest changed or the
-tar size was still unknown. What a process gathered and has not written yet is written
-when it exits, and before it answers an inventory listing.
+A background thread writes what was gathered every PULL_COUNT_INTERVAL seconds, so a
+count is at most that late; the rest is written when the process exits, and before it
+answers an inventory listing. The image's details are read from the store only when the
+digest moved (or, while the tar size is unknown, every 5 minutes at most).
 """
 
 from __future__ import annotations
@@ -161,11 +162,17 @@ class PullCounter:
         interval: float,
         *,
         clock: Callable[[], float] = time.time,
+        background: bool = True,
     ) -> None:
         self.store = store
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
+        #: A daemon thread that writes what is gathered every ``interval`` seconds, so a
+        #: count is at most that late even when no further pull comes (started with the
+        #: first pull: in the gunicorn worker, after the fork).
+        self._background = background and interval > 0
+        self._flusher: threading.Thread | None = None
         #: identity → (the latest serve, pulls not written yet, the latest pull's time)
         self._pending: dict[str, tuple[Served, int, float]] = {}
         self._written: dict[str, float] = {}
@@ -179,11 +186,21 @@ class PullCounter:
         now = self._clock()
         identity = served.identity
         with self._lock:
+            if self._background and self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_every_interval, name="pull-counts", daemon=True
+                )
+                self._flusher.start()
             _, count, _ = self._pending.get(identity, (served, 0, now))
             self._pending[identity] = (served, count + 1, now)
             due = now - self._written.get(identity, float("-inf")) >= self.interval
         if due:
             self._flush_one(identity)
+
+    def _flush_every_interval(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
 
     def flush(self) -> None:
         """Write every pull gathered so far (before a listing, and at exit)."""

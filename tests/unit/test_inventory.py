@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +285,7 @@ class Clock:
 def test_pulls_are_written_at_most_once_per_interval(client) -> None:
     store = store_of(client)
     clock = Clock()
-    counter = PullCounter(store, 30.0, clock=clock)
+    counter = PullCounter(store, 30.0, clock=clock, background=False)
     served = Served(CACHED, HUB, "docker.io", "library/busybox", "1", "sha256:" + "1" * 64)
     for _ in range(50):
         counter.record(served)
@@ -327,3 +328,17 @@ def test_ls_prints_the_inventory(client, filled, settings, monkeypatch, capsys, 
     assert "team/app" in out and ":1.0" in out and "library/nginx" not in out
     monkeypatch.delenv("CACHE_DIR")
     assert main(["ls"]) == 2
+
+
+def test_gathered_pulls_are_written_in_the_background(client) -> None:
+    store = store_of(client)
+    counter = PullCounter(store, 0.2)
+    served = Served(CACHED, HUB, "docker.io", "library/alpine", "3", "sha256:" + "2" * 64)
+    for _ in range(3):
+        counter.record(served)
+    key = layout.pull_record_key(served.identity)
+    assert json.loads(store.backend.get_bytes(key) or b"{}")["pulls"] == 1
+    deadline = time.monotonic() + 10
+    while json.loads(store.backend.get_bytes(key) or b"{}")["pulls"] != 3:
+        assert time.monotonic() < deadline, "the background flush never came"
+        time.sleep(0.05)
