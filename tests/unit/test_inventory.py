@@ -342,3 +342,12 @@ def test_gathered_pulls_are_written_in_the_background(client) -> None:
     while json.loads(store.backend.get_bytes(key) or b"{}")["pulls"] != 3:
         assert time.monotonic() < deadline, "the background flush never came"
         time.sleep(0.05)
+
+
+def test_a_bearer_token_of_the_door_logs_in_as_its_user(client, filled) -> None:
+    issued = client.get("/v2/token?service=passthrough", headers=basic("alice"))
+    assert issued.status_code == 200, issued.data
+    bearer = {"Authorization": "Bearer " + issued.json["token"]}
+    assert client.get("/api/v1/store", headers=bearer).status_code == 200
+    forged = client.get("/api/v1/store", headers={"Authorization": "Bearer not-a-token"})
+    assert forged.status_code == 401 and forged.json["errors"][0]["code"] == "UNAUTHORIZED"
