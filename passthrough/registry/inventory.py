@@ -157,33 +157,44 @@ class Inventory:
         return [found[key] for key in sorted(found)]
 
     def repository(self, name: str, source: str | None = None) -> RepositoryEntry:
-        """One repository by its name (hosted first: a hosted name is never proxied)."""
-        for entry in self.repositories(source):
-            if entry.name == name:
-                return entry
+        """One repository by its name (a hosted name is never proxied); only its own
+        records are read beyond the listing of the inventory's."""
+        records = self._records()
+        hosted = bool(self.settings.hosted_repositories) and is_hosted(self.settings, name)
+        if hosted and source in (None, HOSTED) and self.hosted_area.exists(name):
+            return self._hosted_entry(name, _hosted_pulls(records))
+        if not hosted and source in (None, CACHED):
+            for entry in self._cached(records):
+                if entry.name == name:
+                    return entry
         raise NameUnknown(f"repository {name[:200]} is not known to this door")
 
     def _hosted(self, records: list[dict[str, Any]]) -> Iterable[RepositoryEntry]:
-        pulls = {(r["repository"], r["tag"]): r for r in records if r.get("source") == HOSTED}
+        pulls = _hosted_pulls(records)
         for name in self.hosted_area.repositories():
-            entry = RepositoryEntry(name, HOSTED, repository=name)
-            for tag, record in self._hosted_tags(name):
-                digest = str(record.get("digest") or "")
-                if not DIGEST_RE.fullmatch(digest):
-                    continue
-                manifest = read_json(self.store, layout.hosted_manifest_key(name, digest)) or {}
-                pulled = pulls.get((name, tag), {})
-                entry.tags.append(
-                    TagEntry(
-                        tag,
-                        digest,
-                        self._image(digest),
-                        pushed=manifest.get("pushed"),
-                        last_pulled=pulled.get("last_pulled"),
-                        pulls=int(pulled.get("pulls") or 0),
-                    )
+            yield self._hosted_entry(name, pulls)
+
+    def _hosted_entry(
+        self, name: str, pulls: dict[tuple[str, str], dict[str, Any]]
+    ) -> RepositoryEntry:
+        entry = RepositoryEntry(name, HOSTED, repository=name)
+        for tag, record in self._hosted_tags(name):
+            digest = str(record.get("digest") or "")
+            if not DIGEST_RE.fullmatch(digest):
+                continue
+            manifest = read_json(self.store, layout.hosted_manifest_key(name, digest)) or {}
+            pulled = pulls.get((name, tag), {})
+            entry.tags.append(
+                TagEntry(
+                    tag,
+                    digest,
+                    self._image(digest),
+                    pushed=manifest.get("pushed"),
+                    last_pulled=pulled.get("last_pulled"),
+                    pulls=int(pulled.get("pulls") or 0),
                 )
-            yield entry
+            )
+        return entry
 
     def _hosted_tags(self, name: str) -> Iterable[tuple[str, dict[str, Any]]]:
         """(tag, record) of each tag of the hosted repository ``name``, by tag."""
@@ -296,6 +307,11 @@ class Inventory:
             "objects": removed,
             "bytes": freed,
         }
+
+
+def _hosted_pulls(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The inventory's records of hosted tags, by (repository, tag)."""
+    return {(r["repository"], r["tag"]): r for r in records if r.get("source") == HOSTED}
 
 
 _DETAILS = ("media_type", "platforms", "compressed_size", "tar_size", "created")
