@@ -40,6 +40,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     telemetry.instrument_app(app)
 
     from passthrough.web import (
+        api,
         bundles,
         describe,
         downloads,
@@ -69,6 +70,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         sync_api,
         v2,
         imports,
+        api,
     ):
         app.register_blueprint(blueprint.bp)
     if settings.trusted_proxies:

@@ -137,13 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         help="leave alone what was pushed more recently than this (90s, 15m, 1h, 2d, 0s; "
         f"default {GC_GRACE})",
     )
+    from passthrough import cli_ls
     from passthrough.cli_import import add_import_parser, import_command
 
-    # The long-running commands, each in its own module: its parser, then its run.
+    # The commands with a module of their own: its parser, then its run.
     add_import_parser(commands)
     cli_sync.add_parser(commands)
     cli_export.add_parser(commands)
-    runs = {"import": import_command, "sync": cli_sync.run, "export": cli_export.run}
+    cli_ls.add_parser(commands)
+    runs = {
+        "import": import_command,
+        "sync": cli_sync.run,
+        "export": cli_export.run,
+        "ls": cli_ls.run,
+    }
     args = parser.parse_args(argv)
     if args.command in runs:
         return runs[args.command](args)

@@ -302,6 +302,23 @@ class NameUnknown(RegistryRequestError):
     default_message = "repository name not known to registry"
 
 
+class TagUnknown(RegistryRequestError):
+    """The repository has no such tag (404 TAG_UNKNOWN; the inventory API)."""
+
+    status = 404
+    kind = "tag_unknown"
+    code = "TAG_UNKNOWN"
+    default_message = "no such tag"
+
+
+class PaginationInvalid(BadRequest):
+    """``n`` or ``last`` of a listing cannot be used (400 PAGINATION_INVALID)."""
+
+    kind = "pagination_invalid"
+    code = "PAGINATION_INVALID"
+    default_message = "invalid pagination: n must be 1 to 1000"
+
+
 class ManifestUnknown(RegistryRequestError):
     status = 404
     kind = "manifest_unknown"

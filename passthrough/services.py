@@ -22,6 +22,7 @@ from passthrough.config.table import DEFAULT_TRANSFERS
 from passthrough.registry.access import Gate
 from passthrough.registry.hosted import Hosted
 from passthrough.registry.proxy import Proxy
+from passthrough.registry.pulls import PullCounter
 from passthrough.registry.tokens import TokenService
 from passthrough.store import open_store
 from passthrough.store.content import ContentStore
@@ -55,6 +56,9 @@ class Services:
     #: without one: the /v2 API then answers 503).
     hosted: Hosted | None = None
     proxy: Proxy | None = None
+    #: The inventory's pull counts, gathered and written now and then (None without a
+    #: store).
+    pulls: PullCounter | None = None
 
     def access(self) -> Gate:
         """The gate; made on first use for Services built without :meth:`create`."""
@@ -82,6 +86,7 @@ class Services:
             token_service=token_service,
             hosted=Hosted(settings, store) if store is not None else None,
             proxy=Proxy(settings, store, tokens, policy) if store is not None else None,
+            pulls=(PullCounter(store, settings.pull_count_interval) if store is not None else None),
         )
 
 

@@ -16,6 +16,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 from passthrough.config import parse as p
+from passthrough.config.upstream_rules import UpstreamRule, parse_upstream_rules
 from passthrough.oci.endpoint import DOCKER_HUB_URL, RegistryEndpoint
 
 # The groups of the documentation, in their order.
@@ -184,6 +185,14 @@ class Settings:
         "SERVE_STALE", p.boolean, False,
         "serve the last known digest of a tag while the registry is unreachable (anonymous "
         "and environment identities only; see Security)",
+        REGISTRY,
+    )  # fmt: skip
+    #: Which upstream repositories may be pulled at all, per upstream (tar routes, /v2, sync).
+    upstream_rules: tuple[UpstreamRule, ...] = setting(
+        "UPSTREAM_RULES", parse_upstream_rules, (),
+        "YAML: allow/deny globs of upstream repositories per upstream host or alias, e.g. "
+        "`{docker.io: {allow: [library/*, our-org/*]}}`; see "
+        "[Rules for proxied names](#rules-for-proxied-names)",
         REGISTRY,
     )  # fmt: skip
 
@@ -374,6 +383,13 @@ class Settings:
         "the store's size (least recently used evicted, never a pinned entry); `0`: no "
         "limit, the default with `STORE=s3`",
         DISK, shown="`20G`",
+    )  # fmt: skip
+    #: How often one process writes a tag's pull count to the store (the inventory).
+    pull_count_interval: float = setting(
+        "PULL_COUNT_INTERVAL", p.number(0), 30.0,
+        "seconds one process gathers a tag's pulls before it writes them to the store "
+        "(the inventory's pull counts and last pulled time); `0`: a write per pull",
+        DISK,
     )  # fmt: skip
 
     # -- the shared content store ------------------------------------------------------------

@@ -33,6 +33,7 @@ from passthrough.oci.reference import (
     synthetic_tag,
 )
 from passthrough.registry.routing import is_hosted
+from passthrough.registry.upstream_rules import upstream_allowed
 from passthrough.services import Services
 from passthrough.upstream.auth import Credentials
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
@@ -161,6 +162,7 @@ def select(services: Services, request: DownloadRequest) -> Selection:
     # named in the URL keeps its own defaults (library/ on Docker Hub).
     namespace = settings.default_namespace if target.source == "environment" else None
     reference = qualify(reference, target.registry, namespace)
+    upstream_allowed(settings, target.registry, reference.repository)
     annotate_reference(reference, target)
     return Selection(reference, target)
 

@@ -24,6 +24,7 @@ from passthrough.registry.access import not_hosted
 from passthrough.registry.hosted import Hosted, Pushed, check_digest
 from passthrough.registry.pages import paged
 from passthrough.registry.proxy import BlobAnswer, Listing, Manifest, Proxy
+from passthrough.registry.pulls import CACHED, HOSTED, Served
 from passthrough.registry.routing import ProxyRoute
 from passthrough.store.readthrough import BlobStream
 from passthrough.store.uploads import UploadState
@@ -115,6 +116,10 @@ class Repository(ABC):
     def referrers(self, digest: str, artifact_type: str | None) -> Listing:
         """The referrers index of ``digest``, filtered by ``artifact_type``."""
 
+    @abstractmethod
+    def served(self, tag: str, digest: str) -> Served:
+        """What the inventory counts a pull of ``tag`` (answered as ``digest``) as."""
+
     # -- writes: a hosted repository's; anywhere else the one refusal --------------------
 
     def put_manifest(self, reference: str, body: bytes, content_type: str) -> Pushed:
@@ -168,6 +173,9 @@ class HostedRepository(Repository):
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
         return Listing(json.dumps(index).encode(), OCI_INDEX, headers)
 
+    def served(self, tag: str, digest: str) -> Served:
+        return Served(HOSTED, None, None, self.name, tag, digest)
+
     def put_manifest(self, reference: str, body: bytes, content_type: str) -> Pushed:
         return self._hosted.put_manifest(self.name, reference, body, content_type)
 
@@ -214,3 +222,7 @@ class ProxiedRepository(Repository):
 
     def referrers(self, digest: str, artifact_type: str | None) -> Listing:
         return self._proxy.referrers(self._route, digest, self._credentials, artifact_type)
+
+    def served(self, tag: str, digest: str) -> Served:
+        upstream = self._route.upstream
+        return Served(CACHED, upstream.url, upstream.name, self._route.repository, tag, digest)

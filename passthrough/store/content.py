@@ -371,8 +371,27 @@ class ContentStore:
                 self.backend.delete(key)
                 total -= size
                 removed += 1
+            if removed:
+                self._add_evictions(removed)
         self._count(evictions=removed)
         return removed
+
+    def _add_evictions(self, removed: int) -> None:
+        """Add to the store's own count of evictions (every replica's, for the
+        inventory): one small write per eviction run, never per entry."""
+        try:
+            self.backend.put_bytes(layout.EVICTIONS_KEY, str(self.evictions() + removed).encode())
+        except OSError as exc:
+            log.warning("could not count evictions: %s", exc.strerror)
+
+    def evictions(self) -> int:
+        """Entries evicted from this store so far, by every replica (best effort: two
+        replicas evicting at the same instant may count one run once)."""
+        try:
+            data = self.backend.get_bytes(layout.EVICTIONS_KEY)
+            return int(data) if data else 0
+        except (OSError, ValueError):
+            return 0
 
 
 def stored_chunks(source: LayerFile) -> Iterator[bytes]:

@@ -16,6 +16,11 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
                                                  decides its bytes (the manifest digest
                                                  among them: a moved tag gets a new one)
     pins/<kind>/sha256/<hex>                     a content entry kept from eviction
+    pulls/<pull id>.json                         the inventory's record of one tag served
+                                                 (names, digest, pulls, last pulled); the
+                                                 id hashes source, upstream, repository
+                                                 and tag (:func:`pull_id`)
+    counters/evictions.json                      entries evicted, over every replica
     hosted/<repository>/_blobs/<hex>.json        the blob is in the hosted repository
     hosted/<repository>/_manifests/<hex>.json    a manifest of the repository
     hosted/<repository>/_tags/<tag>.json         the tag's digest
@@ -60,6 +65,8 @@ KINDS = ("blobs", "layers", "manifests")
 TAGS = "tags/"
 CHECKSUMS = "checksums/"
 PINS = "pins/"
+PULLS = "pulls/"
+EVICTIONS_KEY = "counters/evictions.json"
 HOSTED = "hosted/"
 UPLOADS = "uploads/"
 IMPORTS = "imports/"
@@ -145,19 +152,45 @@ def tag_id(registry: str, repository: str, tag: str) -> str:
     return hashlib.sha256(f"{registry}\0{repository}\0{tag}".encode()).hexdigest()
 
 
+def _record_key(section: str, identity: str) -> str:
+    """``<section><id>.json``: a record named by a hash (tags/, pulls/)."""
+    if not _HEX_RE.fullmatch(identity):
+        raise ValueError(f"a record of {section} is named by a sha256 hex")
+    return f"{section}{identity}{_JSON}"
+
+
+def _parse_record_key(section: str, key: str) -> str | None:
+    """The id of a ``<section><id>.json`` key, None for any other key."""
+    if not key.startswith(section) or not key.endswith(_JSON):
+        return None
+    identity = key[len(section) : -len(_JSON)]
+    return identity if _HEX_RE.fullmatch(identity) else None
+
+
 def tag_record_key(identity: str) -> str:
     """``tags/<tag id>.json``."""
-    if not _HEX_RE.fullmatch(identity):
-        raise ValueError("a tag record is named by its tag_id")
-    return f"{TAGS}{identity}{_JSON}"
+    return _record_key(TAGS, identity)
 
 
 def parse_tag_record_key(key: str) -> str | None:
     """The tag id of a tag record's key."""
-    if not key.startswith(TAGS) or not key.endswith(_JSON):
-        return None
-    identity = key[len(TAGS) : -len(_JSON)]
-    return identity if _HEX_RE.fullmatch(identity) else None
+    return _parse_record_key(TAGS, key)
+
+
+def pull_id(source: str, upstream: str | None, repository: str, tag: str) -> str:
+    """The name of the inventory's record of one tag: ``source`` hosted or cached,
+    ``upstream`` the registry's URL (None when hosted)."""
+    return tag_id(f"{source} {upstream or ''}", repository, tag)
+
+
+def pull_record_key(identity: str) -> str:
+    """``pulls/<pull id>.json``."""
+    return _record_key(PULLS, identity)
+
+
+def parse_pull_record_key(key: str) -> str | None:
+    """The pull id of a pull record's key."""
+    return _parse_record_key(PULLS, key)
 
 
 def import_layer_key(diff_id: str) -> str:

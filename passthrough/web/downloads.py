@@ -24,9 +24,10 @@ from passthrough.errors import (
     UpstreamUnauthorized,
 )
 from passthrough.export.checksum import recorded, split_suffix
-from passthrough.export.download import prepare_download
+from passthrough.export.download import Download, prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
 from passthrough.observe import metrics, telemetry
+from passthrough.registry.pulls import CACHED, HOSTED, Served
 from passthrough.services import Services, services_of
 from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
@@ -175,6 +176,8 @@ def _download(download_request: DownloadRequest) -> Response:
         head.automatically_set_content_length = False
         return head
     download.start_fetching(start, end)
+    if start == 0:
+        _count_pull(svc, download)
     body = download.body(start, end)
     if status == 200:  # the whole archive: its digests are recorded on the way
         body = recorded(svc.store, download, body)
@@ -184,6 +187,23 @@ def _download(download_request: DownloadRequest) -> Response:
     # Werkzeug must not buffer or inspect the generator: stream as produced.
     response.direct_passthrough = True
     return response
+
+
+def _count_pull(svc: Services, download: Download) -> None:
+    """A download from its first byte is a pull of its tag, for the inventory (a
+    resumed one is not counted twice; a download by digest names no tag)."""
+    reference = download.selection.reference
+    if svc.pulls is None or not reference.tag or reference.digest:
+        return
+    digest = download.image.index_digest or download.image.manifest_digest
+    if download.selection.hosted:
+        served = Served(HOSTED, None, None, reference.repository, reference.tag, digest)
+    else:
+        registry = download.selection.target.registry
+        served = Served(
+            CACHED, registry.url, registry.name, reference.repository, reference.tag, digest
+        )
+    svc.pulls.record(served)
 
 
 def _if_range_matches(etag: str) -> bool:

@@ -42,6 +42,11 @@ def is_v2() -> bool:
     return request.path == "/v2" or request.path.startswith("/v2/")
 
 
+def is_api() -> bool:
+    """The inventory API (``/api/``): JSON errors, as on /v2, but not counted as /v2."""
+    return request.path.startswith("/api/")
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     # One line, no control characters: the message may quote client input.
     line = " ".join(message.split())
@@ -127,6 +132,10 @@ def handle_passthrough_error(error: PassthroughError) -> Response:
             metrics.upload_finished("failed")
         drain_request_body()
         return v2_error_response(status, code, error.message, error.headers)
+    if is_api():
+        status = error.status
+        code = error.code or ("NAME_UNKNOWN" if status == 404 else code_for_status(status))
+        return v2_error_response(status, code, error.message, error.headers)
     return error_response(error.status, error.message, error.headers)
 
 
@@ -152,6 +161,9 @@ def handle_http_exception(error: HTTPException) -> Response:
             message = f"method not allowed: this route takes {', '.join(allowed)}"
             headers["Allow"] = ", ".join(allowed)
         return v2_error_response(status, v2_code(status, None), message, headers)
+    if is_api():
+        message = {404: "no such /api/v1 endpoint"}.get(status, error.name)
+        return v2_error_response(status, code_for_status(status), message)
     description = {
         404: "no such route; downloads are /docker/<image>_<tag>.tar",
         405: "method not allowed; use GET or HEAD",
@@ -162,6 +174,6 @@ def handle_http_exception(error: HTTPException) -> Response:
 @bp.app_errorhandler(Exception)
 def handle_unexpected(error: Exception) -> Response:
     log.exception("unexpected error")
-    if is_v2():
+    if is_v2() or is_api():
         return v2_error_response(500, "UNKNOWN", "internal error; see the server log")
     return error_response(500, "internal error; see the server log")

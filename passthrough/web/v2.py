@@ -52,6 +52,7 @@ from passthrough.registry.pages import paged
 from passthrough.registry.proxy import BlobAnswer, Listing, Manifest, Proxy
 from passthrough.registry.repository import HostedRepository, ProxiedRepository, Repository
 from passthrough.registry.routing import check_name, is_hosted, route_name
+from passthrough.registry.upstream_rules import upstream_allowed
 from passthrough.services import Services, services_of
 from passthrough.store.uploads import UploadState
 from passthrough.web.downloads import drop_idle_clients, parse_range, take_transfer
@@ -173,6 +174,7 @@ def _open(name: _Name, action: str) -> Repository:
     proxy = _proxy()
     # A host the client named must pass the outbound policy before anything else.
     proxy.check_route(route)
+    upstream_allowed(settings, route.upstream, route.repository)
     credentials = _identity(name.name, "pull").credentials
     return ProxiedRepository(proxy, route, credentials)
 
@@ -340,6 +342,9 @@ def manifest(repository: Repository, reference: str) -> Answer:
         return Answer(Response(status=202, headers={"Content-Length": "0"}))
     want_body = request.method == "GET"
     found = repository.manifest(reference, want_body=want_body)
+    pulls = _services().pulls
+    if pulls is not None and not DIGEST_RE.fullmatch(reference):
+        pulls.record(repository.served(reference, found.digest))
     immutable = bool(DIGEST_RE.fullmatch(reference))
     headers = _manifest_headers(found, _cache_control(immutable, repository.private))
     if not want_body or found.body is None:

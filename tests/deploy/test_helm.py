@@ -322,6 +322,12 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "TOKEN_TTL": ("v2.tokenTtl", 900, "900"),
     "TAG_TTL": ("v2.tagTtl", 30, "30"),
     "PROXY_SERVE_STALE": ("v2.serveStale", False, "false"),
+    "UPSTREAM_RULES": (
+        "v2.upstreamRules",
+        {"docker.io": {"allow": ["library/*", "our-org/*"]}},
+        '{"docker.io":{"allow":["library/*","our-org/*"]}}',
+    ),
+    "PULL_COUNT_INTERVAL": ("config.pullCountInterval", 5, "5"),
     "S3_REDIRECT": ("v2.s3Redirect", True, "true"),
     "TLS_SELF_SIGNED": ("tls.selfSigned", True, "true"),
     "TLS_NAMES": (
