@@ -40,6 +40,12 @@ def refusal(rule: UpstreamRule, repository: str) -> str | None:
     return None
 
 
+def refused_by_rules(settings: Settings, endpoint: RegistryEndpoint, repository: str) -> bool:
+    """Whether UPSTREAM_RULES forbid pulling ``repository`` from ``endpoint``."""
+    rule = rule_for(settings, endpoint)
+    return rule is not None and refusal(rule, repository) is not None
+
+
 def upstream_allowed(settings: Settings, endpoint: RegistryEndpoint, repository: str) -> None:
     """Raise Denied (403 DENIED, naming the rule) when UPSTREAM_RULES forbids pulling
     ``repository`` (as named on the upstream: ``library/nginx``) from ``endpoint``."""

@@ -32,6 +32,7 @@ from passthrough.oci.manifest import (
 )
 from passthrough.registry.proxy import MANIFEST_ACCEPT, Proxy, sniff_media_type
 from passthrough.registry.routing import ProxyRoute, is_hosted, route_name
+from passthrough.registry.upstream_rules import refused_by_rules, upstream_allowed
 from passthrough.store.content import ContentStore
 from passthrough.store.layout import hex_of
 from passthrough.sync.spec import Entry, SyncFile
@@ -157,6 +158,8 @@ class Sync:
         if is_hosted(self.settings, route.name):
             raise UpstreamInvalid(f"{route.name} is a hosted repository: nothing to sync")
         self.proxy.check_route(route)
+        # UPSTREAM_RULES bind sync as they bind pulls: a named repository they forbid fails.
+        upstream_allowed(self.settings, route.upstream, route.repository)
         return route
 
     def _repositories(self, entry: Entry) -> list[str]:
@@ -165,7 +168,9 @@ class Sync:
         # Any name will do for the catalog's route: it names the upstream.
         route = self._route(entry, "catalog")
         names = self._listing(route, "/v2/_catalog", "repositories", "catalog")
-        return sorted(n for n in names if entry.matches_repository(n))
+        # What UPSTREAM_RULES forbid is not this door's to hold: a glob passes over it.
+        allowed = (n for n in names if not refused_by_rules(self.settings, route.upstream, n))
+        return sorted(n for n in allowed if entry.matches_repository(n))
 
     def _tag_list(self, route: ProxyRoute) -> list[str]:
         return self._listing(route, f"/v2/{route.repository}/tags/list", "tags", "tag list")

@@ -114,3 +114,17 @@ def test_tar_routes_refuse_in_plain_text(tmp_path) -> None:
         assert response.status_code == 403, (path, response.data)
         assert response.mimetype == "text/plain"
         assert b"UPSTREAM_RULES docker.io" in response.data, response.data
+
+
+def test_sync_is_bound_by_the_rules_before_any_request(tmp_path: Path) -> None:
+    from passthrough.services import Services
+    from passthrough.sync.engine import Sync
+    from passthrough.sync.spec import parse_sync_file
+
+    settings = settings_with(tmp_path)
+    sync = Sync(Services.create(settings).proxy)
+    denied = parse_sync_file("images:\n  - repository: library/busybox\n    tags: ['1']\n", settings)
+    failed: list[str] = []
+    # No upstream answers here: a request would fail with another message.
+    assert sync.plan(denied, failed) == []
+    assert len(failed) == 1 and "library/busybox may not be pulled" in failed[0]
