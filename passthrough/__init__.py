@@ -45,6 +45,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # name, so the token blueprint comes before the /v2 API.
     for blueprint in (errors, health, tls, token, downloads, describe, ui, metrics, v2):
         app.register_blueprint(blueprint.bp)
+    from passthrough.web import api_stub  # STUB, not to be merged: the real /api/v1 replaces it
+
+    app.register_blueprint(api_stub.bp)
     if settings.trusted_proxies:
         from passthrough.web.clients import ClientAddress
 
