@@ -26,6 +26,10 @@
   class InputError extends Error {}
 
   function registryOf(choice) {
+    if (choice === "hosted") {
+      // The hosted area answers on the environment's routes, whatever REGISTRY_URL is.
+      return { scheme: base.protocol.replace(":", ""), host: base.host, url: null, hosted: true };
+    }
     if (choice === "server") {
       const url = new URL(info.registry.url);
       const host = info.registry.url === HUB_URL ? "docker.io" : url.host;
@@ -97,6 +101,33 @@
     return repo.split("/").join("__") + "_" + label + ".tar";
   }
 
+  // containerd's defaults: arm64 is arm64/v8, arm is arm/v7.
+  function samePlatform(a, b) {
+    const norm = (p) => {
+      const [os, arch, variant] = p.toLowerCase().split("/");
+      return os + "/" + arch + "/" + (variant || { arm64: "v8", arm: "v7" }[arch] || "");
+    };
+    return norm(a) === norm(b);
+  }
+
+  // The platform in the file name when it is not the server's default, as the server's
+  // Content-Disposition has it (reference.platform_filename): two platforms' archives
+  // must not overwrite each other on a device's flash.
+  function platformFilename(file, platform) {
+    if (!platform || samePlatform(platform, info.defaultPlatform)) return file;
+    return file.replace(/\.tar$/, "") + "_" + platform.split("/").join("-") + ".tar";
+  }
+
+  // HOSTED_REPOSITORIES globs: "*" one path component, "**" one or more.
+  function isHosted(repo) {
+    return (info.hosted || []).some((pattern) => {
+      const parts = pattern.split("/").map((part) => part === "**" ? "[^/]+(?:/[^/]+)*"
+        : part.split("*").map((piece) => piece.replace(/[.+?^${}()|[\]\\]/g, "\\$&"))
+          .join("[^/]*"));
+      return new RegExp("^" + parts.join("/") + "$").test(repo);
+    });
+  }
+
   function appIdOf(repo) {
     const given = $("appid").value.trim();
     if (given) return given;
@@ -129,11 +160,18 @@
       return;
     }
     const sameAsServer = reg.url === info.registry.url;
-    const mode = credentialMode(sameAsServer);
+    const mode = credentialMode(sameAsServer && !reg.hosted);
     const withCredentials = mode === "client" || info.clientAuth === "required";
 
     let prefix = "";
-    if (mode === "client") {
+    if (reg.hosted) {
+      notes.push("The hosted area: images teams pushed into this server. Unless anonymous " +
+        "pull is on, choose “My credentials”: a passthrough user with pull permission.");
+      if (!isHosted(repo)) {
+        notes.push("“" + repo + "” is not a hosted name (" + info.hosted.join(", ") +
+          "): this URL goes to the server's registry instead.");
+      }
+    } else if (mode === "client") {
       prefix = "registry-auth/" + reg.scheme + "/" + encodeURIComponent(reg.host) + "/";
     } else if (!sameAsServer) {
       prefix = "registry/" + reg.scheme + "/" + encodeURIComponent(reg.host) + "/";
@@ -160,8 +198,9 @@
       }
     }
 
-    const query = [];
     const platform = $("platform").value;
+    file = platformFilename(file, platform);
+    const query = [];
     if (platform) query.push("platform=" + platform);
     if ($("format").value !== "docker") query.push("format=" + $("format").value);
     if ($("layers").value !== "tar") query.push("layers=" + $("layers").value);
@@ -255,8 +294,13 @@
     setStatus("Asking the registry…", false);
     let response;
     try {
+      // The console's login, if any (a hosted image needs a passthrough user); else the
+      // browser answers a Basic challenge itself.
+      const headers = { Accept: "application/json" };
+      const login = window.passthroughAuthorization ? window.passthroughAuthorization() : null;
+      if (login) headers.Authorization = login;
       response = await fetch(new URL("describe/" + path, base), {
-        headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin",
+        headers: headers, cache: "no-store", credentials: "same-origin",
       });
     } catch (error) {
       setStatus("The server did not answer: " + error.message, true);
@@ -285,6 +329,13 @@
         selected.compressedSize.toLocaleString("en") + " bytes)"
       : "—";
     $("describe-repotag").textContent = doc.download ? doc.download.repoTag : "—";
+    $("describe-filename").textContent = doc.download && doc.download.filename || "—";
+    $("describe-tar").textContent = !selected || selected.tarSize === undefined ? "—"
+      : selected.tarSizeExact
+        ? humanSize(selected.tarSize) + " (" + selected.tarSize.toLocaleString("en") +
+          " bytes, exact)"
+        : "about " + humanSize(selected.tarSize) + " (an estimate: the layers are not " +
+          "cached yet; exact after a first download)";
     const rows = (doc.platforms || []).map((entry) => {
       const row = document.createElement("tr");
       const isSelected = selected && entry.platform === selected.platform;
@@ -408,7 +459,10 @@
   function chooseRegistry(hostport, scheme) {
     const select = $("registry");
     const server = new URL(info.registry.url);
-    if (HUB_ALIASES.includes(hostport)) {
+    const self = [base.host, info.pullHost].filter(Boolean);
+    if ((info.hosted || []).length && self.includes(hostport)) {
+      select.value = "hosted"; // this server's own name: a hosted image
+    } else if (HUB_ALIASES.includes(hostport)) {
       select.value = info.registry.url === HUB_URL ? "server" : "dockerhub";
     } else if (hostport === server.host && (!scheme || scheme + ":" === server.protocol)) {
       select.value = "server";
@@ -438,6 +492,10 @@
     } catch (error) {
       /* keep the defaults: the page still builds URLs */
     }
+    const hosted = info.hosted || [];
+    $("registry-hosted-option").hidden = hosted.length === 0;
+    $("registry-hosted-option").textContent = "This server's hosted area (" +
+      hosted.join(", ") + ")";
     $("registry-server-option").textContent = "This server's registry (" +
       info.registry.name + ")";
     $("server-registry").textContent = info.registry.name + " (" + info.registry.url + ")";
@@ -464,9 +522,11 @@
       if (event.target.id === "registry") syncRegistryFields();
       build();
     });
-    for (const button of document.querySelectorAll("button.copy")) {
-      button.addEventListener("click", onCopy);
-    }
+    // Every copy button, the console's included (they come and go).
+    document.addEventListener("click", (event) => {
+      const button = event.target.closest("button.copy");
+      if (button) onCopy({ currentTarget: button });
+    });
     $("describe-button").addEventListener("click", runDescribe);
     syncRegistryFields();
     build();
