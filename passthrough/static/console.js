@@ -32,7 +32,9 @@
       const body = JSON.parse(text);
       message = (body.errors || []).map((e) => e.message || e.code).filter(Boolean).join("; ");
     } catch (error) {
-      message = text.trim().split("\n")[0].slice(0, 300);
+      // A plain-text answer (the tar routes): its first line, less a repeated status.
+      message = text.trim().split("\n")[0].slice(0, 300)
+        .replace(new RegExp("^" + response.status + " "), "");
     }
     return new ApiError("HTTP " + response.status + ": " + (message || response.statusText));
   }

@@ -383,6 +383,10 @@ def test_console_lists_searches_logs_in_and_copies_the_lines(
     copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy=line-curl]")
     wait_for(driver, lambda d: copy.text in ("Copied", "Press Ctrl+C"), "copy feedback")
 
+    console_shot = tmp_path / "console.png"
+    assert driver.save_screenshot(str(console_shot))
+    print(f"screenshot: {console_shot}")
+
     # The route builder's hosted option, describing with the console's login.
     driver.find_element(By.ID, "nav-builder").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "view-builder").is_displayed(), "builder")
@@ -404,7 +408,7 @@ def test_console_lists_searches_logs_in_and_copies_the_lines(
     assert text_of(driver, "describe-filename") == f"{api_stem}_linux-arm64.tar"
     assert text_of(driver, "describe-tar").startswith("about "), "cold: an estimate"
 
-    screenshot = tmp_path / "console.png"
+    screenshot = tmp_path / "builder-hosted.png"
     assert driver.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
     # Answers of 4xx (the failed login, a missing checksum route, the store for a
