@@ -391,6 +391,17 @@ def check_image_limits(image: ResolvedImage, settings: Settings) -> None:
         )
 
 
+def archive_plan(image: ResolvedImage, selection: Selection, options: OutputOptions) -> ArchivePlan:
+    """What the archive holds for these options (its entries, which layers, in which form)."""
+    return plan_archive(
+        image,
+        selection.repo_tag,
+        output_format=options.format,
+        compressed=lambda index: compressed_layer(image, options, index),
+        full_name=selection.full_name,
+    )
+
+
 def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -> bool:
     """Whether layer ``index`` is sent as the registry's blob rather than a tar: only
     gzip blobs, only with ``layers=gzip`` (zstd and plain layers are sent as tars)."""
@@ -468,14 +479,7 @@ def prepare_download(
         if request.platform_explicit:
             check_single_platform(image, request.platform)
         check_image_limits(image, settings)
-        options = request.options
-        plan = plan_archive(
-            image,
-            selection.repo_tag,
-            output_format=options.format,
-            compressed=lambda index: compressed_layer(image, options, index),
-            full_name=selection.full_name,
-        )
+        plan = archive_plan(image, selection, request.options)
         download = Download(selection, image, plan, client, store, settings, request)
         # Pre-flight: every layer the cache does not hold must be readable upstream
         # before we answer 200, and the disk must obviously have room for it.

@@ -10,8 +10,7 @@ twice its compressed size (typical of gzip'd filesystem layers), and says so.
 
 from __future__ import annotations
 
-from passthrough.export.archive import plan_archive
-from passthrough.export.download import Download, compressed_layer
+from passthrough.export.download import Download, archive_plan
 from passthrough.export.request import DownloadRequest, Selection
 from passthrough.export.tarstream import BLOCK, DeferredSegment, FileEntrySegment
 from passthrough.oci.manifest import ResolvedImage
@@ -37,14 +36,7 @@ def archive_size(
     store: LayerStore = (
         services.store if services.store is not None else TempStore(settings.temp_dir)
     )
-    options = request.options
-    plan = plan_archive(
-        image,
-        selection.repo_tag,
-        output_format=options.format,
-        compressed=lambda index: compressed_layer(image, options, index),
-        full_name=selection.full_name,
-    )
+    plan = archive_plan(image, selection, request.options)
     download = Download(selection, image, plan, client, store, settings, request)
     if download.total_size is not None:
         return {"tarSize": download.total_size, "tarSizeExact": True}

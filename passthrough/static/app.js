@@ -16,6 +16,8 @@
   const MAX_REPOSITORY = 255;
 
   const $ = (id) => document.getElementById(id);
+  const common = window.passthroughCommon;
+  const humanSize = common.humanSize;
   // Download URLs are built on the page's own origin (and any path prefix before it).
   const base = new URL(".", document.baseURI);
   let info = { registry: { url: HUB_URL, name: "docker.io" }, defaultPlatform: "linux/amd64",
@@ -101,21 +103,8 @@
     return repo.split("/").join("__") + "_" + label + ".tar";
   }
 
-  // containerd's defaults: arm64 is arm64/v8, arm is arm/v7.
-  function samePlatform(a, b) {
-    const norm = (p) => {
-      const [os, arch, variant] = p.toLowerCase().split("/");
-      return os + "/" + arch + "/" + (variant || { arm64: "v8", arm: "v7" }[arch] || "");
-    };
-    return norm(a) === norm(b);
-  }
-
-  // The platform in the file name when it is not the server's default, as the server's
-  // Content-Disposition has it (reference.platform_filename): two platforms' archives
-  // must not overwrite each other on a device's flash.
   function platformFilename(file, platform) {
-    if (!platform || samePlatform(platform, info.defaultPlatform)) return file;
-    return file.replace(/\.tar$/, "") + "_" + platform.split("/").join("-") + ".tar";
+    return common.platformFilename(file, platform, info.defaultPlatform);
   }
 
   // HOSTED_REPOSITORIES globs: "*" one path component, "**" one or more.
@@ -270,17 +259,6 @@
     const status = $("describe-status");
     status.textContent = text;
     status.classList.toggle("error", isError);
-  }
-
-  function humanSize(bytes) {
-    const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let value = bytes;
-    let unit = 0;
-    while (value >= 1024 && unit < units.length - 1) {
-      value /= 1024;
-      unit += 1;
-    }
-    return unit === 0 ? bytes + " bytes" : value.toFixed(value < 10 ? 2 : 1) + " " + units[unit];
   }
 
   function shortDigest(digest) {

@@ -8,6 +8,8 @@
 
 (function () {
   const $ = (id) => document.getElementById(id);
+  const common = window.passthroughCommon;
+  const humanSize = common.humanSize;
   const base = new URL(".", document.baseURI);
   const PAGE = 50;
   let info = { registry: { url: "", name: "" }, defaultPlatform: "linux/amd64", hosted: [],
@@ -61,18 +63,6 @@
 
   // -- Formatting ----------------------------------------------------------------------
 
-  function humanSize(bytes) {
-    if (bytes === null || bytes === undefined) return "—";
-    const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let value = bytes;
-    let unit = 0;
-    while (value >= 1024 && unit < units.length - 1) {
-      value /= 1024;
-      unit += 1;
-    }
-    return unit === 0 ? bytes + " bytes" : value.toFixed(value < 10 ? 2 : 1) + " " + units[unit];
-  }
-
   function when(iso) {
     return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("Z", " UTC") : "—";
   }
@@ -82,6 +72,14 @@
     td.textContent = text === null || text === undefined ? "—" : String(text);
     if (title) td.title = title;
     return td;
+  }
+
+  // A page of rows: the next one appended ("More"), else in place of the old ones.
+  function fillTable(id, rows, more) {
+    const tbody = $(id).tBodies[0];
+    if (more) tbody.append(...rows);
+    else tbody.replaceChildren(...rows);
+    return tbody;
   }
 
   function button(text, label, onClick, className) {
@@ -151,10 +149,7 @@
     if (more && repoNext) query.set("last", repoNext);
     const body = await api("api/v1/repositories?" + query);
     showError(null);
-    const rows = body.repositories.map(repositoryRow);
-    const tbody = $("repo-table").tBodies[0];
-    if (more) tbody.append(...rows);
-    else tbody.replaceChildren(...rows);
+    const tbody = fillTable("repo-table", body.repositories.map(repositoryRow), more);
     repoNext = body.next || null;
     $("repo-more").hidden = !repoNext;
     $("repo-empty").hidden = tbody.rows.length > 0;
@@ -191,10 +186,7 @@
     const body = await api(path);
     showError(null);
     $("tags-name").textContent = openRepo.name;
-    const rows = body.tags.map(tagRow);
-    const tbody = $("tag-table").tBodies[0];
-    if (more) tbody.append(...rows);
-    else tbody.replaceChildren(...rows);
+    fillTable("tag-table", body.tags.map(tagRow), more);
     tagNext = body.next || null;
     $("tags-more").hidden = !tagNext;
   }
@@ -239,21 +231,10 @@
 
   // -- The lines for one image ---------------------------------------------------------
 
-  function samePlatform(a, b) {
-    const norm = (p) => {
-      const [os, arch, variant] = p.toLowerCase().split("/");
-      const v = variant || (arch === "arm64" ? "v8" : arch === "arm" ? "v7" : "");
-      return os + "/" + arch + "/" + v;
-    };
-    return norm(a) === norm(b);
-  }
-
   // What the server names the file (reference.archive_filename, platform_filename).
   function fileName(repository, tag, platform) {
-    const stem = repository.split("/").join("__") + "_" + tag;
-    const suffix = platform && !samePlatform(platform, info.defaultPlatform)
-      ? "_" + platform.split("/").join("-") : "";
-    return stem + suffix + ".tar";
+    const file = repository.split("/").join("__") + "_" + tag + ".tar";
+    return common.platformFilename(file, platform, info.defaultPlatform);
   }
 
   function imageLines(tag, platform, several) {

@@ -481,6 +481,7 @@ def test_page_is_self_contained(app):
     for reference in references:
         assert "//" not in reference, f"{reference} is not served by this app"
     for asset, mimetype in (
+        ("common.js", "text/javascript"),
         ("app.js", "text/javascript"),
         ("console.js", "text/javascript"),
         ("style.css", "text/css"),
