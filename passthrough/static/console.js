@@ -17,6 +17,8 @@
   let login = null; // {user, header}: never stored beyond this page
   let admin = false;
   let repoNext = null;
+  // Only the latest listing is shown: an answer to an older search is dropped.
+  const latest = { repositories: 0, tags: 0 };
   let openRepo = null; // {name, source, route: {prefix, repository, hosted}}
   let tagNext = null;
   let shown = null; // the image whose lines are on show
@@ -147,7 +149,9 @@
     if (q) query.set("q", q);
     if (source) query.set("source", source);
     if (more && repoNext) query.set("last", repoNext);
+    const ticket = ++latest.repositories;
     const body = await api("api/v1/repositories?" + query);
+    if (ticket !== latest.repositories) return;
     showError(null);
     const tbody = fillTable("repo-table", body.repositories.map(repositoryRow), more);
     repoNext = body.next || null;
@@ -183,7 +187,9 @@
     const query = new URLSearchParams({ n: String(PAGE) });
     if (more && tagNext) query.set("last", tagNext);
     const path = "api/v1/repositories/" + openRepo.name + "/tags?" + query;
+    const ticket = ++latest.tags;
     const body = await api(path);
+    if (ticket !== latest.tags) return;
     showError(null);
     $("tags-name").textContent = openRepo.name;
     fillTable("tag-table", body.tags.map(tagRow), more);

@@ -287,11 +287,20 @@ def rows_of(driver: Any, table_id: str) -> list[str]:
 
 
 def click(driver: Any, selector: str) -> None:
+    """Click the element once it is there, again if the console re-rendered it meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    element = wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector), selector)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    element.click()
+    def attempt(d: Any) -> bool:
+        try:
+            element = d.find_element(By.CSS_SELECTOR, selector)
+            d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            element.click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(driver, attempt, selector)
 
 
 def log_in(driver: Any, user: str, password: str) -> None:
