@@ -150,6 +150,9 @@
     }
     const sameAsServer = reg.url === info.registry.url;
     const mode = credentialMode(sameAsServer && !reg.hosted);
+    $("cred-client-hint").textContent = reg.hosted
+      ? "(a passthrough user, HTTP Basic; checked here, never sent on)"
+      : "(HTTP Basic, passed on to the registry)";
     const withCredentials = mode === "client" || info.clientAuth === "required";
 
     let prefix = "";
@@ -206,8 +209,10 @@
         "just before the “?” of the URL.");
     }
     if (withCredentials) {
-      notes.push("Replace USER:PASSWORD with your registry login; this server passes it " +
-        "on to the registry and keeps nothing.");
+      notes.push(reg.hosted
+        ? "Replace USER:PASSWORD with your passthrough login (HTPASSWD_FILE)."
+        : "Replace USER:PASSWORD with your registry login; this server passes it on to " +
+          "the registry and keeps nothing.");
       if (base.protocol === "http:") {
         notes.push("This server is reached over plain HTTP: credentials cross the network " +
           "unencrypted.");
