@@ -22,12 +22,15 @@ config — and answers JSON::
         "configDigest": "sha256:…", "created": "2024-01-01T00:00:00Z",
         "layerCount": 7,
         "layers": [{"digest": "sha256:…", "size": 123, "mediaType": "…"}],
-        "compressedSize": 12345        # sum of the layer blobs, bytes
+        "compressedSize": 12345,       # sum of the layer blobs, bytes
+        "tarSize": 25600,              # the archive's size (passthrough.export.size)
+        "tarSizeExact": true           # false: an estimate, layers not cached yet
       },
       "download": {
         "url": "/docker/nginx_latest.tar",    # the path described (query kept)
         "pinnedUrl": "/ref/library/nginx:latest@sha256:….tar",  # same image, pinned
-        "repoTag": "nginx:latest"             # RepoTags in the archive
+        "repoTag": "nginx:latest",            # RepoTags in the archive
+        "filename": "nginx_latest.tar"        # its Content-Disposition name
       }
     }
 
@@ -38,6 +41,11 @@ its one platform, read from its config, with the manifest's own digest and size.
 A platform the image lacks answers 404 with the same JSON less ``selected`` and with an
 ``"error"`` line naming the available platforms, so a client can offer them. Every other
 failure goes through the central error mapping, as downloads do (one-line text).
+
+A hosted image (HOSTED_REPOSITORIES) is described from the store alone, under the same
+pull rules as its download (a passthrough user's HTTP Basic login). ``download.filename``
+carries the platform when it is not the server's default (``nginx_latest_linux-arm64.tar``),
+as the download's ``Content-Disposition`` does.
 
 Describe always asks the registry (SERVE_STALE does not apply) and does not check that
 layer blobs are readable, so a download may still fail where describe succeeded.
@@ -50,11 +58,18 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from passthrough.errors import NotAcceptable, PlatformNotFound, UnsupportedImage, UpstreamInvalid
+from passthrough.export.hosted import hosted_digest
 from passthrough.export.request import DownloadRequest, Selection, open_client, select
-from passthrough.export.resolve import fetch_manifest, resolve_image
+from passthrough.export.resolve import Documents, resolve_image
+from passthrough.export.size import archive_size
 from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
 from passthrough.oci.platforms import Platform
-from passthrough.oci.reference import DIGEST_RE, ImageReference
+from passthrough.oci.reference import (
+    DIGEST_RE,
+    ImageReference,
+    archive_filename,
+    platform_filename,
+)
 from passthrough.services import Services
 from passthrough.store.content import ContentStore
 from passthrough.upstream.client import RegistryClient
@@ -119,14 +134,22 @@ def _describe(
 ) -> dict[str, Any]:
     ref = selection.reference
     image = str(ref)
-    body, media_type, digest, document = fetch_manifest(
-        client, ref.reference, f"manifest of {image}", services.store
+    # A hosted image comes from the store alone, once the client may pull it.
+    hosted = hosted_digest(services, selection, request) if selection.hosted else None
+    documents = Documents(client, services.store, offline_digest=hosted)
+    body, media_type, digest, document = documents.top_manifest(
+        ref.reference, f"manifest of {image}"
     )
     described = _heading(selection, request, media_type, digest)
     download = {
         "url": url,
         "pinnedUrl": _pinned_url(request, ref, digest, query),
         "repoTag": selection.repo_tag,
+        "filename": platform_filename(
+            request.filename or archive_filename(ref),
+            request.platform,
+            Platform.parse(services.settings.default_platform),
+        ),
     }
 
     if media_type in INDEX_TYPES:
@@ -140,7 +163,7 @@ def _describe(
             described["error"] = exc.message
             described["download"] = download
             raise PlatformNotFound(exc.message, described) from None
-        resolved = _resolve_entry(client, ref, chosen, entry, services.store)
+        resolved = _resolve_entry(client, ref, chosen, entry, services.store, hosted=bool(hosted))
         selected_platform = str(chosen)
     else:
         # Resolve by the digest just read, so the description is of one manifest even
@@ -150,11 +173,13 @@ def _describe(
             ImageReference(ref.repository, tag=ref.tag, digest=digest),
             request.platform,
             services.store,
+            offline_digest=digest if hosted else None,
         )
         selected_platform = str(config_platform(resolved))
         described["platforms"] = [_platform_entry(selected_platform, digest, len(body))]
 
     described["selected"] = _selected(resolved, selected_platform)
+    described["selected"].update(archive_size(services, selection, request, resolved, client))
     described["download"] = download
     return described
 
@@ -184,8 +209,11 @@ def _resolve_entry(
     chosen: Platform,
     entry: dict[str, Any],
     store: ContentStore | None,
+    *,
+    hosted: bool = False,
 ) -> ResolvedImage:
-    """The image an index entry names, which must be an image manifest itself."""
+    """The image an index entry names, which must be an image manifest itself (a hosted
+    one from the store alone)."""
     image = str(ref)
     entry_digest = entry.get("digest")
     if not isinstance(entry_digest, str) or not DIGEST_RE.fullmatch(entry_digest):
@@ -195,6 +223,7 @@ def _resolve_entry(
         ImageReference(ref.repository, tag=ref.tag, digest=entry_digest),
         chosen,
         store,
+        offline_digest=entry_digest if hosted else None,
     )
     if resolved.index_digest is not None:  # an index inside the index
         raise UnsupportedImage(f"the {chosen} entry of {image} is not an image manifest")

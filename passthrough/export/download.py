@@ -24,9 +24,7 @@ from passthrough.capacity import check_free_space
 from passthrough.config import Settings
 from passthrough.errors import (
     BlobUnknown,
-    ClientAuthRequired,
     NotAcceptable,
-    PassthroughError,
     TooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -39,6 +37,7 @@ from passthrough.export.archive import (
     WrittenLayer,
     plan_archive,
 )
+from passthrough.export.hosted import hosted_digest
 from passthrough.export.request import (
     DownloadRequest,
     OutputOptions,
@@ -62,9 +61,7 @@ from passthrough.export.trace import DownloadTrace, annotate_image
 from passthrough.observe import metrics, telemetry
 from passthrough.oci.manifest import LayerDescriptor, ResolvedImage, layer_what
 from passthrough.oci.platforms import Platform
-from passthrough.oci.reference import archive_filename
-from passthrough.registry.access import check_access
-from passthrough.registry.hosted import Hosted
+from passthrough.oci.reference import archive_filename, platform_filename
 from passthrough.services import Services
 from passthrough.store.base import BlobSource, LayerFile, LayerStore
 from passthrough.store.content import ContentStore
@@ -133,7 +130,11 @@ class Download:
 
     @property
     def filename(self) -> str:
-        return self.request.filename or archive_filename(self.selection.reference)
+        """The archive's name for Content-Disposition, with the platform when it is not
+        the server's default (as the route builder names the file)."""
+        name = self.request.filename or archive_filename(self.selection.reference)
+        default = Platform.parse(self._settings.default_platform)
+        return platform_filename(name, self.request.platform, default)
 
     def _build_segments(self) -> list[Segment]:
         segments: list[Segment] = []
@@ -410,6 +411,17 @@ def check_image_limits(image: ResolvedImage, settings: Settings) -> None:
         )
 
 
+def archive_plan(image: ResolvedImage, selection: Selection, options: OutputOptions) -> ArchivePlan:
+    """What the archive holds for these options (its entries, which layers, in which form)."""
+    return plan_archive(
+        image,
+        selection.repo_tag,
+        output_format=options.format,
+        compressed=lambda index: compressed_layer(image, options, index),
+        full_name=selection.full_name,
+    )
+
+
 def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -> bool:
     """Whether layer ``index`` is sent as the registry's blob rather than a tar: only
     gzip blobs, only with ``layers=gzip`` (zstd and plain layers are sent as tars);
@@ -459,35 +471,9 @@ def _resolve_hosted(
     services: Services, selection: Selection, request: DownloadRequest, client: RegistryClient
 ) -> ResolvedImage:
     """A hosted image, from the store: the client must be allowed to pull it, as on /v2."""
-    settings = services.settings
-    if services.store is None:
-        raise UpstreamUnavailable("the hosted area needs a content store (CACHE_DIR or STORE=s3)")
-    repository = selection.reference.repository
-    if settings.auth_enabled:
-        credentials = request.client_credentials
-        authorization = credentials.basic_header() if credentials is not None else None
-        try:
-            check_access(
-                settings,
-                None,
-                authorization,
-                repository,
-                "pull",
-                gate=services.access(),
-                client=request.client_address,
-            )
-        except PassthroughError as exc:
-            if exc.status == 401:
-                raise ClientAuthRequired(
-                    "this hosted repository needs a passthrough user (HTTP Basic)"
-                ) from None
-            raise
-    reference = selection.reference
-    found = Hosted(settings, services.store).manifest(
-        repository, reference.digest or reference.tag or "latest"
-    )
+    digest = hosted_digest(services, selection, request)
     return resolve_image(
-        client, reference, request.platform, services.store, offline_digest=found.digest
+        client, selection.reference, request.platform, services.store, offline_digest=digest
     )
 
 
@@ -516,14 +502,7 @@ def prepare_download(
         if request.platform_explicit:
             check_single_platform(image, request.platform)
         check_image_limits(image, settings)
-        options = request.options
-        plan = plan_archive(
-            image,
-            selection.repo_tag,
-            output_format=options.format,
-            compressed=lambda index: compressed_layer(image, options, index),
-            full_name=selection.full_name,
-        )
+        plan = archive_plan(image, selection, request.options)
         download = Download(selection, image, plan, client, store, settings, request)
         # Pre-flight: every layer the cache does not hold must be readable upstream
         # before we answer 200, and the disk must obviously have room for it.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from passthrough.errors import BadRequest
 from passthrough.oci.endpoint import RegistryEndpoint
+from passthrough.oci.platforms import Platform
 
 # github.com/distribution/reference: path components and tags.
 PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*")
@@ -179,3 +180,13 @@ def archive_filename(ref: ImageReference) -> str:
     """A safe download filename for any reference: the /docker/ form when it round-trips."""
     tag = ref.tag or (ref.digest or "").replace(":", "-")[:19]
     return ref.repository.replace("/", "__") + "_" + tag + ".tar"
+
+
+def platform_filename(filename: str, platform: Platform, default: Platform) -> str:
+    """``nginx_latest.tar`` as ``nginx_latest_linux-arm64.tar`` for a platform other than
+    the server's default, so that two platforms' archives do not overwrite each other on
+    a device's flash; the default platform's name is left as it is."""
+    if platform.matches(default):
+        return filename
+    stem = filename.removesuffix(".tar")
+    return f"{stem}_{str(platform).replace('/', '-')}.tar"

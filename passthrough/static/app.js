@@ -16,6 +16,8 @@
   const MAX_REPOSITORY = 255;
 
   const $ = (id) => document.getElementById(id);
+  const common = window.passthroughCommon;
+  const humanSize = common.humanSize;
   // Download URLs are built on the page's own origin (and any path prefix before it).
   const base = new URL(".", document.baseURI);
   let info = { registry: { url: HUB_URL, name: "docker.io" }, defaultPlatform: "linux/amd64",
@@ -26,6 +28,10 @@
   class InputError extends Error {}
 
   function registryOf(choice) {
+    if (choice === "hosted") {
+      // The hosted area answers on the environment's routes, whatever REGISTRY_URL is.
+      return { scheme: base.protocol.replace(":", ""), host: base.host, url: null, hosted: true };
+    }
     if (choice === "server") {
       const url = new URL(info.registry.url);
       const host = info.registry.url === HUB_URL ? "docker.io" : url.host;
@@ -97,6 +103,20 @@
     return repo.split("/").join("__") + "_" + label + ".tar";
   }
 
+  function platformFilename(file, platform) {
+    return common.platformFilename(file, platform, info.defaultPlatform);
+  }
+
+  // HOSTED_REPOSITORIES globs: "*" one path component, "**" one or more.
+  function isHosted(repo) {
+    return (info.hosted || []).some((pattern) => {
+      const parts = pattern.split("/").map((part) => part === "**" ? "[^/]+(?:/[^/]+)*"
+        : part.split("*").map((piece) => piece.replace(/[.+?^${}()|[\]\\]/g, "\\$&"))
+          .join("[^/]*"));
+      return new RegExp("^" + parts.join("/") + "$").test(repo);
+    });
+  }
+
   function appIdOf(repo) {
     const given = $("appid").value.trim();
     if (given) return given;
@@ -129,11 +149,21 @@
       return;
     }
     const sameAsServer = reg.url === info.registry.url;
-    const mode = credentialMode(sameAsServer);
+    const mode = credentialMode(sameAsServer && !reg.hosted);
+    $("cred-client-hint").textContent = reg.hosted
+      ? "(a passthrough user, HTTP Basic; checked here, never sent on)"
+      : "(HTTP Basic, passed on to the registry)";
     const withCredentials = mode === "client" || info.clientAuth === "required";
 
     let prefix = "";
-    if (mode === "client") {
+    if (reg.hosted) {
+      notes.push("The hosted area: images teams pushed into this server. Unless anonymous " +
+        "pull is on, choose “My credentials”: a passthrough user with pull permission.");
+      if (!isHosted(repo)) {
+        notes.push("“" + repo + "” is not a hosted name (" + info.hosted.join(", ") +
+          "): this URL goes to the server's registry instead.");
+      }
+    } else if (mode === "client") {
       prefix = "registry-auth/" + reg.scheme + "/" + encodeURIComponent(reg.host) + "/";
     } else if (!sameAsServer) {
       prefix = "registry/" + reg.scheme + "/" + encodeURIComponent(reg.host) + "/";
@@ -160,8 +190,9 @@
       }
     }
 
-    const query = [];
     const platform = $("platform").value;
+    file = platformFilename(file, platform);
+    const query = [];
     if (platform) query.push("platform=" + platform);
     if ($("format").value !== "docker") query.push("format=" + $("format").value);
     if ($("layers").value !== "tar") query.push("layers=" + $("layers").value);
@@ -180,8 +211,10 @@
         "just before the “?” of the URL.");
     }
     if (withCredentials) {
-      notes.push("Replace USER:PASSWORD with your registry login; this server passes it " +
-        "on to the registry and keeps nothing.");
+      notes.push(reg.hosted
+        ? "Replace USER:PASSWORD with your passthrough login (HTPASSWD_FILE)."
+        : "Replace USER:PASSWORD with your registry login; this server passes it on to " +
+          "the registry and keeps nothing.");
       if (base.protocol === "http:") {
         notes.push("This server is reached over plain HTTP: credentials cross the network " +
           "unencrypted.");
@@ -263,17 +296,6 @@
     status.classList.toggle("error", isError);
   }
 
-  function humanSize(bytes) {
-    const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let value = bytes;
-    let unit = 0;
-    while (value >= 1024 && unit < units.length - 1) {
-      value /= 1024;
-      unit += 1;
-    }
-    return unit === 0 ? bytes + " bytes" : value.toFixed(value < 10 ? 2 : 1) + " " + units[unit];
-  }
-
   function shortDigest(digest) {
     return digest ? digest.slice(0, 19) + "…" : "—";
   }
@@ -285,8 +307,13 @@
     setStatus("Asking the registry…", false);
     let response;
     try {
+      // The console's login, if any (a hosted image needs a passthrough user); else the
+      // browser answers a Basic challenge itself.
+      const headers = { Accept: "application/json" };
+      const login = window.passthroughAuthorization ? window.passthroughAuthorization() : null;
+      if (login) headers.Authorization = login;
       response = await fetch(new URL("describe/" + path, base), {
-        headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin",
+        headers: headers, cache: "no-store", credentials: "same-origin",
       });
     } catch (error) {
       setStatus("The server did not answer: " + error.message, true);
@@ -315,6 +342,13 @@
         selected.compressedSize.toLocaleString("en") + " bytes)"
       : "—";
     $("describe-repotag").textContent = doc.download ? doc.download.repoTag : "—";
+    $("describe-filename").textContent = doc.download && doc.download.filename || "—";
+    $("describe-tar").textContent = !selected || selected.tarSize === undefined ? "—"
+      : selected.tarSizeExact
+        ? humanSize(selected.tarSize) + " (" + selected.tarSize.toLocaleString("en") +
+          " bytes, exact)"
+        : "about " + humanSize(selected.tarSize) + " (an estimate: the layers are not " +
+          "cached yet; exact after a first download)";
     const rows = (doc.platforms || []).map((entry) => {
       const row = document.createElement("tr");
       const isSelected = selected && entry.platform === selected.platform;
@@ -438,7 +472,10 @@
   function chooseRegistry(hostport, scheme) {
     const select = $("registry");
     const server = new URL(info.registry.url);
-    if (HUB_ALIASES.includes(hostport)) {
+    const self = [base.host, info.pullHost].filter(Boolean);
+    if ((info.hosted || []).length && self.includes(hostport)) {
+      select.value = "hosted"; // this server's own name: a hosted image
+    } else if (HUB_ALIASES.includes(hostport)) {
       select.value = info.registry.url === HUB_URL ? "server" : "dockerhub";
     } else if (hostport === server.host && (!scheme || scheme + ":" === server.protocol)) {
       select.value = "server";
@@ -468,6 +505,10 @@
     } catch (error) {
       /* keep the defaults: the page still builds URLs */
     }
+    const hosted = info.hosted || [];
+    $("registry-hosted-option").hidden = hosted.length === 0;
+    $("registry-hosted-option").textContent = "This server's hosted area (" +
+      hosted.join(", ") + ")";
     $("registry-server-option").textContent = "This server's registry (" +
       info.registry.name + ")";
     $("server-registry").textContent = info.registry.name + " (" + info.registry.url + ")";
@@ -494,9 +535,11 @@
       if (event.target.id === "registry") syncRegistryFields();
       build();
     });
-    for (const button of document.querySelectorAll("button.copy")) {
-      button.addEventListener("click", onCopy);
-    }
+    // Every copy button, the console's included (they come and go).
+    document.addEventListener("click", (event) => {
+      const button = event.target.closest("button.copy");
+      if (button) onCopy({ currentTarget: button });
+    });
     $("describe-button").addEventListener("click", runDescribe);
     $("md5-button").addEventListener("click", fillMd5);
     syncRegistryFields();

@@ -1,8 +1,10 @@
-"""The route-builder page in a real browser: Debian's chromium and chromedriver, driven by
-selenium, headless, against passthrough under gunicorn whose REGISTRY_URL is a rig
-registry. Fill the form, read the URL it builds, download it and load and run the
-archive in the rig's dockerd; click Describe and read the platforms; check the URL forms
-for other choices. Selenium never fetches a driver (Service names /usr/bin/chromedriver,
+"""The route-builder page and the console in a real browser: Debian's chromium and
+chromedriver, driven by selenium, headless, against passthrough under gunicorn whose
+REGISTRY_URL is a rig registry. Fill the form, read the URL it builds, download it and
+load and run the archive in the rig's dockerd; click Describe and read the platforms;
+check the URL forms for other choices. The console, against a hosted area skopeo pushed
+into: it loads, lists, searches, logs in, shows the right lines and the API's error
+message. Selenium never fetches a driver (Service names /usr/bin/chromedriver,
 SE_OFFLINE=true), and every browser process is gone by pid at the end."""
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 import pytest
 import requests
 
+from tests.e2e.hosted import Hosted, hosted_server
 from tests.support.images import multi_platform_index, push_index
-from tests.support.loaders import docker_load_and_run
+from tests.support.loaders import docker_load_and_run, skopeo
 from tests.support.registry import RegistryServer
 
 pytestmark = pytest.mark.rig
@@ -259,3 +262,227 @@ def test_route_builder_builds_a_working_url(browser: Any, registry_anon: Registr
     wait_for(driver, lambda d: button.text in ("Copied", "Press Ctrl+C"), "copy feedback")
     logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert logs == [], f"errors in the browser console: {logs}"
+
+
+# -- the console ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosted]:
+    """One hosted server for the console tests (users alice and bob, no ACCESS_FILE)."""
+    with hosted_server(tmp_path_factory.mktemp("console"), patterns="team/**") as server:
+        yield server
+
+
+def skopeo_push(source: str, hosted: Hosted, name: str) -> None:
+    """Copy an image (every platform) from the rig's anonymous registry into the hosted
+    area as alice, the way a team would."""
+    skopeo(
+        "copy", "--quiet", "--all", "--preserve-digests", "--src-tls-verify=false",
+        "--src-no-creds", "--dest-tls-verify=false",
+        "--dest-creds", f"alice:{hosted.users['alice']}", source, f"docker://{hosted.host}/{name}",
+    )  # fmt: skip
+
+
+def rows_of(driver: Any, table_id: str) -> list[str]:
+    """The names (or tags) of a console table's rows, read at once (the table is
+    re-rendered as answers arrive)."""
+    rows: list[str] = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])]"
+        ".map((row) => row.dataset.name || row.dataset.tag);",
+        f"#{table_id} tbody tr",
+    )
+    return rows
+
+
+def click(driver: Any, selector: str) -> None:
+    """Click the element once it is there, again if the console re-rendered it meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def attempt(d: Any) -> bool:
+        try:
+            element = d.find_element(By.CSS_SELECTOR, selector)
+            d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            element.click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(driver, attempt, selector)
+
+
+def log_in(driver: Any, user: str, password: str) -> None:
+    fill(driver, "login-user", user)
+    fill(driver, "login-password", password)
+    click(driver, "#login-button")
+
+
+def test_console_lists_searches_logs_in_and_copies_the_lines(
+    browser: Any, door: Hosted, registry_anon: RegistryServer, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    mark = secrets.token_hex(3)
+    web, api = f"team/web{mark}", f"team/api{mark}"
+    index = multi_platform_index(f"console-{mark}")
+    push_index(registry_anon.url, f"console/src{mark}", "1.0", index)
+    source = f"docker://{registry_anon.host}/console/src{mark}:1.0"
+    skopeo_push(source, door, f"{web}:1.0")
+    skopeo_push(source, door, f"{api}:2.0")
+
+    driver.get(door.public_url + "/#console")
+    wait_for(driver, lambda d: d.find_element(By.ID, "view-console").is_displayed(),
+             "the console view")
+    assert not driver.find_element(By.ID, "view-builder").is_displayed()
+    # Anonymous may pull nothing hosted here (HOSTED_ANONYMOUS_PULL is off).
+    wait_for(driver, lambda d: d.find_element(By.ID, "repo-empty").is_displayed(),
+             "an anonymous listing without the hosted repositories")
+
+    # A wrong password: the API's one-line message, not a raw body.
+    log_in(driver, "alice", "not-the-password")
+    wait_for(driver, lambda d: d.find_element(By.ID, "console-error").is_displayed(),
+             "the failed login is reported")
+    error = text_of(driver, "console-error")
+    assert error.startswith("Login failed: HTTP 401: "), error
+    assert "{" not in error and "errors" not in error, error
+    assert text_of(driver, "login-state") == "Anonymous"
+
+    log_in(driver, "alice", door.users["alice"])
+    wait_for(driver, lambda d: text_of(d, "login-state") == "Logged in as alice", "logged in")
+    assert not driver.find_element(By.ID, "console-error").is_displayed()
+    assert driver.find_element(By.ID, "login-password").get_attribute("value") == ""
+    wait_for(driver, lambda d: {web, api} <= set(rows_of(d, "repo-table")), "both listed")
+
+    fill(driver, "search-q", f"web{mark}")
+    click(driver, "#search-button")
+    wait_for(driver, lambda d: rows_of(d, "repo-table") == [web], "the search keeps one")
+
+    click(driver, f"#repo-table tr[data-name='{web}'] button")
+    wait_for(driver, lambda d: rows_of(d, "tag-table") == ["1.0"], "the tags of web")
+    assert text_of(driver, "tags-name") == web
+    buttons = driver.find_elements(By.CSS_SELECTOR, "#tag-table button.platform")
+    platforms = [b.text for b in buttons]
+    assert platforms == ["linux/amd64", "linux/arm64/v8"]
+
+    # The lines of the arm64 image: URL with ?platform=, the file named for it.
+    click(driver, "#tag-table button[aria-label$='linux/arm64/v8']")
+    wait_for(driver, lambda d: d.find_element(By.ID, "lines").is_displayed(), "the lines")
+    stem = web.replace("/", "__") + "_1.0"
+    url = f"{door.public_url}/docker/{stem}.tar?platform=linux/arm64/v8"
+    file = f"{stem}_linux-arm64-v8.tar"
+    assert text_of(driver, "line-url") == url
+    assert text_of(driver, "line-curl") == f"curl -fL -u 'alice' -o {file} '{url}'"
+    assert text_of(driver, "line-ios-copy") == (
+        f"copy {url.replace('://', '://alice:PASSWORD@')} flash:{file}"
+    )
+    assert text_of(driver, "line-docker") == (
+        f"docker pull --platform linux/arm64/v8 {door.host}/{web}:1.0"
+    )
+    # The server names the file the same way, and the URL delivers the arm64 image.
+    http = door.session("alice")
+    head = http.head(url, timeout=60)
+    assert head.status_code == 200, head.text
+    assert head.headers["Content-Disposition"] == f'attachment; filename="{file}"'
+    assert head.headers["Docker-Content-Digest"] == index.image_for("linux", "arm64").digest
+
+    # The verify line appears when the checksum route answers, else a readable reason.
+    click(driver, "#line-checksum")
+    wait_for(driver, lambda d: d.find_element(By.ID, "line-verify-row").is_displayed()
+             or text_of(d, "line-checksum-status").startswith("No checksum: HTTP"),
+             "the checksum is asked for")
+    if driver.find_element(By.ID, "line-verify-row").is_displayed():
+        verify = text_of(driver, "line-verify")
+        assert verify.startswith(f"verify /md5 flash:{file} ") and len(verify.split()[-1]) == 32
+
+    # Copy answers (clipboard API or the execCommand fallback).
+    click(driver, "button[data-copy=line-curl]")
+    copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy=line-curl]")
+    wait_for(driver, lambda d: copy.text in ("Copied", "Press Ctrl+C"), "copy feedback")
+
+    console_shot = tmp_path / "console.png"
+    assert driver.save_screenshot(str(console_shot))
+    print(f"screenshot: {console_shot}")
+
+    # The route builder's hosted option, describing with the console's login.
+    driver.find_element(By.ID, "nav-builder").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "view-builder").is_displayed(), "builder")
+    choose(driver, "registry", "hosted")
+    fill(driver, "image", api)
+    fill(driver, "tag", "2.0")
+    choose(driver, "platform", "linux/arm64")
+    driver.find_element(By.ID, "cred-client").click()
+    api_stem = api.replace("/", "__") + "_2.0"
+    api_url = f"{door.public_url}/docker/{api_stem}.tar?platform=linux/arm64"
+    wait_for(driver, lambda d: text_of(d, "out-url") == api_url, "the hosted URL")
+    assert text_of(driver, "out-curl") == (
+        f"curl -fL -u 'USER:PASSWORD' -o {api_stem}_linux-arm64.tar '{api_url}'"
+    )
+    driver.find_element(By.ID, "describe-button").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "describe-result").is_displayed(),
+             "the hosted image is described")
+    assert text_of(driver, "describe-selected") == "linux/arm64/v8"
+    assert text_of(driver, "describe-filename") == f"{api_stem}_linux-arm64.tar"
+    assert text_of(driver, "describe-tar").startswith("about "), "cold: an estimate"
+
+    screenshot = tmp_path / "builder-hosted.png"
+    assert driver.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+    # Answers of 4xx (the failed login, a missing checksum route, the store for a
+    # non-admin) are logged by Chromium as network errors; a script error is not allowed.
+    logs = [e for e in driver.get_log("browser")
+            if e.get("level") == "SEVERE" and e.get("source") != "network"]
+    assert logs == [], f"script errors in the browser console: {logs}"
+
+
+def test_console_admin_actions_are_confirmed_first(
+    browser: Any, door: Hosted, registry_anon: RegistryServer
+) -> None:
+    """As an admin (every user: no ACCESS_FILE here): the store, a hosted tag deleted only
+    after the dialog's Confirm (Cancel keeps it), gc's dry run."""
+    from selenium.webdriver.common.by import By
+
+    http = door.session("alice")
+    driver = browser
+    mark = secrets.token_hex(3)
+    name = f"team/adm{mark}"
+    index = multi_platform_index(f"admin-{mark}")
+    push_index(registry_anon.url, f"console/adm{mark}", "1.0", index)
+    for tag in ("1.0", "2.0"):
+        skopeo_push(f"docker://{registry_anon.host}/console/adm{mark}:1.0", door, f"{name}:{tag}")
+
+    driver.get(door.public_url + "/#console")
+    log_in(driver, "alice", door.users["alice"])
+    wait_for(driver, lambda d: d.find_element(By.ID, "store").is_displayed(), "the store")
+    assert text_of(driver, "store-backend") == "filesystem"
+    fill(driver, "search-q", f"adm{mark}")
+    click(driver, "#search-button")
+    wait_for(driver, lambda d: rows_of(d, "repo-table") == [name], "the search")
+    click(driver, f"#repo-table tr[data-name='{name}'] button")
+    wait_for(driver, lambda d: rows_of(d, "tag-table") == ["1.0", "2.0"], "both tags")
+
+    delete = "#tag-table tr[data-tag='1.0'] button.danger"
+    click(driver, delete)
+    dialog = driver.find_element(By.ID, "confirm")
+    wait_for(driver, lambda d: dialog.is_displayed(), "the confirmation")
+    assert "Delete the tag" in text_of(driver, "confirm-text")
+    driver.find_element(By.ID, "confirm-cancel").click()
+    wait_for(driver, lambda d: not dialog.is_displayed(), "cancelled")
+    assert rows_of(driver, "tag-table") == ["1.0", "2.0"]
+    assert http.get(door.url(f"/v2/{name}/manifests/1.0"), timeout=30).status_code == 200
+
+    click(driver, delete)
+    wait_for(driver, lambda d: dialog.is_displayed(), "the confirmation again")
+    driver.find_element(By.ID, "confirm-ok").click()
+    wait_for(driver, lambda d: rows_of(d, "tag-table") == ["2.0"], "the tag is gone")
+    assert http.get(door.url(f"/v2/{name}/manifests/1.0"), timeout=30).status_code == 404
+
+    click(driver, "#gc-dry-run")
+    wait_for(driver, lambda d: dialog.is_displayed(), "gc is confirmed first")
+    driver.find_element(By.ID, "confirm-ok").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "gc-report").is_displayed()
+             or d.find_element(By.ID, "console-error").is_displayed(), "the dry run's report")
+    assert not driver.find_element(By.ID, "console-error").is_displayed(), text_of(
+        driver, "console-error")
+    assert text_of(driver, "gc-report").startswith("{")

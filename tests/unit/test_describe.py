@@ -179,7 +179,11 @@ def test_single_platform_image(app, rsps):
         "url": "/docker/team__api_v1.tar",
         "pinnedUrl": f"/ref/team/api:v1@{image.digest}.tar",
         "repoTag": "reg.test:5000/team/api:v1",
+        "filename": "team__api_v1.tar",
     }
+    # Nothing cached (no store): the tar's size is an estimate, and says so.
+    assert selected["tarSizeExact"] is False
+    assert selected["tarSize"] > selected["compressedSize"]
     assert layer_requests(rsps, image) == [], "describe must not touch a layer"
 
 
@@ -476,7 +480,12 @@ def test_page_is_self_contained(app):
     assert references, "the page loads its script and style sheet"
     for reference in references:
         assert "//" not in reference, f"{reference} is not served by this app"
-    for asset, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css")):
+    for asset, mimetype in (
+        ("common.js", "text/javascript"),
+        ("app.js", "text/javascript"),
+        ("console.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ):
         assert f'"ui/static/{asset}"' in html
         served = client.get(f"/ui/static/{asset}")
         assert served.status_code == 200
@@ -507,6 +516,8 @@ def test_info_tells_the_registry_and_no_secret(tmp_path):
         "defaultPlatform": "linux/arm64",
         "defaultNamespace": None,
         "clientAuth": "optional",
+        "hosted": [],
+        "pullHost": None,
     }
     text = response.get_data(as_text=True)
     for secret in ("svc-user", "hunter2", "tok-secret"):

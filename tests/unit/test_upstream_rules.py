@@ -123,7 +123,9 @@ def test_sync_is_bound_by_the_rules_before_any_request(tmp_path: Path) -> None:
 
     settings = settings_with(tmp_path)
     sync = Sync(Services.create(settings).proxy)
-    denied = parse_sync_file("images:\n  - repository: library/busybox\n    tags: ['1']\n", settings)
+    denied = parse_sync_file(
+        "images:\n  - repository: library/busybox\n    tags: ['1']\n", settings
+    )
     failed: list[str] = []
     # No upstream answers here: a request would fail with another message.
     assert sync.plan(denied, failed) == []
