@@ -122,7 +122,9 @@ def test_sync_is_bound_by_the_rules_before_any_request(tmp_path: Path) -> None:
     from passthrough.sync.spec import parse_sync_file
 
     settings = settings_with(tmp_path)
-    sync = Sync(Services.create(settings).proxy)
+    proxy = Services.create(settings).proxy
+    assert proxy is not None
+    sync = Sync(proxy)
     denied = parse_sync_file(
         "images:\n  - repository: library/busybox\n    tags: ['1']\n", settings
     )
