@@ -40,7 +40,16 @@ set +e
 if [ "$tier" = fast ]; then
   .venv/bin/pytest -m "not rig" "${@:2}"
 else
-  .venv/bin/pytest "${@:2}"
+  # The e2e modules mostly wait (on dockerd, registries, timeouts), so whole modules run
+  # side by side (pytest-xdist, --dist loadfile keeps a module's servers in one worker,
+  # and each worker starts its own session rig on its own ports and temp dirs).
+  # PYTEST_WORKERS=0 runs everything in this one process.
+  workers=${PYTEST_WORKERS:-3}
+  if [ "$workers" = 0 ]; then
+    .venv/bin/pytest "${@:2}"
+  else
+    .venv/bin/pytest -n "$workers" --dist loadfile "${@:2}"
+  fi
 fi
 rc=$?
 set -e
