@@ -711,6 +711,8 @@ def test_temp_volume_follows_temp_dir() -> None:
     mounts = {m["mountPath"] for m in container(objects)["volumeMounts"]}
     assert mounts == {"/tmp", "/scratch"}
     assert "CACHE_DIR" not in effective_env(objects)
+    # No directory is no store: never the service's default under its working directory.
+    assert effective_env(objects)["STORE"] == "off"
 
 
 @pytest.mark.parametrize("graceful", [30, 120, 600])

@@ -91,7 +91,7 @@ class FakeImage:
 
 @pytest.fixture
 def app(tmp_path):
-    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)})
+    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"})
 
 
 def read_archive(data: bytes) -> dict[str, bytes | None]:

@@ -111,7 +111,7 @@ def two_platform_index() -> Index:
 
 @pytest.fixture
 def app(tmp_path):
-    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)})
+    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"})
 
 
 @pytest.fixture
@@ -313,7 +313,7 @@ def test_digest_reference(app, rsps):
 
 def test_docker_hub_one_component_name_is_library(tmp_path, rsps):
     app = create_app(
-        {"REGISTRY_URL": "docker.io", "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
+        {"REGISTRY_URL": "docker.io", "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"}
     )
     image = small_image("nginx")
     hub = "https://registry-1.docker.io"

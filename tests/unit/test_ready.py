@@ -101,6 +101,7 @@ def test_ready_without_a_store_is_ready_and_reports_the_upstreams(
         REGISTRY_URL=default.url,
         UPSTREAMS=f"hub={hub.url},broken={broken.url},dead={dead}",
         CACHE_DIR="",
+        STORE="off",
     )
     status, report = get_ready(app)
     assert status == 200

@@ -172,7 +172,7 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 
 
 def make_app(tmp_path: Path, **env: str) -> Any:
-    config = {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
+    config = {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"}
     config.update(env)
     return create_app(config)
 
