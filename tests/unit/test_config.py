@@ -90,8 +90,8 @@ def test_each_default_is_the_tables(tmp_path):
     """Settings() and load_settings of an empty environment agree (but the derived
     Docker Hub token service), so no default is written twice."""
     loaded = load_settings({"ENV_FILE": "/nonexistent"})
-    derived = {"registry_auth_url": None, "registry_service": None, "cache_dir": None}
-    assert replace(loaded, **derived) == Settings()
+    underived = replace(loaded, registry_auth_url=None, registry_service=None, cache_dir=None)
+    assert underived == Settings()
     # The filesystem store's directory when CACHE_DIR is unset: under the working directory.
     assert loaded.cache_dir == os.path.abspath(DEFAULT_CACHE_DIR)
 
