@@ -21,9 +21,9 @@ from tests.support.dashboards import RULES, dashboard_queries, metric_names, rul
 from tests.support.helpers import wait_until
 from tests.support.images import File as TarFile
 from tests.support.images import build_image, make_layer, push_image, tar_layer
-from tests.support.procs import LOOPBACK
+from tests.support.procs import LOOPBACK, free_port
 from tests.support.registry import PUSHER, RegistryServer
-from tests.support.server import PassthroughServer
+from tests.support.server import PassthroughServer, scrubbed_environment
 
 pytestmark = pytest.mark.rig
 
@@ -122,3 +122,67 @@ def test_promtool_passes_the_rule_file() -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 4 rules found" in checked.stdout
+
+
+# -- the README's "Try the whole door", run as written -----------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+RUN_MARKER = "<!-- the block below is run as written by tests/e2e/test_door.py"
+
+
+def readme_blocks() -> tuple[str, str]:
+    """The section's setup block (apt-get, a copy from Docker Hub: checked, not run) and
+    the door's block (run)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Try the whole door") :]
+    setup = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    door = section[section.index(RUN_MARKER) :].split("```sh\n", 1)[1].split("```", 1)[0]
+    return setup, door
+
+
+def test_the_setup_commands_flags_exist() -> None:
+    setup, _ = readme_blocks()
+    copy = next(line for line in setup.splitlines() if line.startswith("skopeo copy"))
+    flags = [word.split("=")[0] for word in copy.split() if word.startswith("--")]
+    usage = subprocess.run(["skopeo", "copy", "--help"], capture_output=True, text=True).stdout
+    assert flags and all(flag in usage for flag in flags), flags
+    assert "apt-get install -y docker-registry skopeo apache2-utils curl" in setup
+
+
+def test_try_the_whole_door_runs_as_written(
+    registry_anon: RegistryServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The README's block in a fresh directory (the clone's .venv and gunicorn.conf.py
+    linked in), against the rig's registry holding demo/busybox:1.0 as the setup block
+    would, on a free loopback port instead of 8080 (and no probe port)."""
+    root = tmp_path_factory.mktemp("try")
+    repo = README.parent
+    for name in (".venv", "gunicorn.conf.py"):
+        (root / name).symlink_to(repo / name)
+    layer = make_layer(tar_layer([TarFile("bin/hello", b"hello\n" * 100)]))
+    push_image(registry_anon.url, "demo/busybox", "1.0", build_image([layer]), auth=PUSHER_AUTH)
+    port = free_port()
+    _, block = readme_blocks()
+    script = block.replace("127.0.0.1:5000", registry_anon.host).replace(
+        "127.0.0.1:8080", f"{LOOPBACK}:{port}"
+    )
+    env = scrubbed_environment()
+    (root / "home").mkdir()
+    (root / "tmp").mkdir()
+    env.update(
+        BIND=f"{LOOPBACK}:{port}", HEALTH_BIND="off", HOME=str(root / "home"),
+        TMPDIR=str(root / "tmp"), XDG_RUNTIME_DIR=str(root / "home"),
+    )  # fmt: skip
+    # The block's own `kill $door` stops the server; the trap, if a command failed first.
+    wrapped = "set -euo pipefail\ntrap 'kill ${door:-} 2>/dev/null; wait' EXIT\n" + script
+    done = subprocess.run(
+        ["bash", "-c", wrapped], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "manifest.json" in done.stdout
+    assert done.stdout.startswith("ok: registry "), "check-config passed first"
+    assert output.count("passthrough settings in force:") == 1, "one summary at start-up"
+    store = root / "passthrough-store"
+    assert "hosted: team/*" in output and f"store: filesystem {store}, 20 GiB" in output
+    assert (root / "passthrough-store").is_dir()
