@@ -206,7 +206,7 @@ class PassthroughServer:
         env["PYTHONUNBUFFERED"] = "1"
         # The service has a store by default (./passthrough-store, the repository's
         # working directory here): a test without one of its own asks for none.
-        if not {"CACHE_DIR", "STORE"} & set(self.overrides):
+        if not self.overrides.get("CACHE_DIR") and "STORE" not in self.overrides:
             env["STORE"] = "off"
         env.update(self.overrides)
         return env
