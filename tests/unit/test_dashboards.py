@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import yaml
 
@@ -77,3 +78,28 @@ def test_the_rule_file_has_the_three_alerts() -> None:
     assert "connection_error" in alerts["PassthroughUpstreamUnreachable"]["expr"]
     assert "passthrough_store_cap_bytes" in alerts["PassthroughStoreNearCap"]["expr"]
     assert '"5.."' in alerts["PassthroughHigh5xxRate"]["expr"]
+
+
+def scrape_gauges(config: dict[str, str]) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from passthrough import create_app
+
+    text = create_app(config).test_client().get("/metrics").get_data(as_text=True)
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("passthrough_store_")
+    }
+
+
+def test_metrics_report_the_store_against_its_cap(tmp_path: Path) -> None:
+    base = {"ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
+    gauges = scrape_gauges({**base, "CACHE_DIR": str(tmp_path / "s"), "CACHE_MAX_BYTES": "3G"})
+    assert gauges == {
+        "passthrough_store_bytes": 0.0,
+        "passthrough_store_pinned_bytes": 0.0,
+        "passthrough_store_cap_bytes": float(3 << 30),
+    }
+    assert scrape_gauges({**base, "STORE": "off"}) == {}, "no store, no store gauges"
