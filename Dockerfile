@@ -60,7 +60,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TEMP_DIR=/var/tmp \
+    CACHE_DIR=/var/cache/passthrough \
     PORT=8080
+
+# The content store (CACHE_DIR; CACHE_MAX_BYTES caps it, 20G by default): a volume, so
+# `docker run` without -v keeps it out of the container's writable layer, and a named
+# volume or a bind mount keeps it across containers. STORE=s3 leaves it unused.
+VOLUME ["/var/cache/passthrough"]
 
 WORKDIR /app
 COPY gunicorn.conf.py ./

@@ -102,6 +102,7 @@ def on_starting(server: object) -> None:
     and /metrics reads them all: the operator's directory wiped of a previous run's
     files, or a fresh one, before any worker starts."""
     from passthrough.config import load_settings
+    from passthrough.config.summary import summary
     from passthrough.observe import metrics
     from passthrough.registry.access import Gate
     from passthrough.store import check_store
@@ -121,6 +122,8 @@ def on_starting(server: object) -> None:
             ca_bundle(settings.upstream_ca_file)
         _configure_tls(server, settings)
         _settings.append(settings)
+        # One record of what the settings add up to (never a secret).
+        server.log.info("%s", summary(settings))  # type: ignore[attr-defined]
     except ConfigError as exc:
         raise SystemExit(f"passthrough: configuration error: {exc}") from None
     _make_slot_file()

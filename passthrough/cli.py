@@ -64,16 +64,28 @@ def healthcheck(url: str, timeout: float) -> int:
 
 
 def check_config() -> int:
-    from passthrough.config import ConfigError, load_settings
+    """Exit 0 with the start-up summary when the settings hold; 2 with every problem
+    found (each bad variable, each broken combination), one a line, otherwise."""
+    from passthrough.config import ConfigError, load_settings, settings_problems
+    from passthrough.config.summary import summary_lines
     from passthrough.store import check_store
 
-    try:
-        settings = load_settings()
-        check_store(settings)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    found = settings_problems()
+    if not found:
+        try:
+            settings = load_settings()
+            check_store(settings)
+        except ConfigError as exc:
+            found = list(exc.problems)
+    if found:
+        noun = "problem" if len(found) == 1 else "problems"
+        print(f"configuration error: {len(found)} {noun}", file=sys.stderr)
+        for problem in found:
+            print(f"  - {problem}", file=sys.stderr)
         return 2
     print(f"ok: registry {settings.registry.url} ({settings.registry.name})")
+    for line in summary_lines(settings):
+        print(f"  {line}")
     return 0
 
 

@@ -426,7 +426,10 @@ class StoreRequired(PassthroughError):
     status = 503
     kind = "store_required"
     code = "UNAVAILABLE"
-    default_message = "the /v2 API needs a content store: set CACHE_DIR (a directory) or STORE=s3"
+    default_message = (
+        "the /v2 API needs a content store: this server runs with STORE=off (use the default "
+        "store, a CACHE_DIR, or STORE=s3)"
+    )
 
 
 class StoreUnavailable(PassthroughError):

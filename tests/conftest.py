@@ -9,6 +9,7 @@ from collections.abc import Generator
 
 import pytest
 
+from tests.support.default_store import no_default_store_in_the_checkout  # noqa: F401
 from tests.support.fixtures_loaders import *  # noqa: F403
 from tests.support.fixtures_matrix import *  # noqa: F403
 from tests.support.fixtures_registry import *  # noqa: F403

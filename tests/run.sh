@@ -9,9 +9,11 @@ tier="${1:-all}"
 # Debian packages the rig drives: the CNCF distribution registry, a Docker engine,
 # podman and skopeo as further loaders, htpasswd, a static busybox for runnable
 # test images, umoci for the benchmark image, chromium for the route-builder test,
-# redis-server for the store's shared state.
+# redis-server for the store's shared state, prometheus for `promtool check rules` of
+# the chart's alert rules.
 apt_packages=(docker-registry docker.io podman skopeo apache2-utils busybox-static umoci
-              zstd uidmap iproute2 python3 python3-venv chromium chromium-driver redis-server)
+              zstd uidmap iproute2 python3 python3-venv chromium chromium-driver redis-server
+              prometheus)
 if [ "$tier" = all ]; then
   missing=()
   for p in "${apt_packages[@]}"; do

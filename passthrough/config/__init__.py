@@ -31,7 +31,15 @@ from passthrough.config.parse import (
     read_ca_file,
     read_environment,
 )
-from passthrough.config.rules import EVERYTHING, SERVE, STORE, UPSTREAM, combine
+from passthrough.config.rules import (
+    EVERYTHING,
+    SERVE,
+    STORE,
+    UPSTREAM,
+    combine,
+    derive,
+    problems,
+)
 from passthrough.config.table import (
     BY_NAME,
     EXTERNAL,
@@ -71,6 +79,7 @@ __all__ = [
     "read_ca_file",
     "read_environment",
     "read_variable",
+    "settings_problems",
 ]
 
 #: The rows load_settings reads: the fields of Settings, and REGISTRY_NAME.
@@ -85,10 +94,49 @@ def load_settings(
 ) -> Settings:
     """Build validated :class:`Settings` from the environment, checked for ``concerns``
     (every one by default: what the server needs)."""
-    env = read_environment(environ, env_file)
-    given = {v.name: v.parse(v.name, raw) for v in _READ if (raw := v.raw(env)) is not None}
+    given, failed = _parse_given(read_environment(environ, env_file))
+    if failed:
+        raise ConfigError(*(problem for found in failed.values() for problem in found))
+    return combine(_settings_of(given), given, concerns)
+
+
+def settings_problems(
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: str | None = None,
+    concerns: Collection[str] = EVERYTHING,
+) -> list[str]:
+    """Every problem :func:`load_settings` would find, not the first only: each bad
+    variable, then each broken combination (a variable that failed is read as its
+    default there, and a combination naming it is left out: it is reported already)."""
+    given, failed = _parse_given(read_environment(environ, env_file))
+    found = [problem for problems_of in failed.values() for problem in problems_of]
+    settings = derive(_settings_of(given), given)
+    for problem in problems(settings, concerns):
+        if not any(name in problem for name in failed):
+            found.append(problem)
+    return found
+
+
+def _parse_given(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    """The parsed value of every variable that is set, and the problems of those that
+    failed, both by name."""
+    given: dict[str, Any] = {}
+    failed: dict[str, tuple[str, ...]] = {}
+    for variable in _READ:
+        raw = variable.raw(env)
+        if raw is None:
+            continue
+        try:
+            given[variable.name] = variable.parse(variable.name, raw)
+        except ConfigError as exc:
+            failed[variable.name] = exc.problems
+    return given, failed
+
+
+def _settings_of(given: Mapping[str, Any]) -> Settings:
     values = {str(v.field): given.get(v.name, v.read({})) for v in SETTINGS_VARIABLES}
-    return combine(Settings(**values), given, concerns)
+    return Settings(**values)
 
 
 def load_server_settings(
@@ -102,4 +150,3 @@ def load_server_settings(
 def read_variable(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """One declared variable, parsed (its default when unset)."""
     return BY_NAME[name].read(read_environment(environ))
-

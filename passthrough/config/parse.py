@@ -29,7 +29,7 @@ CLIENT_AUTH_MODES = ("optional", "required", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
-STORES = ("filesystem", "s3")
+STORES = ("filesystem", "s3", "off")
 PROXY_MODES = ("transparent", "authenticated")
 
 _HOST_RE = re.compile(
@@ -42,7 +42,12 @@ Parser = Callable[[str, str], Any]
 
 
 class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the variable."""
+    """Settings are missing or malformed; each problem names its variables. The
+    message is every problem, joined by "; " (start-up stops with one line)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems: tuple[str, ...] = problems
 
 
 # -- plain values ----------------------------------------------------------------------------

@@ -373,9 +373,11 @@ class Settings:
         "where uncached layers are spooled (anonymous temp files); must exist", DISK,
         shown="system temp",
     )  # fmt: skip
+    #: None here; load_settings fills in DEFAULT_CACHE_DIR for the filesystem store.
     cache_dir: str | None = setting(
         "CACHE_DIR", p.writable_directory, None,
-        "the filesystem store (created if missing); unset: no store", DISK, shown="off",
+        "the filesystem store (created if missing); `STORE=off` for none", DISK,
+        shown="`./passthrough-store` (under the working directory)",
     )  # fmt: skip
     #: The store's size limit (least recently used evicted); 0: no limit (S3's default).
     cache_max_bytes: int = setting(
@@ -395,8 +397,9 @@ class Settings:
     # -- the shared content store ------------------------------------------------------------
     store: str = setting(
         "STORE", p.choice(p.STORES), "filesystem",
-        "the content store's backend: `filesystem` (`CACHE_DIR`) or `s3` (a bucket shared "
-        "by every replica; see [The content store](#the-content-store))",
+        "the content store's backend: `filesystem` (`CACHE_DIR`), `s3` (a bucket shared "
+        "by every replica; see [The content store](#the-content-store)) or `off` (none: "
+        "the tar routes only, every download from upstream)",
         STORE,
     )  # fmt: skip
     s3_bucket: str | None = setting(

@@ -1,9 +1,10 @@
 """The content store: verified blobs, layer tars and manifests by digest, on disk or in
 S3, shared by the tar export, the /v2 proxy and the hosted area.
 
-:func:`open_store` builds the one the settings ask for: the filesystem backend when
-CACHE_DIR is set (STORE=filesystem, the default), the S3 backend with STORE=s3, or None
-(no store: each download spools its layers into anonymous temporary files).
+:func:`open_store` builds the one the settings ask for: the filesystem backend on
+CACHE_DIR (STORE=filesystem, the default; load_settings gives it a default directory),
+the S3 backend with STORE=s3, or None with STORE=off (no store: each download spools
+its layers into anonymous temporary files).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from passthrough.config import Settings
+from passthrough.config.parse import writable_directory
 from passthrough.store.base import Backend
 from passthrough.store.content import ContentStore
 from passthrough.store.flight import Flight, RedisLease
@@ -29,7 +31,7 @@ def open_backend(settings: Settings) -> Backend | None:
             temp_dir=settings.temp_dir,
             lifecycle_days=settings.s3_lifecycle_days,
         )
-    if settings.cache_dir:
+    if settings.store == "filesystem" and settings.cache_dir:
         from passthrough.store.filesystem import FilesystemBackend
 
         return FilesystemBackend(settings.cache_dir)
@@ -65,6 +67,9 @@ def open_store(settings: Settings) -> ContentStore | None:
 def check_store(settings: Settings) -> None:
     """At start-up: raise :class:`~passthrough.config.ConfigError` (one line naming the
     variable and the endpoint) when the configured store cannot be used."""
+    if settings.store == "filesystem" and settings.cache_dir:
+        # The default directory is not checked when it is read: made (or refused) here.
+        writable_directory("CACHE_DIR", settings.cache_dir)
     backend = open_backend(settings)
     if backend is None:
         return

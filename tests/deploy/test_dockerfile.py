@@ -181,6 +181,17 @@ def test_runtime_environment(runtime: Stage) -> None:
     assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
 
 
+def test_the_store_is_on_a_volume_by_default(runtime: Stage) -> None:
+    """The image runs the whole door: a filesystem store on a VOLUME the image's user
+    owns (the service's own default, under the read-only WORKDIR, would not do)."""
+    cache_dir = env_of(runtime).get("CACHE_DIR")
+    assert cache_dir, "the image names its store directory"
+    volumes = [v for ins in runtime.all("VOLUME") for v in exec_form(ins.args) or []]
+    assert cache_dir in volumes, "the store's directory is a volume"
+    made = " ".join(i.args for i in runtime.all("RUN"))
+    assert f"chown 10001:10001 {cache_dir}" in made, "owned by the image's user"
+
+
 def test_runs_as_a_numeric_non_root_user(runtime: Stage) -> None:
     users = runtime.all("USER")
     assert users, "the runtime stage sets USER"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 
 from passthrough.config import ConfigError, Settings, load_settings
 from tests.deploy import ENV_VARS, REPO, S3_SECRET_VARS, SECRET_VARS, env_vars_read_by_app
+from tests.support.dashboards import DASHBOARD, RULES, check_rule_groups
 
 CHART = REPO / "helm" / "passthrough"
 RELEASE = "demo"
@@ -125,6 +127,8 @@ ALL_ON: Obj = {
     "redis": {"existingSecret": "redis-url", "lockLease": 90},
     "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 75},
     "podDisruptionBudget": {"enabled": True},
+    "grafana": {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registries"}}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     "serviceMonitor": {
         "enabled": True,
         "labels": {"release": "kube-prometheus-stack"},
@@ -248,6 +252,7 @@ OPTIONAL_KINDS = {
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
     "CronJob": "batch/v1",
 }
@@ -557,12 +562,7 @@ def test_strict_lint_reports_nothing(values: Obj | None) -> None:
 
 @pytest.mark.parametrize("values", [None, ALL_ON, ALL_ON_FILESYSTEM], ids=ALL_ON_IDS)
 def test_every_object_validates_against_kubernetes_1_30(values: Obj | None) -> None:
-    objects = render(values)
-    for obj in objects:
-        if obj["kind"] == "ServiceMonitor":
-            check_service_monitor(obj, objects)
-        else:
-            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    validate_all(render(values))
 
 
 def test_validation_can_fail() -> None:
@@ -598,6 +598,8 @@ def test_every_option_renders_its_object(all_on: list[Obj], all_on_filesystem: l
         {"autoscaling": {"enabled": True}},
         {"podDisruptionBudget": {"enabled": True}},
         {"serviceMonitor": {"enabled": True}},
+        {"prometheusRule": {"enabled": True}},
+        {"grafana": {"dashboard": {"enabled": True}}},
         {"networkPolicy": {"enabled": True}},
         {"persistence": {"enabled": True}},
     ],
@@ -606,9 +608,7 @@ def test_every_option_renders_its_object(all_on: list[Obj], all_on_filesystem: l
 def test_each_option_alone_renders_valid_objects(option: Obj) -> None:
     objects = render(merged(S3, option) if "autoscaling" in option else option)
     assert len(objects) == 6
-    for obj in objects:
-        if obj["kind"] != "ServiceMonitor":
-            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    validate_all(objects)
 
 
 # --- the Deployment ------------------------------------------------------------------
@@ -723,6 +723,8 @@ def test_temp_volume_follows_temp_dir() -> None:
     mounts = {m["mountPath"] for m in container(objects)["volumeMounts"]}
     assert mounts == {"/tmp", "/scratch"}
     assert "CACHE_DIR" not in effective_env(objects)
+    # No directory is no store: never the service's default under its working directory.
+    assert effective_env(objects)["STORE"] == "off"
 
 
 @pytest.mark.parametrize("graceful", [30, 120, 600])
@@ -1787,10 +1789,25 @@ def test_hosted_values_that_cannot_work_fail_with_one_line(values: Obj, message:
 
 def validate_all(objects: list[Obj]) -> None:
     for obj in objects:
-        if obj["kind"] == "ServiceMonitor":
-            check_service_monitor(obj, objects)
-        else:
-            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        validate_object(obj, objects)
+
+
+def validate_object(obj: Obj, objects: list[Obj]) -> None:
+    """Kubernetes 1.30's schema; the Prometheus Operator's CRDs structurally."""
+    if obj["kind"] == "ServiceMonitor":
+        check_service_monitor(obj, objects)
+    elif obj["kind"] == "PrometheusRule":
+        check_prometheus_rule(obj)
+    else:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def check_prometheus_rule(rule: Obj) -> None:
+    """Structural validation of a PrometheusRule (a CRD): the chart's rule file as spec."""
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    check_rule_groups(rule["spec"])
 
 
 @pytest.mark.parametrize(
@@ -1932,3 +1949,26 @@ def test_the_service_check_can_fail(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match=r"HTPASSWD_FILE .* is not a file"):
         settings_of(objects, tmp_path / "no-users")
+
+
+# --- the dashboard and the alert rules ---------------------------------------------------
+
+
+def test_the_dashboard_configmap_is_the_repositorys_file(all_on: list[Obj]) -> None:
+    name = f"{RELEASE}-passthrough-dashboard"
+    [config_map] = [o for o in all_on if o["metadata"]["name"] == name]
+    assert config_map["kind"] == "ConfigMap"
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1", "the sidecar's label"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "Registries"}
+    assert json.loads(config_map["data"]["passthrough.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_the_prometheus_rule_is_the_repositorys_rule_file(all_on: list[Obj]) -> None:
+    rule = one(all_on, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_dashboard_and_rules_are_off_by_default(defaults: list[Obj]) -> None:
+    assert not [o for o in defaults if o["kind"] == "PrometheusRule"]
+    assert not [o for o in defaults if o["metadata"]["name"].endswith("-dashboard")]

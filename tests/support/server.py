@@ -204,6 +204,10 @@ class PassthroughServer:
         env["ENV_FILE"] = str(self.root / "no-such.env")
         # Logs must reach the log file as they are written, for log_text() on failure.
         env["PYTHONUNBUFFERED"] = "1"
+        # The service has a store by default (./passthrough-store, the repository's
+        # working directory here): a test without one of its own asks for none.
+        if not self.overrides.get("CACHE_DIR") and "STORE" not in self.overrides:
+            env["STORE"] = "off"
         env.update(self.overrides)
         return env
 

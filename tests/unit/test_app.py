@@ -91,7 +91,9 @@ class FakeImage:
 
 @pytest.fixture
 def app(tmp_path):
-    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)})
+    return create_app(
+        {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"}
+    )
 
 
 def read_archive(data: bytes) -> dict[str, bytes | None]:
@@ -240,7 +242,12 @@ def test_default_namespace_belongs_to_the_environment_registry():
     from passthrough.upstream.target import Route
 
     settings = load_settings(
-        {"REGISTRY_URL": REG, "REGISTRY_DEFAULT_NAMESPACE": "team", "ENV_FILE": "/nonexistent"}
+        {
+            "REGISTRY_URL": REG,
+            "REGISTRY_DEFAULT_NAMESPACE": "team",
+            "ENV_FILE": "/nonexistent",
+            "STORE": "off",
+        }
     )
     services = Services.create(settings)
     own = select(services, DownloadRequest(Route.ENVIRONMENT, "nginx_latest.tar"))

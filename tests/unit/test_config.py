@@ -5,6 +5,7 @@ uses; gunicorn.conf.py reading its variables the same way."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from passthrough.capacity import TRANSFER_RESERVE
 from passthrough.cli import main
 from passthrough.config import ConfigError, ServerSettings, Settings, load_settings
+from passthrough.config.rules import DEFAULT_CACHE_DIR
 
 
 def test_defaults_are_docker_hub():
@@ -88,7 +90,10 @@ def test_each_default_is_the_tables(tmp_path):
     """Settings() and load_settings of an empty environment agree (but the derived
     Docker Hub token service), so no default is written twice."""
     loaded = load_settings({"ENV_FILE": "/nonexistent"})
-    assert replace(loaded, registry_auth_url=None, registry_service=None) == Settings()
+    underived = replace(loaded, registry_auth_url=None, registry_service=None, cache_dir=None)
+    assert underived == Settings()
+    # The filesystem store's directory when CACHE_DIR is unset: under the working directory.
+    assert loaded.cache_dir == os.path.abspath(DEFAULT_CACHE_DIR)
 
 
 def test_gc_checks_the_store_only_and_the_server_the_token_service(tmp_path, monkeypatch, capsys):

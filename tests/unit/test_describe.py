@@ -111,7 +111,9 @@ def two_platform_index() -> Index:
 
 @pytest.fixture
 def app(tmp_path):
-    return create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)})
+    return create_app(
+        {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), "STORE": "off"}
+    )
 
 
 @pytest.fixture
@@ -317,7 +319,12 @@ def test_digest_reference(app, rsps):
 
 def test_docker_hub_one_component_name_is_library(tmp_path, rsps):
     app = create_app(
-        {"REGISTRY_URL": "docker.io", "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
+        {
+            "REGISTRY_URL": "docker.io",
+            "ENV_FILE": "/nonexistent",
+            "TEMP_DIR": str(tmp_path),
+            "STORE": "off",
+        }
     )
     image = small_image("nginx")
     hub = "https://registry-1.docker.io"
@@ -506,6 +513,7 @@ def test_info_tells_the_registry_and_no_secret(tmp_path):
             "REGISTRY_PASSWORD": "hunter2-secret",
             "REGISTRY_BEARER_TOKEN": "tok-secret",
             "DEFAULT_PLATFORM": "linux/arm64",
+            "STORE": "off",
         }
     )
     response = app.test_client().get("/ui/info")

@@ -453,9 +453,11 @@ def test_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: An
     monkeypatch.chdir(tmp_path)
     for name in ("STORE", "CACHE_DIR", "S3_BUCKET"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STORE", "off")
     assert main(["gc"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gc needs the content store" in err
+    monkeypatch.delenv("STORE")
     rig = Rig(tmp_path / "cache")
     rig.image("team/app", "1.0", "a")
     rig.untag("team/app", "1.0")

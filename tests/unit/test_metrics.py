@@ -107,7 +107,12 @@ def test_docker_hub_ratelimit_remaining_is_a_gauge(tmp_path):
     )
     hub.register(responses)
     app = create_app(
-        {"REGISTRY_URL": "docker.io", "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
+        {
+            "REGISTRY_URL": "docker.io",
+            "ENV_FILE": "/nonexistent",
+            "TEMP_DIR": str(tmp_path),
+            "STORE": "off",
+        }
     )
     assert app.test_client().get("/docker/nginx_latest.tar").data
     assert value(scrape(app), "passthrough_upstream_ratelimit_remaining") == 76

@@ -72,6 +72,8 @@ def stubs() -> Any:
 
 def app_with(tmp_path: Path, **env: str) -> Flask:
     config = {"ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path), **env}
+    if not env.get("CACHE_DIR") and "STORE" not in env:
+        config["STORE"] = "off"  # no store unless the test names one
     app = create_app(config)
     app.config["TESTING"] = True
     return app
@@ -101,6 +103,7 @@ def test_ready_without_a_store_is_ready_and_reports_the_upstreams(
         REGISTRY_URL=default.url,
         UPSTREAMS=f"hub={hub.url},broken={broken.url},dead={dead}",
         CACHE_DIR="",
+        STORE="off",
     )
     status, report = get_ready(app)
     assert status == 200

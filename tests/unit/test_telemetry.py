@@ -174,6 +174,8 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 def make_app(tmp_path: Path, **env: str) -> Any:
     config = {"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent", "TEMP_DIR": str(tmp_path)}
     config.update(env)
+    if not config.get("CACHE_DIR"):
+        config["STORE"] = "off"  # no store unless the test names one
     return create_app(config)
 
 
@@ -595,7 +597,8 @@ sys.path.insert(0, {str(REPO_ROOT)!r})
 from opentelemetry import trace
 from passthrough import create_app
 from passthrough.observe import telemetry
-config = {{"ENV_FILE": "/nonexistent", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+config = {{"ENV_FILE": "/nonexistent", "STORE": "off",
+          "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "svc-x"}}
 first = create_app(config)
 provider = trace.get_tracer_provider()

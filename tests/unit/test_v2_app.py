@@ -78,7 +78,9 @@ def test_a_push_to_a_proxied_name_is_denied(tmp_path: Path) -> None:
 
 
 def test_no_store_is_a_503_naming_the_settings(tmp_path: Path) -> None:
-    settings = load_settings({"REGISTRY_URL": REG}, env_file=str(tmp_path / "none.env"))
+    settings = load_settings(
+        {"REGISTRY_URL": REG, "STORE": "off"}, env_file=str(tmp_path / "none.env")
+    )
     response = create_app({"SETTINGS": settings}).test_client().get("/v2/acc/plain/manifests/1")
     assert response.status_code == 503
     assert "CACHE_DIR" in json.loads(response.data)["errors"][0]["message"]
