@@ -327,6 +327,7 @@ def test_ls_prints_the_inventory(client, filled, settings, monkeypatch, capsys, 
     out = capsys.readouterr().out
     assert "team/app" in out and ":1.0" in out and "library/nginx" not in out
     monkeypatch.delenv("CACHE_DIR")
+    monkeypatch.setenv("STORE", "off")  # no store: nothing to list, a configuration error
     assert main(["ls"]) == 2
 
 
