@@ -39,8 +39,9 @@ A platform the image lacks answers 404 with the same JSON less ``selected`` and 
 ``"error"`` line naming the available platforms, so a client can offer them. Every other
 failure goes through the central error mapping, as downloads do (one-line text).
 
-Describe always asks the registry (SERVE_STALE does not apply) and does not check that
-layer blobs are readable, so a download may still fail where describe succeeded.
+Describe always asks the registry (SERVE_STALE does not apply; in offline mode it answers
+503) and does not check that layer blobs are readable, so a download may still fail
+where describe succeeded.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from passthrough.errors import NotAcceptable, PlatformNotFound, UnsupportedImage, UpstreamInvalid
+from passthrough.errors import (
+    NotAcceptable,
+    OfflineMode,
+    PlatformNotFound,
+    UnsupportedImage,
+    UpstreamInvalid,
+)
 from passthrough.export.request import DownloadRequest, Selection, open_client, select
 from passthrough.export.resolve import fetch_manifest, resolve_image
 from passthrough.oci.manifest import INDEX_TYPES, ResolvedImage, choose_platform, index_platforms
@@ -102,6 +109,11 @@ def describe(
     :class:`PlatformNotFound` (with the partial description) or any
     :class:`~passthrough.errors.PassthroughError` a download would raise first."""
     selection = select(services, request)
+    if selection.offline is not None:
+        raise OfflineMode(
+            f"offline mode ({selection.offline}): describe asks the registry, "
+            "which is never contacted; the download routes serve what the store holds"
+        )
     client = open_client(services, selection, pool_size=2)
     try:
         return _describe(services, selection, client, request, url, query or {})

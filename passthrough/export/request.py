@@ -36,6 +36,7 @@ from passthrough.registry.routing import is_hosted
 from passthrough.services import Services
 from passthrough.upstream.auth import Credentials
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
+from passthrough.upstream.offline import offline_reason
 from passthrough.upstream.target import AuthKind, Route, Target, choose_target, registry_from_url
 
 LAYER_MODES = ("tar", "gzip")
@@ -107,6 +108,8 @@ class Selection:
     #: A repository of the hosted area (HOSTED_REPOSITORIES): read from the store only,
     #: never from any upstream.
     hosted: bool = False
+    #: Why the registry is never contacted (offline mode), or None.
+    offline: str | None = None
 
     @property
     def repo_tag(self) -> str:
@@ -123,8 +126,9 @@ class Selection:
 
     @property
     def access_class(self) -> str:
-        """Who is asking, coarsely, for SERVE_STALE: only anonymous and the service's own
-        identity may be served without asking the registry."""
+        """Who is asking, coarsely, for serving from the store (:mod:`passthrough.export.stale`):
+        only anonymous and the service's own identity may be served without asking the
+        registry."""
         if self.target.credentials_source == "client":
             return "client"
         if self.target.auth is AuthKind.ANONYMOUS:
@@ -162,7 +166,7 @@ def select(services: Services, request: DownloadRequest) -> Selection:
     namespace = settings.default_namespace if target.source == "environment" else None
     reference = qualify(reference, target.registry, namespace)
     annotate_reference(reference, target)
-    return Selection(reference, target)
+    return Selection(reference, target, offline=offline_reason(settings, target.registry))
 
 
 def hosted_endpoint(settings: Settings) -> RegistryEndpoint:
