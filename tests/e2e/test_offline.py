@@ -68,7 +68,7 @@ class Site:
 
 def _warm(server: PassthroughServer, site_name: str, digest: str, scratch: Path) -> list[bytes]:
     """The tar routes (tag and pinned digest) and /v2 (skopeo) read it once."""
-    bodies = []
+    bodies: list[bytes] = []
     for path in (f"/ref/{site_name}:1.0.tar", f"/ref/{site_name}@{digest}.tar"):
         got = download(server.url + path, scratch / f"warm-{len(bodies)}.tar")
         assert "Warning" not in got.headers, got.describe()
