@@ -131,10 +131,12 @@ def warm(app: Flask, fake: FakeImage) -> tuple[bytes, bytes]:
         pinned = f"{REG}/v2/{fake.repository}/manifests/{digest(fake.manifest)}"
         up.add(responses.HEAD, pinned, headers={"Docker-Content-Digest": digest(fake.manifest)})
         tag = client.get("/docker/team__api_v1.tar")
+        tag_body = tag.data  # read while the registry is up: layers are fetched as sent
         by_digest = client.get(f"/ref/team/api@{digest(fake.manifest)}.tar")
+        pinned_body = by_digest.data
     assert tag.status_code == by_digest.status_code == 200
     assert "Warning" not in tag.headers
-    return tag.data, by_digest.data
+    return tag_body, pinned_body
 
 
 def test_a_failing_registry_gets_one_quick_try_then_the_stored_tag(tmp_path: Path) -> None:
