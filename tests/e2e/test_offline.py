@@ -131,6 +131,7 @@ def test_an_outage_serves_the_stored_archive_at_once(
     warning = response.headers.get("Warning", "")
     assert warning.startswith('110 passthrough "Response is stale: '), warning
     assert _cause(mode, front) in warning, warning
+    print(f"outage {mode}: first byte after {seconds:.3f} s")
     assert seconds < FIRST_BYTE_SECONDS, f"first byte after {seconds:.2f} s"
 
 

@@ -61,6 +61,9 @@ class OutageFront:
     def _bind(self, port: int) -> socket.socket:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Connections accepted before a "refuse" still hold the port: the listener of
+        # the mode after it shares it with them.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((self.host, port))
         listener.listen(64)
         listener.settimeout(0.1)
