@@ -8,9 +8,11 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
     blobs/sha256/<hex>                           content: registry blobs and configs
     layers/sha256/<diff-id hex>                  content: verified uncompressed layer tars
     manifests/sha256/<hex>                       content: manifests by digest
-    tags/<tag id>.json                           the last digest seen of an upstream tag
-                                                 (SERVE_STALE); the id hashes registry,
-                                                 repository and tag (:func:`tag_id`)
+    tags/<tag id>.json                           the last digest seen of an upstream tag,
+                                                 or a digest read upstream, and who read
+                                                 it (stale serving, offline mode); the id
+                                                 hashes registry, repository and tag or
+                                                 digest (:func:`tag_id`)
     pins/<kind>/sha256/<hex>                     a content entry kept from eviction
     hosted/<repository>/_blobs/<hex>.json        the blob is in the hosted repository
     hosted/<repository>/_manifests/<hex>.json    a manifest of the repository
