@@ -475,9 +475,7 @@ def prepare_download(
             if selection.hosted:
                 image = _resolve_hosted(services, selection, request, client)
             else:
-                resolved = resolve_download(
-                    services, selection, client, request.platform, selection.offline
-                )
+                resolved = resolve_download(services, selection, client, request.platform)
                 image, stale_reason = resolved.image, resolved.stale_reason
             annotate_image(image, span)
         annotate_image(image)

@@ -105,10 +105,9 @@ def resolve_download(
     selection: Selection,
     client: RegistryClient,
     platform: Platform,
-    offline: str | None,
 ) -> Resolved:
     """Resolve through the registry, or from the store as this module's rules allow."""
-    store, settings = services.store, services.settings
+    store, settings, offline = services.store, services.settings, selection.offline
     if store is None:
         if offline is not None:
             raise OfflineMode(f"offline mode ({offline}) needs a content store: nothing is stored")
