@@ -556,6 +556,26 @@ class UpstreamUnavailable(UpstreamError):
     default_message = "the registry is unavailable"
 
 
+class OfflineMode(PassthroughError):
+    """The answer needs the upstream, which offline mode (OFFLINE, OFFLINE_UPSTREAMS)
+    never contacts: a tag list, a confirmation of client credentials (503)."""
+
+    status = 503
+    kind = "offline"
+    code = "UNAVAILABLE"
+    default_message = "offline mode: the upstream registry is never contacted"
+
+
+class OfflineNotStored(PassthroughError):
+    """Offline mode, and the store does not hold what was asked for (404; on /v2 the
+    route says which ``*_UNKNOWN``)."""
+
+    status = 404
+    kind = "offline_not_stored"
+    code = None
+    default_message = "offline mode: not in the store, and the upstream is never contacted"
+
+
 class UpstreamInvalid(UpstreamError):
     """The registry sent something that is not what it promised: bad JSON, a digest
     mismatch, a truncated blob (502)."""

@@ -343,6 +343,17 @@ def allowlist(name: str, raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def offline_upstreams(name: str, raw: str) -> tuple[str, ...]:
+    """OFFLINE_UPSTREAMS: aliases, ``default`` or registry hosts (``host[:port]``)."""
+    names = parse_allowlist(raw)
+    for entry in names:
+        if not re.fullmatch(r"[a-z0-9.-]+(:[0-9]+)?", entry):
+            raise ConfigError(
+                f"{name}: {entry!r} is neither an UPSTREAMS alias, default, nor a registry host"
+            )
+    return names
+
+
 def parse_networks(text: str | None, name: str = "TRUSTED_PROXIES") -> tuple[str, ...]:
     """Comma- or space-separated addresses and CIDR networks, normalised
     (``10.0.0.0/8``, ``fd00::/8``, ``192.0.2.7`` → ``192.0.2.7/32``)."""

@@ -182,9 +182,28 @@ class Settings:
         "platform picked from multi-platform images", REGISTRY,
     )  # fmt: skip
     serve_stale: bool = setting(
-        "SERVE_STALE", p.boolean, False,
-        "serve the last known digest of a tag while the registry is unreachable (anonymous "
-        "and environment identities only; see Security)",
+        "SERVE_STALE", p.boolean, True,
+        "tar routes: serve what the store holds while the registry is unreachable, times "
+        "out or answers 429/5xx, with a `Warning` (anonymous and environment identities "
+        "only; see [When the upstream goes away](#when-the-upstream-goes-away))",
+        REGISTRY,
+    )  # fmt: skip
+    serve_stale_timeout: float = setting(
+        "SERVE_STALE_TIMEOUT", p.number(0.1), 0.5,
+        "seconds: connect and read timeout of the one try upstream (no retries) when the "
+        "store holds a copy that may be served instead",
+        REGISTRY,
+    )  # fmt: skip
+    offline: bool = setting(
+        "OFFLINE", p.boolean, False,
+        "never contact any upstream: serve what the store holds, answer the rest "
+        "`404`/`503` naming offline mode",
+        REGISTRY,
+    )  # fmt: skip
+    offline_upstreams: tuple[str, ...] = setting(
+        "OFFLINE_UPSTREAMS", p.offline_upstreams, (),
+        "offline mode for some upstreams only: `UPSTREAMS` aliases, `default` "
+        "(`REGISTRY_URL`) or registry hosts, comma-separated (`lab,docker.io`)",
         REGISTRY,
     )  # fmt: skip
     #: Which upstream repositories may be pulled at all, per upstream (tar routes, /v2, sync).

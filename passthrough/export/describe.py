@@ -47,8 +47,9 @@ pull rules as its download (a passthrough user's HTTP Basic login). ``download.f
 carries the platform when it is not the server's default (``nginx_latest_linux-arm64.tar``),
 as the download's ``Content-Disposition`` does.
 
-Describe always asks the registry (SERVE_STALE does not apply) and does not check that
-layer blobs are readable, so a download may still fail where describe succeeded.
+Describe always asks the registry (SERVE_STALE does not apply; in offline mode it answers
+503) and does not check that layer blobs are readable, so a download may still fail
+where describe succeeded.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from passthrough.errors import NotAcceptable, PlatformNotFound, UnsupportedImage, UpstreamInvalid
+from passthrough.errors import (
+    NotAcceptable,
+    OfflineMode,
+    PlatformNotFound,
+    UnsupportedImage,
+    UpstreamInvalid,
+)
 from passthrough.export.hosted import hosted_digest
 from passthrough.export.request import DownloadRequest, Selection, open_client, select
 from passthrough.export.resolve import Documents, resolve_image
@@ -117,6 +124,11 @@ def describe(
     :class:`PlatformNotFound` (with the partial description) or any
     :class:`~passthrough.errors.PassthroughError` a download would raise first."""
     selection = select(services, request)
+    if selection.offline is not None:
+        raise OfflineMode(
+            f"offline mode ({selection.offline}): describe asks the registry, "
+            "which is never contacted; the download routes serve what the store holds"
+        )
     client = open_client(services, selection, pool_size=2)
     try:
         return _describe(services, selection, client, request, url, query or {})

@@ -25,10 +25,9 @@ from passthrough.config import Settings
 from passthrough.errors import (
     BlobUnknown,
     NotAcceptable,
+    OfflineNotStored,
     TooLarge,
-    UpstreamTimeout,
     UpstreamUnavailable,
-    UpstreamUnreachable,
 )
 from passthrough.export.archive import (
     OCI_LAYER_GZIP,
@@ -46,6 +45,7 @@ from passthrough.export.request import (
     select,
 )
 from passthrough.export.resolve import resolve_image
+from passthrough.export.stale import resolve_download, stale_warning
 from passthrough.export.tarstream import (
     END_OF_ARCHIVE,
     BytesSegment,
@@ -64,7 +64,6 @@ from passthrough.oci.platforms import Platform
 from passthrough.oci.reference import archive_filename, platform_filename
 from passthrough.services import Services
 from passthrough.store.base import BlobSource, LayerFile, LayerStore
-from passthrough.store.content import ContentStore
 from passthrough.store.temp import TempStore
 from passthrough.upstream.blobs import blob_chunks
 from passthrough.upstream.client import RegistryClient
@@ -120,6 +119,8 @@ class Download:
             else self.stored_sizes[slot.index]
             for slot in plan.written_layers
         }
+        #: Why the image was not confirmed upstream (stale or offline), for ``Warning``.
+        self.stale_reason: str | None = None
         #: error.type of a failure after the first byte.
         self.error_type: str | None = None
         self.trace = DownloadTrace.capture(request.route.value, request.reference_path is not None)
@@ -226,10 +227,13 @@ class Download:
         """The layer's blob from this download's registry and credentials (for a hosted
         image, the store holds it: there is nowhere else to fetch it from)."""
         client, what = self.client, layer_what(layer)
-        if self.selection.hosted:
+        if self.selection.hosted or self.selection.offline is not None:
+            where = (
+                "the hosted area's store" if self.selection.hosted else "the store (offline mode)"
+            )
 
             def missing(cancel: threading.Event | None) -> Iterator[bytes]:
-                raise BlobUnknown(f"{what} is missing from the hosted area's store")
+                raise BlobUnknown(f"{what} is missing from {where}")
 
             return missing
         return lambda cancel: blob_chunks(client, layer, what, cancel)
@@ -284,6 +288,8 @@ class Download:
             "Cache-Control": "private, no-cache",
             "ETag": self.etag,
         }
+        if self.stale_reason is not None:
+            headers["Warning"] = stale_warning(self.stale_reason)
         if self.total_size is not None:
             headers["Accept-Ranges"] = "bytes"
             headers["Content-Length"] = str(self.total_size)
@@ -431,40 +437,21 @@ def compressed_layer(image: ResolvedImage, options: OutputOptions, index: int) -
     return options.layers == "gzip" and image.layers[index].compression == "gzip"
 
 
-def _resolve(
-    services: Services, selection: Selection, client: RegistryClient, platform: Platform
-) -> ResolvedImage:
-    """Resolve upstream; with SERVE_STALE and the registry down, fall back to the last
-    digest this identity class saw for the tag."""
-    # Tag records exist only for SERVE_STALE: no file write per download otherwise.
-    cache = services.store if services.settings.serve_stale else None
-    reference = selection.reference
-    key = None
-    if cache is not None and reference.tag and not reference.digest:
-        registry_url = selection.target.registry.url
-        key = ContentStore.tag_key(registry_url, reference.repository, reference.tag)
-    try:
-        image = resolve_image(client, reference, platform, services.store)
-    except (UpstreamUnreachable, UpstreamTimeout, UpstreamUnavailable):
-        record = cache.recall_tag(key) if cache is not None and key else None
-        allowed = selection.access_class != "client"
-        if not (record and allowed and record.get("access") == selection.access_class):
-            raise
-        log.warning(
-            "registry unreachable; serving the last known %s of %s",
-            record["digest"][:19],
-            reference,
+def check_layer_source(
+    selection: Selection, client: RegistryClient, digest: str, what: str, stale: str | None
+) -> None:
+    """A layer the store lacks must be readable upstream; when the upstream is offline
+    or was just found failing (``stale``), the download cannot be whole: say so now."""
+    if selection.hosted:
+        return
+    if selection.offline is not None:
+        raise OfflineNotStored(
+            f"offline mode ({selection.offline}): {what} is not in the store "
+            "and the registry is never contacted"
         )
-        return resolve_image(
-            client, reference, platform, services.store, offline_digest=record["digest"]
-        )
-    if cache is not None and key is not None:
-        top = image.index_digest or image.manifest_digest
-        try:
-            cache.remember_tag(key, {"digest": top, "access": selection.access_class})
-        except OSError as exc:
-            log.warning("could not remember tag %s: %s", reference, exc.strerror)
-    return image
+    if stale is not None:
+        raise UpstreamUnavailable(f"{what} is not in the store, and {stale}")
+    client.blob_exists(digest, what=what)
 
 
 def _resolve_hosted(
@@ -493,10 +480,12 @@ def prepare_download(
     )
     try:
         with telemetry.span("resolve_manifest") as span:
+            stale_reason: str | None = None
             if selection.hosted:
                 image = _resolve_hosted(services, selection, request, client)
             else:
-                image = _resolve(services, selection, client, request.platform)
+                resolved = resolve_download(services, selection, client, request.platform)
+                image, stale_reason = resolved.image, resolved.stale_reason
             annotate_image(image, span)
         annotate_image(image)
         if request.platform_explicit:
@@ -504,16 +493,19 @@ def prepare_download(
         check_image_limits(image, settings)
         plan = archive_plan(image, selection, request.options)
         download = Download(selection, image, plan, client, store, settings, request)
+        download.stale_reason = stale_reason
         # Pre-flight: every layer the cache does not hold must be readable upstream
-        # before we answer 200, and the disk must obviously have room for it.
+        # before we answer 200, and the disk must obviously have room for it. A layer
+        # tar whose blob is stored (a /v2 pull or a sync brought it) is made from that
+        # blob here, with no upstream: nothing to check there.
         needed = 0
         for slot in plan.written_layers:
             layer = image.layers[slot.index]
             if download.stored_sizes[slot.index] is None:
                 needed += layer.size
-                if not selection.hosted:
+                if store.stored_size(layer, compressed=True) is None:
                     what = f"layer {slot.index + 1} of {plan.repo_tag}"
-                    client.blob_exists(layer.digest, what=what)
+                    check_layer_source(selection, client, layer.digest, what, stale_reason)
         # The space needed is local: the cache directory, or (S3, no store) the temp
         # directory that layers are spooled in before they are verified.
         local = settings.cache_dir if settings.store == "filesystem" else None

@@ -37,6 +37,7 @@ from passthrough.registry.upstream_rules import upstream_allowed
 from passthrough.services import Services
 from passthrough.upstream.auth import Credentials
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts
+from passthrough.upstream.offline import offline_reason
 from passthrough.upstream.target import AuthKind, Route, Target, choose_target, registry_from_url
 
 LAYER_MODES = ("tar", "gzip")
@@ -108,6 +109,8 @@ class Selection:
     #: A repository of the hosted area (HOSTED_REPOSITORIES): read from the store only,
     #: never from any upstream.
     hosted: bool = False
+    #: Why the registry is never contacted (offline mode), or None.
+    offline: str | None = None
 
     @property
     def repo_tag(self) -> str:
@@ -124,8 +127,9 @@ class Selection:
 
     @property
     def access_class(self) -> str:
-        """Who is asking, coarsely, for SERVE_STALE: only anonymous and the service's own
-        identity may be served without asking the registry."""
+        """Who is asking, coarsely, for serving from the store (:mod:`passthrough.export.stale`):
+        only anonymous and the service's own identity may be served without asking the
+        registry."""
         if self.target.credentials_source == "client":
             return "client"
         if self.target.auth is AuthKind.ANONYMOUS:
@@ -164,7 +168,7 @@ def select(services: Services, request: DownloadRequest) -> Selection:
     reference = qualify(reference, target.registry, namespace)
     upstream_allowed(settings, target.registry, reference.repository)
     annotate_reference(reference, target)
-    return Selection(reference, target)
+    return Selection(reference, target, offline=offline_reason(settings, target.registry))
 
 
 def hosted_endpoint(settings: Settings) -> RegistryEndpoint:

@@ -11,7 +11,10 @@ content store and read through from the upstream a name routes to.
 - **manifests by digest and blobs** are immutable: served from the store once there,
   else fetched once, verified and stored; blobs are streamed while they are fetched
   (:mod:`passthrough.store.readthrough`);
-- **tags/list and referrers** are passed on, never cached.
+- **tags/list and referrers** are passed on, never cached;
+- in **offline mode** (OFFLINE, OFFLINE_UPSTREAMS) the upstream is never contacted:
+  what the store holds is served (a tag from its record, marked stale), anything else
+  is MANIFEST_UNKNOWN/BLOB_UNKNOWN naming offline mode, tag lists and referrers 503.
 
 In PROXY_MODE=authenticated every read is first confirmed upstream with the client's
 own credentials (a HEAD), so nothing cached reaches a client that upstream would
@@ -31,6 +34,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from passthrough.config import Settings
 from passthrough.errors import (
+    OfflineMode,
+    OfflineNotStored,
     UpstreamInvalid,
     UpstreamNotFound,
     UpstreamRateLimited,
@@ -54,6 +59,7 @@ from passthrough.upstream.auth import Credentials, TokenCache
 from passthrough.upstream.blobs import open_blob
 from passthrough.upstream.client import RegistryClient, RetryPolicy, Timeouts, read_limited
 from passthrough.upstream.netguard import HostPolicy
+from passthrough.upstream.offline import offline_reason
 from passthrough.upstream.target import AuthKind, Target
 
 #: Every manifest type we ask upstream for; artifacts are image manifests too.
@@ -187,6 +193,31 @@ class Proxy:
     def _what(self, route: ProxyRoute, thing: str) -> str:
         return f"{thing} of {route.upstream.name}/{route.repository}"
 
+    # -- offline mode ------------------------------------------------------------------------
+
+    def offline(self, route: ProxyRoute, what: str) -> str | None:
+        """Why the route's upstream is never contacted (OFFLINE, OFFLINE_UPSTREAMS), or
+        None. PROXY_MODE=authenticated confirms every read upstream: offline, nothing."""
+        reason = offline_reason(self.settings, route.upstream)
+        if reason is not None and self.settings.uses_client_identity:
+            raise OfflineMode(
+                f"offline mode ({reason}): {what} needs the registry to confirm the client's "
+                "access (PROXY_MODE=authenticated)"
+            )
+        return reason
+
+    def _offline_manifest(self, route: ProxyRoute, reference: str, offline: str) -> Manifest:
+        """The store alone answers: by digest, or by the tag's record (marked stale)."""
+        if DIGEST_RE.fullmatch(reference):
+            found = self._stored({"digest": reference}, "store")
+        else:
+            key = ContentStore.tag_key("v2 " + route.upstream.url, route.repository, reference)
+            found = self._stored(self.store.recall_tag(key), "stale", f"offline mode ({offline})")
+        if found is None:
+            what = self._what(route, f"manifest {reference}")
+            raise OfflineNotStored(f"offline mode ({offline}): {what} is not in the store")
+        return found
+
     # -- manifests -------------------------------------------------------------------------
 
     def manifest(
@@ -197,6 +228,9 @@ class Proxy:
         *,
         want_body: bool,
     ) -> Manifest:
+        offline = self.offline(route, f"manifest {reference}")
+        if offline is not None:
+            return self._offline_manifest(route, reference, offline)
         if DIGEST_RE.fullmatch(reference):
             return self._manifest_by_digest(route, reference, credentials, want_body=want_body)
         return self._manifest_by_tag(route, reference, credentials, want_body=want_body)
@@ -331,6 +365,11 @@ class Proxy:
         allow_redirect: bool,
     ) -> BlobAnswer:
         what = self._what(route, f"blob {digest[:19]}")
+        offline = self.offline(route, what)
+        if offline is not None and (
+            not digest.startswith("sha256:") or self.store.blob_size(digest) is None
+        ):
+            raise OfflineNotStored(f"offline mode ({offline}): {what} is not in the store")
         if self.settings.uses_client_identity:
             with contextlib.closing(self.client(route, credentials)) as client:
                 client.blob_exists(digest, what=what)  # 401/403/404 raised and passed on
@@ -370,6 +409,8 @@ class Proxy:
         self, route: ProxyRoute, credentials: Credentials | None, query: dict[str, str]
     ) -> Listing:
         what = self._what(route, "tag list")
+        if self.offline(route, what) is not None:
+            raise OfflineMode(f"offline mode: {what} is only the registry's to give")
         params = {k: v for k, v in query.items() if k in ("n", "last")}
         path = f"/v2/{route.repository}/tags/list"
         if params:
@@ -412,6 +453,8 @@ class Proxy:
         artifact_type: str | None,
     ) -> Listing:
         what = self._what(route, f"referrers of {digest[:19]}")
+        if self.offline(route, what) is not None:
+            raise OfflineMode(f"offline mode: {what} are only the registry's to give")
         path = f"/v2/{route.repository}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})

@@ -11,7 +11,8 @@ What it adds to a backend, written once for all of them:
   cancelled because the client that started it left: others may be waiting for it.
 - **eviction**: least recently used first, down to a share of CACHE_MAX_BYTES, never a
   pinned entry (the hosted area pins what its manifests reference).
-- **records**: small JSON documents (the last digest seen per tag, for SERVE_STALE).
+- **records**: small JSON documents (the last digest seen per tag, and who read it, for
+  stale serving and offline mode: :mod:`passthrough.export.stale`, the /v2 proxy).
 """
 
 from __future__ import annotations

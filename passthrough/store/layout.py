@@ -8,9 +8,11 @@ The keys, under a backend's root (a directory, or a bucket and prefix)::
     blobs/sha256/<hex>                           content: registry blobs and configs
     layers/sha256/<diff-id hex>                  content: verified uncompressed layer tars
     manifests/sha256/<hex>                       content: manifests by digest
-    tags/<tag id>.json                           the last digest seen of an upstream tag
-                                                 (SERVE_STALE); the id hashes registry,
-                                                 repository and tag (:func:`tag_id`)
+    tags/<tag id>.json                           the last digest seen of an upstream tag,
+                                                 or a digest read upstream, and who read
+                                                 it (stale serving, offline mode); the id
+                                                 hashes registry, repository and tag or
+                                                 digest (:func:`tag_id`)
     checksums/<archive id>.json                  sha256 and md5 of one tar archive as the
                                                  tar routes send it; the id hashes what
                                                  decides its bytes (the manifest digest
@@ -197,6 +199,8 @@ def import_layer_key(diff_id: str) -> str:
     """``imports/layers/<diff-id hex>.json``: the blob an import compressed a plain
     layer tar into."""
     return f"{IMPORTS}layers/{hex_of(diff_id)}{_JSON}"
+
+
 def checksum_record_key(identity: str) -> str:
     """``checksums/<archive id>.json``: the digests of one archive's bytes."""
     if not _HEX_RE.fullmatch(identity):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from passthrough.errors import PassthroughError, StoreUnavailable, UpstreamInvalid
+from passthrough.export.stale import remember_digests
 from passthrough.observe import metrics
 from passthrough.oci.manifest import (
     FOREIGN_LAYER_TYPES,
@@ -310,12 +311,9 @@ class Sync:
         route = image.route
         anonymous = self.proxy.target(route, None).auth is AuthKind.ANONYMOUS
         access = "anonymous" if anonymous else "environment"
-        seen = str(time.time())
-        for digest in manifests:
-            key = ContentStore.tag_key(route.upstream.url, route.repository, digest)
-            self.store.remember_tag(key, {"digest": digest, "access": access, "seen": seen})
-        key = ContentStore.tag_key(route.upstream.url, route.repository, image.tag)
-        self.store.remember_tag(key, {"digest": manifests[0], "access": access, "seen": seen})
+        remember_digests(
+            self.store, route.upstream.url, route.repository, access, manifests, tag=image.tag
+        )
 
 
 def _json(body: bytes, what: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """GET /health: 200 while the process can serve (the liveness probe: it touches nothing).
 
 GET /ready: the readiness probe, as JSON: the content store (a filesystem store takes a
-file, an S3 bucket answers a HEAD) and each configured upstream (``GET /v2/``). The
+file, an S3 bucket answers a HEAD) and each configured upstream (``GET /v2/``; one in
+offline mode is never probed, and ``offline`` lists them). The
 answer is 200 while the store is usable, 503 otherwise. Upstreams are informational: a
 replica whose registry is down may still serve what its store holds, so taking it out
 of the load balancer would only make things worse. The whole answer is kept
@@ -24,6 +25,7 @@ from flask import Blueprint, Response, current_app
 from passthrough.errors import PassthroughError
 from passthrough.registry.routing import configured_upstreams
 from passthrough.services import Services, services_of
+from passthrough.upstream.offline import offline_reason
 from passthrough.upstream.probe import PROBE_TIMEOUT, ProbeResult, probe_registry
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,28 @@ def upstream_targets(services: Services) -> list[tuple[str, str]]:
     return [(name, endpoint.url) for name, endpoint in configured_upstreams(services.settings)]
 
 
+def offline_upstreams(services: Services) -> dict[str, str]:
+    """Why each upstream in offline mode is never contacted, by its name."""
+    settings = services.settings
+    found = {name: offline_reason(settings, e) for name, e in configured_upstreams(settings)}
+    return {name: reason for name, reason in found.items() if reason is not None}
+
+
 def readiness(services: Services) -> dict[str, Any]:
     """Run the checks in parallel (each bounded by its own timeout, all by
     READY_DEADLINE) and assemble the report."""
+    offline = offline_upstreams(services)
     targets = upstream_targets(services)
     pool = ThreadPoolExecutor(max_workers=len(targets) + 1, thread_name_prefix="ready")
     try:
         store_future = pool.submit(check_store, services)
-        upstream_futures = [pool.submit(probe_registry, url, services.policy) for _, url in targets]
+        # An upstream in offline mode is never contacted, /ready's probe included.
+        upstream_futures = [
+            pool.submit(_offline_probe, offline[name])
+            if name in offline
+            else pool.submit(probe_registry, url, services.policy)
+            for name, url in targets
+        ]
         everything: list[Future[Any]] = [store_future, *upstream_futures]
         wait(everything, timeout=READY_DEADLINE)
     finally:
@@ -112,20 +128,21 @@ def readiness(services: Services) -> dict[str, Any]:
     for (name, url), future in zip(targets, upstream_futures, strict=True):
         late = ProbeResult(False, None, f"no answer within {READY_DEADLINE:g} s")
         probe = _result(future, late)
-        upstreams.append(
-            {
-                "name": name,
-                "url": url,
-                "ok": probe.ok,
-                "status": probe.status,
-                "detail": probe.detail,
-            }
-        )
+        entry = {"name": name, "url": url, "ok": probe.ok, "status": probe.status}
+        entry["detail"] = probe.detail
+        if name in offline:
+            entry["offline"] = True
+        upstreams.append(entry)
     return {
         "status": "ready" if store["ok"] else "unready",
+        "offline": sorted(offline),
         "store": store,
         "upstreams": upstreams,
     }
+
+
+def _offline_probe(reason: str) -> ProbeResult:
+    return ProbeResult(True, None, f"offline mode ({reason}): never contacted")
 
 
 def _result(future: Future[Any], late: Any) -> Any:
