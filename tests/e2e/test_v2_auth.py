@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from tests.e2e.v2_proxy import (
+from tests.e2e.v2proxy.rig import (
     API_VERSION,
     MANIFEST_ACCEPT,
     Answer,

@@ -136,7 +136,9 @@ def test_create_app_writes_json_lines_with_log_format_json(tmp_path):
         import logging, sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from passthrough import create_app
-        create_app({{"ENV_FILE": "/nonexistent", "LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"}})
+        create_app({{
+            "ENV_FILE": "/nonexistent", "STORE": "off", "LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG",
+        }})
         logging.getLogger("passthrough.anything").debug("hello", extra={{"outcome": "x"}})
         """
     )

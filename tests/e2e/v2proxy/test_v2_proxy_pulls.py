@@ -1,4 +1,4 @@
-"""skopeo pulling through the /v2 proxy (the shared rig is tests/e2e/v2_proxy.py):
+"""skopeo pulling through the /v2 proxy (the shared rig is tests/e2e/v2proxy/rig.py):
 concurrent cold pulls fetch each blob once, cut pulls, rate limits; two replicas on one
 S3 bucket with Redis for the single flight, one killed mid-fetch; S3 presigned redirects."""
 
@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.e2e.test_cache import HoldingFront
-from tests.e2e.v2_proxy import (
+from tests.e2e.v2proxy.rig import (
     CONCURRENT,
     Answer,
     Layers,

@@ -1,4 +1,4 @@
-"""The /v2 proxy's tee end to end (the shared rig is tests/e2e/v2_proxy.py): blobs
+"""The /v2 proxy's tee end to end (the shared rig is tests/e2e/v2proxy/rig.py): blobs
 streamed to the client while stored, one upstream GET however many clients, followers
 reading the growing file, a wrong digest never committed and its transfer aborted, a
 client leaving or a worker dying mid-fetch, upstream cut mid-blob; filesystem and S3."""
@@ -15,7 +15,7 @@ import requests
 import urllib3
 
 from tests.e2e.test_cache import HoldingFront, read_then_reset, worker_pids
-from tests.e2e.v2_proxy import (
+from tests.e2e.v2proxy.rig import (
     CONCURRENT,
     Answer,
     Layers,

@@ -1,5 +1,5 @@
 """The /v2 pull-through proxy end to end, transparent mode (the shared rig is
-tests/e2e/v2_proxy.py): the real server under gunicorn in front of the rig's registry
+tests/e2e/v2proxy/rig.py): the real server under gunicorn in front of the rig's registry
 (through a FaultFront that counts and breaks requests), on the filesystem store and on S3
 (SeaweedFS), checked against the OCI Distribution spec: headers, byte-for-byte
 manifests, the spec's JSON errors, tags revalidated or trusted for TAG_TTL, stale tags
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.v2_proxy import (
+from tests.e2e.v2proxy.rig import (
     API_VERSION,
     EMPTY_CONFIG,
     IMMUTABLE,
