@@ -38,6 +38,7 @@ from tests.support.fronts import (
     SilentPort,
     TlsFront,
 )
+from tests.support.helpers import wait_until
 from tests.support.images import Image, big_layer, build_image, push_image, runnable_image
 from tests.support.registry import RegistryServer
 from tests.support.server import PassthroughServer
@@ -186,6 +187,10 @@ def test_head_of_an_uncached_blob_behind_a_redirect_is_its_size(
     head = requests.head(url, timeout=30)
     assert head.status_code == 200, head.text
     assert head.headers["Content-Length"] == str(layer.size)
+    # The storage host notes its answer's status once it has sent it: wait for the note.
+    wait_until(
+        lambda: all(r.status for r in redirect.blob_host.log), 10, "the storage host's note"
+    )
     asked = [(r.method, r.has_authorization, r.status) for r in redirect.blob_host.log]
     assert asked == [("HEAD", False, 200)], asked
 
