@@ -113,6 +113,10 @@ class Backend(ABC):
     name: str
     #: Told the key of an entry found corrupt on reading (and removed).
     on_corrupt: Callable[[str], None] | None = None
+    #: Whether a commit copies the file elsewhere (an upload: seconds for a big layer)
+    #: rather than renaming it: then a verified layer is read from its local file while
+    #: it is committed (:meth:`passthrough.store.content.ContentStore.layer_file`).
+    commit_uploads: bool = False
 
     @abstractmethod
     def describe(self) -> str:

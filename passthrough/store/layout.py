@@ -197,6 +197,8 @@ def import_layer_key(diff_id: str) -> str:
     """``imports/layers/<diff-id hex>.json``: the blob an import compressed a plain
     layer tar into."""
     return f"{IMPORTS}layers/{hex_of(diff_id)}{_JSON}"
+
+
 def checksum_record_key(identity: str) -> str:
     """``checksums/<archive id>.json``: the digests of one archive's bytes."""
     if not _HEX_RE.fullmatch(identity):
@@ -351,6 +353,16 @@ def part_name(name: str, token: str | None = None) -> str:
     """``<name>.<pid>.<token>.part``: a staging file of this process (token: random
     unless given)."""
     return f"{name}.{os.getpid()}.{token or secrets.token_hex(6)}{PART_SUFFIX}"
+
+
+def ready_name(kind: str, digest: str) -> str:
+    """A verified part's second name while it is uploaded: a part of this process
+    (removed with the others once the process is gone), found by :func:`ready_glob`."""
+    return part_name(f"ready-{kind}-{hex_of(digest)}")
+
+
+def ready_glob(kind: str, digest: str) -> str:
+    return f"ready-{kind}-{hex_of(digest)}.*{PART_SUFFIX}"
 
 
 def part_pid(file_name: str) -> int | None:

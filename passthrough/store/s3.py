@@ -56,6 +56,7 @@ S3_ERRORS = (
 
 class S3Backend(Backend):
     name = "s3"
+    commit_uploads = True
 
     def __init__(
         self,

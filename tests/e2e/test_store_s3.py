@@ -36,14 +36,22 @@ from tests.e2e.test_cache import (
 from tests.support.fixtures_matrix import s3_env
 from tests.support.fronts import FaultFront
 from tests.support.helpers import wait_until
-from tests.support.images import big_layer, build_image
+from tests.support.images import Layer, big_layer, build_image
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.registry import RegistryServer
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT, PassthroughServer
+from tests.support.slow_relay import ThrottledRelay
 
 ServerFactory = Callable[..., PassthroughServer]
+
+
+@pytest.fixture(scope="module")
+def store_kind() -> str:
+    """Each test sets its servers' store itself (tests/e2e/conftest.py's matrix would
+    run every one of them twice)."""
+    return "temp"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +81,81 @@ def no_secret_in(server: PassthroughServer, *secrets: str) -> None:
     text = server.log_text()
     for secret in secrets:
         assert secret not in text, "a credential reached the log"
+
+
+# --- a cold download while the store uploads ----------------------------------------------
+
+
+class Reader(threading.Thread):
+    """A client reading an archive to `dest`, counting what arrived so far."""
+
+    def __init__(self, url: str, dest: Path) -> None:
+        super().__init__(daemon=True)
+        self.url, self.dest = url, dest
+        self.received = 0
+        self.status = 0
+
+    def run(self) -> None:
+        with (
+            requests.get(self.url, stream=True, timeout=120) as response,
+            self.dest.open("wb") as out,
+        ):
+            self.status = response.status_code
+            for chunk in response.iter_content(64 << 10):
+                out.write(chunk)
+                self.received += len(chunk)
+
+
+def test_a_cold_download_is_sent_while_its_layers_are_uploaded(
+    passthrough_server: ServerFactory,
+    registry_anon: RegistryServer,
+    seaweed: SeaweedS3,
+    s3_bucket: str,
+    layers: Layers,
+    tmp_path: Path,
+) -> None:
+    """The S3 store reached at 2 MB/s, the second layer's fetch held: the first bytes
+    come while that fetch is held, each layer's bytes before its object is uploaded,
+    and the archive is whole; the objects land after."""
+    image = build_image([layers.small, layers.mid])
+    _, filename = push(registry_anon, image)
+    store = shared_store(seaweed, s3_bucket)
+    prefix = store["S3_PREFIX"]
+    client = seaweed.client()
+
+    def uploaded(layer: Layer) -> bool:
+        with contextlib.suppress(Exception):
+            client.head_object(Bucket=s3_bucket, Key=f"{prefix}layers/sha256/{layer.diff_id[7:]}")
+            return True
+        return False
+
+    target = (seaweed.bind_host, seaweed.s3_port)
+    with (
+        ThrottledRelay(target, upload_rate=2 << 20) as slow_s3,
+        HoldingFront(registry_anon, layers.mid.digest, after=1 << 20) as front,
+    ):
+        env = {"REGISTRY_URL": front.url, **store, "S3_ENDPOINT_URL": slow_s3.url}
+        server = passthrough_server(env)
+        reader = Reader(f"{server.url}/docker/{filename}", tmp_path / "cold.tar")
+        reader.start()
+        wait_until(front.reached.is_set, 30, "the second layer's fetch to be held")
+        # The metadata and the whole first layer (2 MiB) arrive while the second is held,
+        # before the first layer's tar is in the bucket (2 MiB of blob and 2 of tar
+        # take 2 s to upload).
+        wait_until(lambda: reader.received > 2 << 20, 30, "the first layer to arrive")
+        assert not uploaded(layers.small), "the first layer was sent only once uploaded"
+        front.release()
+        reader.join(120)
+        assert reader.status == 200 and not reader.is_alive()
+        # Received whole while the second layer (8 MiB + 8 MiB, 8 s) is being uploaded.
+        assert not uploaded(layers.mid), "the second layer was sent only once uploaded"
+        check_archive(tmp_path / "cold.tar", image)
+        wait_until(lambda: uploaded(layers.mid) and uploaded(layers.small), 60, "the uploads")
+        wait_until(lambda: server.leftover_temp_files() == [], 10, "the staging area to empty")
+        # A second download is a hit on what was uploaded: every size known.
+        warm = fetch(f"{server.url}/docker/{filename}", dest=tmp_path / "warm.tar")
+        assert warm.status == 200 and warm.headers["Content-Length"] == str(warm.size)
+        check_archive(tmp_path / "warm.tar", image)
 
 
 # --- several replicas, one store ----------------------------------------------------------
@@ -183,6 +266,7 @@ def test_a_replica_killed_holding_a_lock_delays_the_other_at_most_the_lease(
         env["REGISTRY_URL"] = front.url
         doomed = passthrough_server(env)
         other = passthrough_server(env)
+
         # The first replica takes the blob's lock and is stuck in its fetch.
         def doomed_download() -> None:
             with contextlib.suppress(requests.RequestException):
@@ -316,9 +400,18 @@ def start_failure(env: dict[str, str], tmp_path: Path) -> str:
     """Start gunicorn with `env`; it must exit at once. Returns what it printed."""
     server = PassthroughServer(env, tmp_root=tmp_path)
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py",
-         "--bind", f"127.0.0.1:{free_port()}"],
-        cwd=REPO_ROOT, env=server.environment(), capture_output=True, text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("gunicorn")),
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+        ],
+        cwd=REPO_ROOT,
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert proc.returncode != 0
