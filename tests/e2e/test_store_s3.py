@@ -179,6 +179,8 @@ def test_an_image_downloaded_through_one_replica_is_a_hit_on_the_other(
     cold = fetch(f"{first.url}/docker/{filename}", dest=tmp_path / "cold.tar")
     assert cold.status == 200, cold.text
     check_archive(tmp_path / "cold.tar", image)
+    # The layers are uploaded once sent: the staging area empties when they are in place.
+    wait_until(lambda: first.leftover_temp_files() == [], 60, "the uploads to end")
     # The blobs and the layer tars are in the bucket, under the prefix only.
     stored = objects(seaweed, s3_bucket, store["S3_PREFIX"])
     for layer in image.layers:
@@ -241,7 +243,8 @@ def test_concurrent_cold_downloads_over_two_replicas(
         else:
             assert 1 <= count <= 2, f"layer {layer.digest[:19]} fetched {count} times"
     for replica in replicas:
-        assert replica.leftover_temp_files() == []
+        # The layers are uploaded after they were sent: the staging area empties then.
+        wait_until(lambda r=replica: r.leftover_temp_files() == [], 60, "the uploads to end")
 
 
 def test_a_replica_killed_holding_a_lock_delays_the_other_at_most_the_lease(
@@ -343,7 +346,9 @@ def test_s3_stopped_mid_download_aborts_it_and_the_next_is_whole(
     server = passthrough_server(env)
     url = f"{server.url}/docker/{filename}"
     first = fetch(url, dest=tmp_path / "first.tar")
-    assert first.status == 200, first.text  # now the layer is read from S3
+    assert first.status == 200, first.text
+    # Once uploaded (after it was sent), the layer is read from S3.
+    wait_until(lambda: server.leftover_temp_files() == [], 60, "the upload to end")
 
     go_on = threading.Event()
     outcome: list[tuple[int, int, bool]] = []
