@@ -131,6 +131,10 @@ class ContentStore:
             return self.backend.size(content_key("blobs", layer.digest))
         return self.backend.size(content_key("layers", layer.diff_id))
 
+    @property
+    def opens_locally(self) -> bool:
+        return self.backend.opens_locally
+
     def _open(self, kind: str, digest: str) -> LayerFile | None:
         found = self.backend.open(content_key(kind, digest), digest)
         if found is not None:

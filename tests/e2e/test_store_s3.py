@@ -242,9 +242,10 @@ def test_concurrent_cold_downloads_over_two_replicas(
             assert count == 1, f"layer {layer.digest[:19]} fetched {count} times"
         else:
             assert 1 <= count <= 2, f"layer {layer.digest[:19]} fetched {count} times"
-    for replica in replicas:
-        # The layers are uploaded after they were sent: the staging area empties then.
-        wait_until(lambda r=replica: r.leftover_temp_files() == [], 60, "the uploads to end")
+    # The layers are uploaded after they were sent: the staging area empties then.
+    wait_until(
+        lambda: all(r.leftover_temp_files() == [] for r in replicas), 60, "the uploads to end"
+    )
 
 
 def test_a_replica_killed_holding_a_lock_delays_the_other_at_most_the_lease(

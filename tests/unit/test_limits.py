@@ -4,6 +4,7 @@ apart exactly as they keep workers apart (classic POSIX locks would not)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -91,11 +92,16 @@ def test_a_worker_takes_the_slot_it_gave_back_first(slot_file, monkeypatch):
     mine = [slots.acquire() for _ in range(6)]
     theirs = [other.acquire() for _ in range(9)]
     mine[2].release()
-    calls = []
-    real = capacity.fcntl.fcntl
-    monkeypatch.setattr(capacity.fcntl, "fcntl", lambda *a: calls.append(a[1]) or real(*a))
+    calls: list[int] = []
+    real = fcntl.fcntl
+
+    def counted(fd: int, command: int, arg: bytes) -> bytes:
+        calls.append(command)
+        return real(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", counted)
     again = slots.acquire()
-    assert calls == [capacity.fcntl.F_OFD_SETLK]
+    assert calls == [fcntl.F_OFD_SETLK]
     monkeypatch.undo()
     assert slots.in_use() == 15
     for transfer in [again, *mine, *theirs]:
