@@ -259,7 +259,7 @@ def test_the_probe_port_answers_from_a_snapshot_refreshed_in_the_background(tmp_
 
     def scrape(port: str) -> str:
         answer = client.get("/metrics", environ_overrides={"SERVER_PORT": port})
-        return answer.get_data(as_text=True)
+        return str(answer.get_data(as_text=True))
 
     def dropped(text: str) -> float:
         found = [line for line in text.splitlines() if 'dropped_total{phase="body"}' in line]
