@@ -65,7 +65,8 @@ _snapshot = _Snapshot()
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
     services = services_of(current_app)
-    if str(request.environ.get("SERVER_PORT")) != str(_probe_port()):
+    port = request.server[1] if request.server else None  # the port the request came to
+    if port is None or port != _probe_port():
         body, content_type = _render(services)
     else:
         body, content_type = _from_snapshot(services)
