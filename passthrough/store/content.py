@@ -127,9 +127,14 @@ class ContentStore:
     def stored_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
         """The size of the entry this download would read (the blob, or the layer tar)
         when it is already here, else None: one lookup."""
-        if compressed:
-            return self.backend.size(content_key("blobs", layer.digest))
-        return self.backend.size(content_key("layers", layer.diff_id))
+        kind, digest = ("blobs", layer.digest) if compressed else ("layers", layer.diff_id)
+        size = self.backend.size(content_key(kind, digest))
+        if size is None and self.backend.commit_uploads:
+            # Verified and being uploaded: readers get its local file (_open_ready).
+            for path in self._ready_paths(kind, digest):
+                with contextlib.suppress(OSError):
+                    return path.stat().st_size
+        return size
 
     @property
     def opens_locally(self) -> bool:
@@ -204,13 +209,16 @@ class ContentStore:
                 files = self._fill(source, layer, hold=hold)
             return self._keep(files, kind)
 
+    def _ready_paths(self, kind: str, digest: str) -> Iterator[Path]:
+        """The verified local files of an entry being uploaded by live processes."""
+        for path in self.backend.staging_dir().glob(layout.ready_glob(kind, digest)):
+            pid = layout.part_pid(path.name)
+            if pid is not None and _pid_alive(pid):
+                yield path
+
     def _open_ready(self, kind: str, digest: str) -> LayerFile | None:
         """The verified local file of an entry being uploaded by a live process, or None."""
-        pattern = layout.ready_glob(kind, digest)
-        for path in self.backend.staging_dir().glob(pattern):
-            pid = layout.part_pid(path.name)
-            if pid is None or not _pid_alive(pid):
-                continue
+        for path in self._ready_paths(kind, digest):
             try:
                 handle = path.open("rb")
             except OSError:

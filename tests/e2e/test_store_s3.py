@@ -40,9 +40,9 @@ from tests.support.images import Layer, big_layer, build_image
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.registry import RegistryServer
+from tests.support.relay import TcpRelay
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT, PassthroughServer
-from tests.support.slow_relay import ThrottledRelay
 
 ServerFactory = Callable[..., PassthroughServer]
 
@@ -129,11 +129,11 @@ def test_a_cold_download_is_sent_while_its_layers_are_uploaded(
             return True
         return False
 
-    target = (seaweed.bind_host, seaweed.s3_port)
     with (
-        ThrottledRelay(target, upload_rate=2 << 20) as slow_s3,
+        TcpRelay(upload_rate=2 << 20) as slow_s3,
         HoldingFront(registry_anon, layers.mid.digest, after=1 << 20) as front,
     ):
+        slow_s3.attach(seaweed.bind_host, seaweed.s3_port)
         env = {"REGISTRY_URL": front.url, **store, "S3_ENDPOINT_URL": slow_s3.url}
         server = passthrough_server(env)
         reader = Reader(f"{server.url}/docker/{filename}", tmp_path / "cold.tar")
