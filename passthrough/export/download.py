@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from passthrough.capacity import check_free_space
 from passthrough.config import Settings
@@ -208,11 +209,8 @@ class Download:
     # -- fetching ------------------------------------------------------------------------
 
     def _submit(self, index: int) -> Future[LayerFile]:
-        if self._pool is None:
-            workers = max(1, min(self._settings.layer_concurrency, len(self.plan.written_layers)))
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer")
         layer = self.image.layers[index]
-        future = self._pool.submit(
+        fetch = partial(
             self.trace.fetch_layer,
             self.store.layer_file,
             self._source(layer),
@@ -220,6 +218,22 @@ class Download:
             compressed=compressed_layer(self.image, self.request.options, index),
             cancel=self._cancel,
         )
+        future: Future[LayerFile]
+        if self.stored_sizes.get(index) is not None and self.store.opens_locally:
+            # Stored on local disk: opening it is a syscall. A pool thread would cost a
+            # thread start and two hand-offs of the GIL before the first byte, which
+            # under a fleet's load take longer than everything else (docs/benchmarks.md).
+            future = Future()
+            try:
+                future.set_result(fetch())
+            except Exception as exc:  # noqa: BLE001 - raised where the layer is read
+                future.set_exception(exc)
+        else:
+            if self._pool is None:
+                count = len(self.plan.written_layers)
+                workers = max(1, min(self._settings.layer_concurrency, count))
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer")
+            future = self._pool.submit(fetch)
         self._futures[index] = future
         return future
 

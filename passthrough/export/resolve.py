@@ -7,6 +7,7 @@ v2 manifest); refuses schema1 and foreign (non-distributable) layers with a clea
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from passthrough.errors import TooLarge, UnsupportedImage, UpstreamInvalid, UpstreamUnavailable
@@ -38,11 +39,61 @@ from passthrough.upstream.client import RegistryClient, read_limited
 ParsedManifest = tuple[bytes, str, str, dict[str, Any]]
 
 
+class _Head:
+    """One HEAD in flight, for the requests that asked for the same while it ran."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.digest: str | None = None
+        self.failed = True
+
+
+_heads: dict[tuple[str, ...], _Head] = {}
+_heads_lock = threading.Lock()
+
+
 def head_manifest(client: RegistryClient, reference: str, what: str) -> str | None:
     """The digest a tag points at, by HEAD (free of Docker Hub's pull quota); None when
-    the registry does not say."""
+    the registry does not say.
+
+    Requests of one identity (anonymous, or the service's own credentials) that ask for
+    the same tag while a HEAD of it is in flight take that HEAD's answer (a fleet's 500
+    downloads of one image cost one upstream HEAD, not 500 before their first byte).
+    Each answer is still from the registry, during the request; a client's own
+    credentials never share, and a failure is not shared: the others ask themselves."""
+    key = _head_key(client, reference)
+    if key is None:
+        return _head(client, reference, what)
+    with _heads_lock:
+        head = _heads.get(key)
+        leader = head is None
+        if head is None:
+            head = _heads[key] = _Head()
+    if leader:
+        try:
+            head.digest = _head(client, reference, what)
+            head.failed = False
+            return head.digest
+        finally:
+            with _heads_lock:
+                del _heads[key]
+            head.done.set()
+    head.done.wait()
+    return _head(client, reference, what) if head.failed else head.digest
+
+
+def _head(client: RegistryClient, reference: str, what: str) -> str | None:
     digest = client.head_manifest(reference, ACCEPT, what).digest
     return digest if digest.startswith("sha256:") else None
+
+
+def _head_key(client: RegistryClient, reference: str) -> tuple[str, ...] | None:
+    """Who asks what, for sharing a HEAD; None when the identity is the client's own."""
+    target = client.target
+    if target.credentials_source == "client" or target.bearer_token:
+        return None
+    identity = target.credentials.identity if target.credentials else ""
+    return (target.registry.url, client.repository, reference, target.auth.value, identity)
 
 
 def fetch_manifest(
@@ -60,8 +111,9 @@ def fetch_manifest(
         known = head_manifest(client, reference, what)
         if known is not None and (not DIGEST_RE.fullmatch(reference) or known == reference):
             body = cache.get_document("manifests", known)
-    if body is None:
-        body, header_type = _get_manifest(client, reference, what)
+    if body is not None:  # read from the store: no need to store it again
+        return parse_manifest(body, header_type, reference, what)
+    body, header_type = _get_manifest(client, reference, what)
     return _parsed_and_stored(body, header_type, reference, what, cache)
 
 

@@ -94,6 +94,12 @@ class LayerStore(Protocol):
         """The size of the entry the download would read, when it is already stored."""
         ...
 
+    @property
+    def opens_locally(self) -> bool:
+        """Whether a stored entry opens without a request to a service (see
+        :class:`Backend`), so it is opened in the request's thread, not a pool's."""
+        ...
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -113,6 +119,13 @@ class Backend(ABC):
     name: str
     #: Told the key of an entry found corrupt on reading (and removed).
     on_corrupt: Callable[[str], None] | None = None
+    #: Whether a commit copies the file elsewhere (an upload: seconds for a big layer)
+    #: rather than renaming it: then a verified layer is read from its local file while
+    #: it is committed (:meth:`passthrough.store.content.ContentStore.layer_file`).
+    commit_uploads: bool = False
+    #: Whether :meth:`open` is local (a file, not a request to a service): cheap enough
+    #: to call in the request's own thread.
+    opens_locally: bool = True
 
     @abstractmethod
     def describe(self) -> str:

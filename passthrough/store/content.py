@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: again on every commit.
 EVICT_TARGET = 0.9
 STALE_PART_SECONDS = 24 * 3600
+#: A verified part to commit: (path, handle), kind, digest, size.
+_Commit = tuple[tuple[Path, BinaryIO], str, str, int]
 
 
 @dataclass
@@ -126,9 +128,18 @@ class ContentStore:
     def stored_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
         """The size of the entry this download would read (the blob, or the layer tar)
         when it is already here, else None: one lookup."""
-        if compressed:
-            return self.backend.size(content_key("blobs", layer.digest))
-        return self.backend.size(content_key("layers", layer.diff_id))
+        kind, digest = ("blobs", layer.digest) if compressed else ("layers", layer.diff_id)
+        size = self.backend.size(content_key(kind, digest))
+        if size is None and self.backend.commit_uploads:
+            # Verified and being uploaded: readers get its local file (_open_ready).
+            for path in self._ready_paths(kind, digest):
+                with contextlib.suppress(OSError):
+                    return path.stat().st_size
+        return size
+
+    @property
+    def opens_locally(self) -> bool:
+        return self.backend.opens_locally
 
     def _open(self, kind: str, digest: str) -> LayerFile | None:
         found = self.backend.open(content_key(kind, digest), digest)
@@ -151,19 +162,78 @@ class ContentStore:
         hit = self._open(kind, digest)
         if hit is not None:
             return hit
+        if self.backend.commit_uploads:
+            return self._layer_file_uploading(source, layer, kind, digest)
         with self.lock(layer.digest):
             hit = self._open(kind, digest)  # committed while we waited
             if hit is not None:
                 return hit
             self._count(misses=1)
             files = self._fill(source, layer)
+        return self._keep(files, kind)
+
+    def _keep(self, files: dict[str, LayerFile], kind: str) -> LayerFile:
         wanted = files.pop(kind)
         for other in files.values():
             other.close()
         self.evict_if_needed()
         return wanted
 
-    def _fill(self, source: BlobSource, layer: LayerDescriptor) -> dict[str, LayerFile]:
+    def _layer_file_uploading(
+        self, source: BlobSource, layer: LayerDescriptor, kind: str, digest: str
+    ) -> LayerFile:
+        """:meth:`layer_file` on a backend whose commit is an upload: the fetcher hands
+        its verified local file to its reader at once and uploads it in the background,
+        holding the digest's lock until the object is in place; meanwhile the others
+        read that local file (its *ready* link) instead of waiting for the upload. They
+        poll rather than block on the lock, to see the link appear."""
+        hex_digest = hex_of(layer.digest)
+        delay = 0.01
+        while True:
+            found = self._open_ready(kind, digest) or self._open(kind, digest)
+            if found is not None:
+                return found
+            hold = self.flight.try_hold(hex_digest)
+            if hold is None:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            with hold:
+                self.flight.hold_lease(hex_digest, hold)
+                # Store, link, store: a commit that lands between the first look and the
+                # link's removal is seen by the second.
+                found = self._open(kind, digest) or self._open_ready(kind, digest)
+                found = found or self._open(kind, digest)
+                if found is not None:
+                    return found
+                self._count(misses=1)
+                files = self._fill(source, layer, hold=hold)
+            return self._keep(files, kind)
+
+    def _ready_paths(self, kind: str, digest: str) -> Iterator[Path]:
+        """The verified local files of an entry being uploaded by live processes."""
+        for path in self.backend.staging_dir().glob(layout.ready_glob(kind, digest)):
+            pid = layout.part_pid(path.name)
+            if pid is not None and _pid_alive(pid):
+                yield path
+
+    def _open_ready(self, kind: str, digest: str) -> LayerFile | None:
+        """The verified local file of an entry being uploaded by a live process, or None."""
+        for path in self._ready_paths(kind, digest):
+            try:
+                handle = path.open("rb")
+            except OSError:
+                continue  # committed (and unlinked) meanwhile
+            self._count(hits=1)
+            return LocalFile(handle, os.fstat(handle.fileno()).st_size)
+        return None
+
+    def _fill(
+        self,
+        source: BlobSource,
+        layer: LayerDescriptor,
+        hold: contextlib.ExitStack | None = None,
+    ) -> dict[str, LayerFile]:
         """Commit the layer tar (and the blob, when fetched): decompressed from a stored
         blob when there is one, else fetched upstream. The pass that inflates also
         verifies, so a corrupt stored blob shows up there and is fetched again. Returns
@@ -172,7 +242,9 @@ class ContentStore:
         stored_blob = self.backend.open(blob_key, None)
         if stored_blob is not None:
             try:
-                return self._fill_from(stored_chunks(stored_blob), layer, keep_blob=False)
+                return self._fill_from(
+                    stored_chunks(stored_blob), layer, keep_blob=False, hold=hold
+                )
             except UpstreamInvalid:
                 self.backend.delete(blob_key)
                 self._count(corrupt=1)
@@ -180,11 +252,18 @@ class ContentStore:
                 pass  # evicted since the lookup
             finally:
                 stored_blob.close()
-        return self._fill_from(source(None), layer, keep_blob=True)
+        return self._fill_from(source(None), layer, keep_blob=True, hold=hold)
 
     def _fill_from(
-        self, chunks: Iterator[bytes], layer: LayerDescriptor, *, keep_blob: bool
+        self,
+        chunks: Iterator[bytes],
+        layer: LayerDescriptor,
+        *,
+        keep_blob: bool,
+        hold: contextlib.ExitStack | None = None,
     ) -> dict[str, LayerFile]:
+        """Fetch, verify and commit; with ``hold`` (a backend whose commit is an
+        upload) the commit runs in the background and takes the hold along."""
         parts: list[tuple[Path, BinaryIO]] = []
         try:
             tar_part = self._part(hex_of(layer.diff_id))
@@ -198,14 +277,18 @@ class ContentStore:
                 blob_out=blob_part[1] if blob_part else None,
                 tar_out=tar_part[1],
             )
-            files: dict[str, LayerFile] = {}
+            commits = [(tar_part, "layers", layer.diff_id, verified.tar_size)]
             if blob_part is not None:
-                blob_part[1].flush()
-                self._commit(blob_part, "blobs", layer.digest, verified.blob_size)
-                files["blobs"] = LocalFile(blob_part[1], verified.blob_size)
-            tar_part[1].flush()
-            self._commit(tar_part, "layers", layer.diff_id, verified.tar_size)
-            files["layers"] = LocalFile(tar_part[1], verified.tar_size)
+                commits.insert(0, (blob_part, "blobs", layer.digest, verified.blob_size))
+            files: dict[str, LayerFile] = {}
+            for part, kind, _digest, size in commits:
+                part[1].flush()
+                files[kind] = LocalFile(part[1], size)
+            if hold is None:
+                for commit in commits:
+                    self._commit(*commit)
+            else:
+                self._commit_in_background(commits, hold)
             parts.clear()  # the handles now belong to the files
             return files
         except OSError as exc:
@@ -216,6 +299,33 @@ class ContentStore:
             for path, handle in parts:
                 handle.close()
                 path.unlink(missing_ok=True)
+
+    def _commit_in_background(self, commits: list[_Commit], hold: contextlib.ExitStack) -> None:
+        """Link each verified part as *ready* for the other readers, then upload them on
+        a thread that owns ``hold`` (the digest's lock) until every commit ended. A
+        failed upload only costs the store its copy: the readers have verified bytes."""
+        ready: list[Path] = []
+        for (path, _), kind, digest, _size in commits:
+            link = self.backend.staging_dir() / layout.ready_name(kind, digest)
+            os.link(path, link)
+            ready.append(link)
+        owned = hold.pop_all()
+
+        def upload() -> None:
+            with owned:
+                for (path, _), kind, digest, size in commits:
+                    try:
+                        with open(path, "rb") as handle:
+                            self._commit((path, handle), kind, digest, size)
+                    except Exception as exc:  # noqa: BLE001 - logged; readers are unaffected
+                        log.warning("could not store %s %s: %s", kind, digest[:19], exc)
+                        path.unlink(missing_ok=True)
+                for link in ready:
+                    link.unlink(missing_ok=True)
+            self.evict_if_needed()
+
+        name = "commit-" + hex_of(commits[0][2])[:12]
+        threading.Thread(target=upload, name=name, daemon=True).start()
 
     def new_part(self, name: str) -> tuple[Path, BinaryIO]:
         """A new staging file (``name`` is a hint: a digest's hex), open for writing;

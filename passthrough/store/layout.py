@@ -357,6 +357,16 @@ def part_name(name: str, token: str | None = None) -> str:
     return f"{name}.{os.getpid()}.{token or secrets.token_hex(6)}{PART_SUFFIX}"
 
 
+def ready_name(kind: str, digest: str) -> str:
+    """A verified part's second name while it is uploaded: a part of this process
+    (removed with the others once the process is gone), found by :func:`ready_glob`."""
+    return part_name(f"ready-{kind}-{hex_of(digest)}")
+
+
+def ready_glob(kind: str, digest: str) -> str:
+    return f"ready-{kind}-{hex_of(digest)}.*{PART_SUFFIX}"
+
+
 def part_pid(file_name: str) -> int | None:
     """The pid of the process that writes a part, from its name."""
     if not file_name.endswith(PART_SUFFIX):

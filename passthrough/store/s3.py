@@ -56,6 +56,8 @@ S3_ERRORS = (
 
 class S3Backend(Backend):
     name = "s3"
+    commit_uploads = True
+    opens_locally = False
 
     def __init__(
         self,

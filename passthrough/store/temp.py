@@ -21,6 +21,10 @@ class TempStore:
     def stored_size(self, layer: LayerDescriptor, *, compressed: bool) -> int | None:
         return None
 
+    @property
+    def opens_locally(self) -> bool:
+        return False  # nothing is stored
+
     def layer_file(
         self,
         source: BlobSource,

@@ -14,7 +14,8 @@ What it changes, and why:
   and may ask only for :data:`PROBE_PATHS` (404 otherwise).
 - **Deadlines, as totals.** A new connection waits for its first byte in the poller,
   not in a thread; its request head must be whole within HEADER_TIMEOUT of the accept
-  (of the previous response on a kept-alive one); a body must not go BODY_TIMEOUT
+  (of the previous response on a kept-alive one; what arrived by then is read even when
+  this worker's threads come to it later); a body must not go BODY_TIMEOUT
   without a byte, nor average under BODY_MIN_RATE once past :data:`BODY_GRACE` seconds
   of waiting; each write of a response must be taken by the client within
   SEND_TIMEOUT. A connection past one is closed without a traceback and counted in
@@ -95,16 +96,16 @@ class DeadlineReader(SocketUnreader):  # type: ignore[misc]
             drained: bytes = super().chunk(size_hint)
             return drained
         if conn.phase == "headers":
-            remaining = conn.head_deadline - time.monotonic()
-            if remaining <= 0:
-                raise conn.stalled("headers")
-            self.sock.settimeout(remaining)
+            # Past the deadline only what the client already sent is read (a timeout of
+            # 0 does not wait): a head that came in time but waited for this server's
+            # threads (a fleet arriving at once, on a busy machine) is served, not reset.
+            self.sock.settimeout(max(0.0, conn.head_deadline - time.monotonic()))
         else:
             self.sock.settimeout(conn.limits.body_idle)
         started = time.monotonic()
         try:
             data: bytes = super().chunk(size_hint)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise conn.stalled(conn.phase) from None
         finally:
             if conn.phase == "body":

@@ -266,8 +266,9 @@ def test_concurrent_cold_downloads_fetch_each_blob_once(
     assert len({(g.size, g.sha256) for g in got}) == 1, "the archives differ"
     for layer in image.layers:
         assert fault_front.count("GET", layer.digest) == 1, f"layer {layer.digest[:19]}"
-    # Tags still resolve upstream on every request.
-    assert fault_front.count_manifest("HEAD", name, "v1") >= CONCURRENT
+    # Tags still resolve upstream during every request; requests of one identity at
+    # the same time share the HEAD in flight (export/resolve.py): one at least.
+    assert 1 <= fault_front.count_manifest("HEAD", name, "v1") <= CONCURRENT
     if workers > 1:
         archive_size = got[0].size
         served = [pid for pid in pids if bytes_read(pid) - read_before[pid] >= archive_size]

@@ -9,6 +9,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from tests.e2e.helpers import (
     unique,
 )
 from tests.support.fronts import FaultFront
+from tests.support.helpers import wait_until
 from tests.support.images import (
     ALL_EXTRAS,
     Dir,
@@ -572,8 +574,13 @@ def test_no_temp_file_remains(
     fetch(f"{anon_server.url}/docker/{corrupt_image.filename}", tmp_path / "c.tar")
     for server in (anon_server, basic_server, ns_server, token_env_server, token_anon_server,
                    token_required_server, fault_server[0]):
-        assert server.leftover_temp_files() == [], server
+        # On S3 a layer is uploaded after it was sent: wait for those uploads to end.
+        wait_until(partial(no_leftovers, server), 30, f"{server}'s uploads")
         assert server.tmpdir.is_dir()
+
+
+def no_leftovers(server: PassthroughServer) -> bool:
+    return server.leftover_temp_files() == []
 
 
 def test_helpers_can_tell_a_broken_archive(tmp_path: Path) -> None:

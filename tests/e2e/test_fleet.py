@@ -58,7 +58,8 @@ class Fleet:
         return answer.status_code, time.monotonic() - started
 
     def metric(self, name: str, labels: str = "") -> float:
-        text = requests.get(f"http://{LOOPBACK}:{self.health_port}/metrics", timeout=10).text
+        # The main port renders at once (the probe port's is a snapshot up to 1 s old).
+        text = requests.get(f"{self.server.url}/metrics", timeout=10).text
         found = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
         return float(found[1]) if found else 0.0
 

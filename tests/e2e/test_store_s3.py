@@ -36,14 +36,22 @@ from tests.e2e.test_cache import (
 from tests.support.fixtures_matrix import s3_env
 from tests.support.fronts import FaultFront
 from tests.support.helpers import wait_until
-from tests.support.images import big_layer, build_image
+from tests.support.images import Layer, big_layer, build_image
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.registry import RegistryServer
+from tests.support.relay import TcpRelay
 from tests.support.seaweed import SeaweedS3
 from tests.support.server import REPO_ROOT, PassthroughServer
 
 ServerFactory = Callable[..., PassthroughServer]
+
+
+@pytest.fixture(scope="module")
+def store_kind() -> str:
+    """Each test sets its servers' store itself (tests/e2e/conftest.py's matrix would
+    run every one of them twice)."""
+    return "temp"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +83,81 @@ def no_secret_in(server: PassthroughServer, *secrets: str) -> None:
         assert secret not in text, "a credential reached the log"
 
 
+# --- a cold download while the store uploads ----------------------------------------------
+
+
+class Reader(threading.Thread):
+    """A client reading an archive to `dest`, counting what arrived so far."""
+
+    def __init__(self, url: str, dest: Path) -> None:
+        super().__init__(daemon=True)
+        self.url, self.dest = url, dest
+        self.received = 0
+        self.status = 0
+
+    def run(self) -> None:
+        with (
+            requests.get(self.url, stream=True, timeout=120) as response,
+            self.dest.open("wb") as out,
+        ):
+            self.status = response.status_code
+            for chunk in response.iter_content(64 << 10):
+                out.write(chunk)
+                self.received += len(chunk)
+
+
+def test_a_cold_download_is_sent_while_its_layers_are_uploaded(
+    passthrough_server: ServerFactory,
+    registry_anon: RegistryServer,
+    seaweed: SeaweedS3,
+    s3_bucket: str,
+    layers: Layers,
+    tmp_path: Path,
+) -> None:
+    """The S3 store reached at 2 MB/s, the second layer's fetch held: the first bytes
+    come while that fetch is held, each layer's bytes before its object is uploaded,
+    and the archive is whole; the objects land after."""
+    image = build_image([layers.small, layers.mid])
+    _, filename = push(registry_anon, image)
+    store = shared_store(seaweed, s3_bucket)
+    prefix = store["S3_PREFIX"]
+    client = seaweed.client()
+
+    def uploaded(layer: Layer) -> bool:
+        with contextlib.suppress(Exception):
+            client.head_object(Bucket=s3_bucket, Key=f"{prefix}layers/sha256/{layer.diff_id[7:]}")
+            return True
+        return False
+
+    with (
+        TcpRelay(upload_rate=2 << 20) as slow_s3,
+        HoldingFront(registry_anon, layers.mid.digest, after=1 << 20) as front,
+    ):
+        slow_s3.attach(seaweed.bind_host, seaweed.s3_port)
+        env = {"REGISTRY_URL": front.url, **store, "S3_ENDPOINT_URL": slow_s3.url}
+        server = passthrough_server(env)
+        reader = Reader(f"{server.url}/docker/{filename}", tmp_path / "cold.tar")
+        reader.start()
+        wait_until(front.reached.is_set, 30, "the second layer's fetch to be held")
+        # The metadata and the whole first layer (2 MiB) arrive while the second is held,
+        # before the first layer's tar is in the bucket (2 MiB of blob and 2 of tar
+        # take 2 s to upload).
+        wait_until(lambda: reader.received > 2 << 20, 30, "the first layer to arrive")
+        assert not uploaded(layers.small), "the first layer was sent only once uploaded"
+        front.release()
+        reader.join(120)
+        assert reader.status == 200 and not reader.is_alive()
+        # Received whole while the second layer (8 MiB + 8 MiB, 8 s) is being uploaded.
+        assert not uploaded(layers.mid), "the second layer was sent only once uploaded"
+        check_archive(tmp_path / "cold.tar", image)
+        wait_until(lambda: uploaded(layers.mid) and uploaded(layers.small), 60, "the uploads")
+        wait_until(lambda: server.leftover_temp_files() == [], 10, "the staging area to empty")
+        # A second download is a hit on what was uploaded: every size known.
+        warm = fetch(f"{server.url}/docker/{filename}", dest=tmp_path / "warm.tar")
+        assert warm.status == 200 and warm.headers["Content-Length"] == str(warm.size)
+        check_archive(tmp_path / "warm.tar", image)
+
+
 # --- several replicas, one store ----------------------------------------------------------
 
 
@@ -96,6 +179,8 @@ def test_an_image_downloaded_through_one_replica_is_a_hit_on_the_other(
     cold = fetch(f"{first.url}/docker/{filename}", dest=tmp_path / "cold.tar")
     assert cold.status == 200, cold.text
     check_archive(tmp_path / "cold.tar", image)
+    # The layers are uploaded once sent: the staging area empties when they are in place.
+    wait_until(lambda: first.leftover_temp_files() == [], 60, "the uploads to end")
     # The blobs and the layer tars are in the bucket, under the prefix only.
     stored = objects(seaweed, s3_bucket, store["S3_PREFIX"])
     for layer in image.layers:
@@ -157,8 +242,10 @@ def test_concurrent_cold_downloads_over_two_replicas(
             assert count == 1, f"layer {layer.digest[:19]} fetched {count} times"
         else:
             assert 1 <= count <= 2, f"layer {layer.digest[:19]} fetched {count} times"
-    for replica in replicas:
-        assert replica.leftover_temp_files() == []
+    # The layers are uploaded after they were sent: the staging area empties then.
+    wait_until(
+        lambda: all(r.leftover_temp_files() == [] for r in replicas), 60, "the uploads to end"
+    )
 
 
 def test_a_replica_killed_holding_a_lock_delays_the_other_at_most_the_lease(
@@ -183,6 +270,7 @@ def test_a_replica_killed_holding_a_lock_delays_the_other_at_most_the_lease(
         env["REGISTRY_URL"] = front.url
         doomed = passthrough_server(env)
         other = passthrough_server(env)
+
         # The first replica takes the blob's lock and is stuck in its fetch.
         def doomed_download() -> None:
             with contextlib.suppress(requests.RequestException):
@@ -259,7 +347,9 @@ def test_s3_stopped_mid_download_aborts_it_and_the_next_is_whole(
     server = passthrough_server(env)
     url = f"{server.url}/docker/{filename}"
     first = fetch(url, dest=tmp_path / "first.tar")
-    assert first.status == 200, first.text  # now the layer is read from S3
+    assert first.status == 200, first.text
+    # Once uploaded (after it was sent), the layer is read from S3.
+    wait_until(lambda: server.leftover_temp_files() == [], 60, "the upload to end")
 
     go_on = threading.Event()
     outcome: list[tuple[int, int, bool]] = []
@@ -316,9 +406,18 @@ def start_failure(env: dict[str, str], tmp_path: Path) -> str:
     """Start gunicorn with `env`; it must exit at once. Returns what it printed."""
     server = PassthroughServer(env, tmp_root=tmp_path)
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py",
-         "--bind", f"127.0.0.1:{free_port()}"],
-        cwd=REPO_ROOT, env=server.environment(), capture_output=True, text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("gunicorn")),
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+        ],
+        cwd=REPO_ROOT,
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert proc.returncode != 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -24,11 +25,17 @@ __all__ = ["TcpRelay"]
 CHUNK = 64 * 1024
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    """Copy one direction until EOF, then pass the half-close on."""
+def _pump(source: socket.socket, sink: socket.socket, rate: int | None = None) -> None:
+    """Copy one direction until EOF, then pass the half-close on; with `rate`, at most
+    that many bytes a second."""
+    began, passed = time.monotonic(), 0
     try:
-        while data := source.recv(CHUNK):
+        while data := source.recv(CHUNK if rate is None else CHUNK // 4):
             sink.sendall(data)
+            passed += len(data)
+            ahead = passed / rate - (time.monotonic() - began) if rate else 0.0
+            if ahead > 0:
+                time.sleep(ahead)
     except OSError:
         pass
     finally:
@@ -38,9 +45,12 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 
 class TcpRelay:
     """Listens on 127.0.0.1:`port` (chosen by the kernel at construction) and forwards to
-    the attached (host, port). `connections` counts the connections relayed so far."""
+    the attached (host, port). `connections` counts the connections relayed so far. With
+    `upload_rate`, what clients send passes at that many bytes a second (a slow link to
+    the target: an S3 store whose uploads take seconds); answers pass at full speed."""
 
-    def __init__(self, host: str = LOOPBACK) -> None:
+    def __init__(self, host: str = LOOPBACK, *, upload_rate: int | None = None) -> None:
+        self.upload_rate = upload_rate
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((host, 0))
@@ -149,7 +159,7 @@ class TcpRelay:
     def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
         back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
         back.start()
-        _pump(client, upstream)
+        _pump(client, upstream, self.upload_rate)
         back.join()
         with self._lock:
             self._open.discard(client)

@@ -4,13 +4,21 @@ apart exactly as they keep workers apart (classic POSIX locks would not)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from passthrough.capacity import SLOTS_FILE_ENV, TransferSlots, check_free_space, create_slot_file
+from passthrough import capacity
+from passthrough.capacity import (
+    SLOTS_FILE_ENV,
+    TransferSlots,
+    check_free_space,
+    count_proc_locks,
+    create_slot_file,
+)
 from passthrough.errors import InsufficientStorage, TooBusy
 
 
@@ -55,6 +63,50 @@ def test_two_handles_on_one_file_share_the_slots(slot_file):
     assert one.in_use() == other.in_use() == 3
     for transfer in held:
         transfer.release()
+
+
+def test_in_use_reads_the_kernels_lock_table_or_asks_each_byte(slot_file, monkeypatch):
+    """/metrics counts the slots in one read of /proc/locks (not one fcntl per slot,
+    each a wait for the GIL under load); without it, byte by byte, the same count."""
+    one, other = TransferSlots(64, slot_file), TransferSlots(64, slot_file)
+    held = [one.acquire() for _ in range(5)] + [other.acquire() for _ in range(3)]
+    fd = os.open(slot_file, os.O_RDONLY)
+    try:
+        assert count_proc_locks(os.fstat(fd), 64) == 8
+        assert count_proc_locks(os.fstat(fd), 64, table="/nonexistent") is None
+    finally:
+        os.close(fd)
+    real = capacity.count_proc_locks
+    monkeypatch.setattr(capacity, "count_proc_locks", lambda st, n: real(st, n, "/nonexistent"))
+    assert one.in_use() == 8
+    for transfer in held:
+        transfer.release()
+    assert one.in_use() == 0
+
+
+def test_a_worker_takes_the_slot_it_gave_back_first(slot_file, monkeypatch):
+    """Acquire tries this process's freed slots first, then scans from past its last
+    one: a call or two, not a probe through every slot the pod holds (each fcntl lets go
+    of the GIL, and under load each costs a wait for it)."""
+    slots, other = TransferSlots(16, slot_file), TransferSlots(16, slot_file)
+    mine = [slots.acquire() for _ in range(6)]
+    theirs = [other.acquire() for _ in range(9)]
+    mine[2].release()
+    calls: list[int] = []
+    real = fcntl.fcntl
+
+    def counted(fd: int, command: int, arg: bytes) -> bytes:
+        calls.append(command)
+        return real(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", counted)
+    again = slots.acquire()
+    assert calls == [fcntl.F_OFD_SETLK]
+    monkeypatch.undo()
+    assert slots.in_use() == 15
+    for transfer in [again, *mine, *theirs]:
+        transfer.release()
+    assert slots.in_use() == 0
 
 
 def test_concurrent_threads_get_exactly_the_free_slots(slot_file):
