@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,32 +313,43 @@ def push_while_gc_runs(
     stop = threading.Event()
     failures: list[BaseException] = []
 
+    def push_retrying(push: Pusher, name: str, tag: str, mark: str, shared: bytes) -> str:
+        for attempt in range(6):
+            try:
+                return push.image(name, tag, mark, shared)
+            except requests.HTTPError as exc:
+                # gc removed an old copy of a blob between its upload and the manifest:
+                # that push did not complete; a client pushes again.
+                assert exc.response is not None
+                codes = [e["code"] for e in exc.response.json()["errors"]]
+                assert codes in (["MANIFEST_BLOB_UNKNOWN"], ["BLOB_UNKNOWN"]), codes
+                with lock:
+                    churn.retried += 1
+                if attempt == 5:
+                    raise
+        raise AssertionError("unreachable")
+
     def pusher(number: int) -> None:
         push = Pusher(urls[number % len(urls)])
         name = f"team/{prefix}{number}"
         shared = layer_bytes(f"{prefix}-shared-{number}", 16 * 1024)
         try:
             for i in range(images):
-                for attempt in range(6):
-                    try:
-                        manifest = push.image(name, f"v{i}", f"{prefix}-{number}-{i}", shared)
-                        break
-                    except requests.HTTPError as exc:
-                        # gc removed an old copy of a blob between its upload and the
-                        # manifest: that push did not complete; a client pushes again.
-                        assert exc.response is not None
-                        codes = [e["code"] for e in exc.response.json()["errors"]]
-                        assert codes in (["MANIFEST_BLOB_UNKNOWN"], ["BLOB_UNKNOWN"]), codes
-                        with lock:
-                            churn.retried += 1
-                        if attempt == 5:
-                            raise
+                manifest = push_retrying(push, name, f"v{i}", f"{prefix}-{number}-{i}", shared)
                 with lock:
                     churn.completed[(name, f"v{i}")] = manifest
                 if i % 2:
                     push.untag(name, f"v{i - 1}")
                     with lock:
                         del churn.completed[(name, f"v{i - 1}")]
+            # On a loaded machine one gc run can outlast every push: go on making
+            # garbage (pushed, then untagged) until gc has run at least twice meanwhile.
+            deadline = time.monotonic() + 120
+            extra = 0
+            while len(churn.runs) < 2 and time.monotonic() < deadline:
+                push_retrying(push, name, "scratch", f"{prefix}-{number}-x{extra}", shared)
+                push.untag(name, "scratch")
+                extra += 1
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
