@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from passthrough.oci.manifest import (
     INDEX_TYPES,
     descriptor,
     index_platforms,
+    json_object,
     sha256_digest,
 )
 from passthrough.registry.proxy import MANIFEST_ACCEPT, Proxy, sniff_media_type
@@ -228,7 +228,7 @@ class Sync:
     def _platforms(self, image: Planned, body: bytes) -> list[tuple[str, str]]:
         wanted = image.entry.platforms
         chosen = []
-        for platform, entry in index_platforms(_json(body, f"index of {image.name}")):
+        for platform, entry in index_platforms(json_object(body, f"the index of {image.name}")):
             if wanted is None or any(w == platform or w.matches(platform) for w in wanted):
                 digest, _, _ = descriptor(entry, f"the {platform} entry of {image.name}")
                 chosen.append((str(platform), digest))
@@ -255,7 +255,7 @@ class Sync:
 
     def _blobs(self, route: ProxyRoute, body: bytes, result: ImageResult) -> None:
         """The config and every distributable layer of an image manifest, a few at once."""
-        document = _json(body, f"manifest of {result.image}")
+        document = json_object(body, f"the manifest of {result.image}")
         wanted = [descriptor(document.get("config"), f"the config of {result.image}")]
         layers = document.get("layers")
         for position, layer in enumerate(layers if isinstance(layers, list) else [], 1):
@@ -316,18 +316,8 @@ class Sync:
         )
 
 
-def _json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise UpstreamInvalid(f"the {what} is not JSON") from None
-    if not isinstance(document, dict):
-        raise UpstreamInvalid(f"the {what} is not a JSON object")
-    return document
-
-
 def _names(body: bytes, key: str, what: str) -> list[str]:
-    document = _json(body, what)
+    document = json_object(body, f"the {what}")
     names = document.get(key)
     if names is None:
         return []

@@ -17,15 +17,12 @@ from flask import Blueprint, Response, request
 from passthrough.errors import (
     Forbidden,
     LoginFailed,
-    PassthroughError,
     StoreRequired,
-    code_for_status,
 )
 from passthrough.services import services_of
 from passthrough.sync.background import start_run
 from passthrough.sync.runs import RunLog
 from passthrough.upstream.auth import parse_basic_authorization
-from passthrough.web.errors import v2_error_response
 
 bp = Blueprint("sync_api", __name__)
 
@@ -40,13 +37,6 @@ def _json(
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
-
-
-@bp.errorhandler(PassthroughError)
-def _error(error: PassthroughError) -> Response:
-    # The spec's JSON errors, as on /v2 (the /api contract keeps its shape).
-    code = error.code or code_for_status(error.status)
-    return v2_error_response(error.status, code, error.message, error.headers)
 
 
 def _admin() -> str:
