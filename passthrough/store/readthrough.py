@@ -177,6 +177,14 @@ class ReadThrough:
                 return BlobStream(stored.size, stored=stored)
             hold = self.flight.try_hold(hex_digest)
             if hold is not None:
+                # Look again, holding the lock: a fetch may have committed and let go
+                # between the look above and try_hold. Fetching again would replace
+                # its state while its readers still wait for its last byte.
+                stored = backend.open(key, digest)
+                if stored is not None:
+                    hold.close()
+                    self._count(hits=1)
+                    return BlobStream(stored.size, stored=stored)
                 # This reader starts the fetch; its errors before the first byte are
                 # this reader's answer (others read them from the state file).
                 mine = self._start_fetch(digest, hex_digest, opener, hold)

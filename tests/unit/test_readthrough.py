@@ -245,3 +245,35 @@ def test_a_fetcher_that_died_still_aborts_its_readers(store: ContentStore) -> No
         through._await_verified(digest, hex_digest, "t0ken")
     with pytest.raises(TransferAborted, match="is gone"):
         through._check_alive(hex_digest, "t0ken")
+
+
+def test_a_reader_that_missed_a_commit_reads_the_store_not_a_second_fetch(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader looks at the store, the fetch commits and lets go of its lock, then the
+    reader takes the lock: it must look again, not start a fetch whose state would
+    replace the first one's while that one's readers wait for their last byte (500
+    cold /v2 clients: a hundred were cut short)."""
+    data = os.urandom(CHUNK * 4)
+    digest = digest_of(data)
+    upstream = Upstream(data)
+    first = store.read_through(digest, upstream)
+    reading = first.chunks()
+    head = next(reading)  # this reader follows the growing file
+    deadline = time.monotonic() + 5
+    while store.blob_size(digest) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    backend = store._read_through.backend
+    real_open = backend.open
+    looks: list[str] = []
+
+    def looked_before_the_commit(key: str, want: str | None) -> object:
+        looks.append(key)
+        return None if len(looks) == 1 else real_open(key, want)
+
+    monkeypatch.setattr(backend, "open", looked_before_the_commit)
+    late = store.read_through(digest, upstream)
+    assert late.source == "store" and read_all(late) == data
+    assert upstream.opened == 1
+    assert head + b"".join(reading) == data
+    first.close()
