@@ -75,7 +75,7 @@ COPY gunicorn.conf.py ./
 USER 10001:10001
 
 # 8080: downloads and /v2; 8081: the probe port (HEALTH_BIND), /health, /ready and
-# /metrics only, on threads of their own.
+# /metrics only, served by a process of its own.
 EXPOSE 8080 8081
 
 # `passthrough healthcheck` probes /health on HEALTH_BIND's port (127.0.0.1), with the

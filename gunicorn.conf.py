@@ -13,6 +13,7 @@ validated settings, as is the pod's transfer slot file (MAX_TRANSFERS).
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import TYPE_CHECKING, Any
 
 from passthrough.capacity import threads_per_worker
@@ -30,18 +31,14 @@ except ConfigError as exc:
 
 wsgi_app = "passthrough:create_app()"
 
-# The main port, and the probe port (HEALTH_BIND: /health, /ready and /metrics only,
-# served by threads of their own). A --bind on the command line replaces both: give a
-# second --bind for the probe port.
+# The main port. The probe port (HEALTH_BIND: /health, /ready and /metrics only) is
+# served by a process of its own, started in when_ready (passthrough/probes.py).
 bind = [_server.bind]
-if _server.health_bind.strip().lower() != "off":
-    bind.append(_server.health_bind)
 
 # gthread, with passthrough's changes (passthrough/web/worker.py): closing a connection
-# never blocks the event loop, probes have threads of their own, and headers, bodies
-# and sends have deadlines. Each transfer holds one thread for its whole life (routers
-# read slowly), and `timeout` is only the worker's liveness heartbeat, so a download
-# that lasts an hour is not killed.
+# never blocks the event loop, and headers, bodies and sends have deadlines. Each
+# transfer holds one thread for its whole life (routers read slowly), and `timeout` is
+# only the worker's liveness heartbeat, so a download that lasts an hour is not killed.
 worker_class = "passthrough.web.worker.PassthroughWorker"
 workers = _server.workers
 # MAX_TRANSFERS is the pod's, shared by its workers, and the kernel may hand any one
@@ -89,6 +86,8 @@ logger_class = "passthrough.observe.logs.GunicornLogger"
 _metrics_dir_created: list[str] = []
 # The transfer slot file this master made (removed when it exits).
 _slot_file: list[str] = []
+#: The probe server's process (when_ready), stopped in on_exit.
+_probes: list[subprocess.Popen[bytes]] = []
 # The settings on_starting validated, inherited by every forked worker.
 _settings: list[Settings] = []
 
@@ -188,6 +187,45 @@ def _bound_port(binds: list[str]) -> int | None:
     return None
 
 
+def when_ready(server: Any) -> None:
+    """Bind HEALTH_BIND (a port in use stops start-up, as the main port's would) and
+    hand it to the probe server, a process of its own (passthrough/probes.py: a busy
+    worker's threads never delay a probe). The master keeps no copy of the socket, so
+    the workers forked next hold none either."""
+    import socket
+    import sys
+
+    address = _probe_address(_server.health_bind)
+    if address is None or any(probe.poll() is None for probe in _probes):
+        return
+    try:
+        listener = socket.create_server(
+            address, family=socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+            backlog=128,
+        )  # fmt: skip
+    except OSError as exc:
+        raise SystemExit(
+            f"passthrough: cannot listen on HEALTH_BIND {_server.health_bind}: {exc.strerror}"
+        ) from None
+    args = [sys.executable, "-m", "passthrough.probes", "--fd", str(listener.fileno()),
+            "--parent", str(os.getpid())]  # fmt: skip
+    if server.cfg.certfile:
+        args += ["--certfile", server.cfg.certfile, "--keyfile", server.cfg.keyfile or ""]
+    with listener:
+        _probes.append(subprocess.Popen(args, pass_fds=(listener.fileno(),)))
+    server.log.info("probes on %s (pid %d)", _server.health_bind, _probes[-1].pid)
+
+
+def _probe_address(bind: str) -> tuple[str, int] | None:
+    """HEALTH_BIND as (host, port); None when it is ``off``."""
+    if bind.strip().lower() == "off":
+        return None
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        raise SystemExit(f"passthrough: HEALTH_BIND must be host:port or off, not {bind!r}")
+    return host.strip("[]"), int(port)
+
+
 def post_fork(server: object, worker: object) -> None:
     """Tracing is per worker, set up after the fork (an export thread and a gRPC
     channel do not survive one); nothing at all unless OTEL_EXPORTER_OTLP_ENDPOINT."""
@@ -214,9 +252,17 @@ def child_exit(server: object, worker: object) -> None:
 
 
 def on_exit(server: object) -> None:
-    """Remove the Prometheus directory and the slot file this master created."""
+    """Stop the probe server; remove the Prometheus directory and the slot file this
+    master created."""
     from passthrough import capacity
     from passthrough.observe import metrics
+
+    for probe in _probes:
+        probe.terminate()
+        try:
+            probe.wait(5)
+        except Exception:  # noqa: BLE001 - it ends with the master in any case
+            probe.kill()
 
     for directory in _metrics_dir_created:
         metrics.remove_multiprocess_dir(directory)

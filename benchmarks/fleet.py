@@ -28,13 +28,13 @@ import asyncio
 import hashlib
 import http.client
 import json
+import multiprocessing
 import os
 import resource
 import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,8 +111,9 @@ class Pacer:
 class Body:
     """Reads a body paced at `rate`, hashing it: Content-Length, chunked, or to EOF."""
 
-    def __init__(self, reader: asyncio.StreamReader, rate: float, result: ClientResult,
-                 started: float) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, rate: float, result: ClientResult, started: float
+    ) -> None:
         self.reader = reader
         self.pacer = Pacer(rate)
         self.result = result
@@ -189,45 +190,38 @@ async def _fleet(port: int, path: str, n: int, **kwargs: Any) -> list[ClientResu
 
 @dataclass
 class Prober:
-    """GET each of `paths` on a new connection every PROBE_INTERVAL, in one thread."""
+    """GET each of `paths` on a new connection every PROBE_INTERVAL, from a process of
+    its own, as a kubelet is: a thread beside the clients' event loop would measure its
+    own wait for this process's interpreter lock (a second while 500 clients connect)."""
 
     port: int
     paths: tuple[str, ...] = PROBED
     latencies: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def probe(self, path: str) -> None:
-        started = time.monotonic()
-        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=PROBE_TIMEOUT)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            response.read()
-            ok = response.status in (200, 503) if path == "/ready" else response.status == 200
-        except OSError:
-            ok = False
-        finally:
-            conn.close()
-        self.latencies.setdefault(path, []).append(time.monotonic() - started)
-        if not ok:
-            self.failures[path] = self.failures.get(path, 0) + 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(PROBE_INTERVAL):
-            for path in self.paths:
-                self.probe(path)
+    _stop: Any = None
+    _results: Any = None
+    _process: Any = None
 
     def __enter__(self) -> Prober:
-        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
-        self._thread.start()
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        self._results, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_probe_loop, args=(self.port, self.paths, self._stop, child_end),
+            name="prober", daemon=True,
+        )  # fmt: skip
+        self._process.start()
+        child_end.close()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(PROBE_TIMEOUT + 5)
+        if self._results.poll(PROBE_TIMEOUT * len(self.paths) + 5):
+            self.latencies, self.failures = self._results.recv()
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -242,26 +236,49 @@ class Prober:
         return out
 
 
+def _probe_loop(port: int, paths: tuple[str, ...], stop: Any, results: Any) -> None:
+    """The prober's process: probe until `stop`, then send (latencies, failures)."""
+    latencies: dict[str, list[float]] = {}
+    failures: dict[str, int] = {}
+    while not stop.wait(PROBE_INTERVAL):
+        for path in paths:
+            seconds, ok = _probe(port, path)
+            latencies.setdefault(path, []).append(seconds)
+            if not ok:
+                failures[path] = failures.get(path, 0) + 1
+    results.send((latencies, failures))
+
+
+def _probe(port: int, path: str) -> tuple[float, bool]:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=PROBE_TIMEOUT)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        ok = response.status in (200, 503) if path == "/ready" else response.status == 200
+    except OSError:
+        ok = False
+    finally:
+        conn.close()
+    return time.monotonic() - started, ok
+
+
 # --- servers ----------------------------------------------------------------------------
 
 
 def default_server(env: dict[str, str]) -> tuple[PassthroughServer, int]:
     """passthrough on gunicorn.conf.py's own workers and threads (what a new user runs),
     not the rig's: PassthroughServer passes --workers/--threads, so they are the values
-    gunicorn.conf.py would read from the same environment. Its probe port (HEALTH_BIND)
-    on loopback too, as a second --bind (the first replaces gunicorn.conf.py's); returns
-    the server and that port."""
+    gunicorn.conf.py would read from the same environment. Its probe port (HEALTH_BIND,
+    the probe server's) on loopback too; returns the server and that port."""
     health_port = free_port()
     health_bind = f"{LOOPBACK}:{health_port}"
-    server = PassthroughServer(
-        {**env, "HEALTH_BIND": health_bind}, extra_args=("--bind", health_bind)
-    )
+    server = PassthroughServer({**env, "HEALTH_BIND": health_bind})
     scrubbed = server.environment()
     settings = load_server_settings(scrubbed)
     server.workers = settings.workers
-    server.threads = threads_per_worker(
-        settings.threads, read_variable("MAX_TRANSFERS", scrubbed)
-    )
+    server.threads = threads_per_worker(settings.threads, read_variable("MAX_TRANSFERS", scrubbed))
     return server, health_port
 
 
@@ -314,8 +331,9 @@ class FleetBench:
     def warm(self, image: Image, path: str) -> str:
         """Download `path` once from passthrough; its sha256 (what every client must get)."""
         assert self.server is not None
-        results = asyncio.run(_fleet(self.server.port, path, 1, rate=1e12, rcvbuf=1 << 20,
-                                     timeout=120))
+        results = asyncio.run(
+            _fleet(self.server.port, path, 1, rate=1e12, rcvbuf=1 << 20, timeout=120)
+        )
         if results[0].status != 200 or results[0].error:
             raise BenchmarkError(f"warming {path}: {results[0]}")
         return results[0].digest
@@ -339,20 +357,34 @@ class FleetBench:
         probes = () if name == "cncf" else PROBED
         with MemoryWatch(pid) as memory, Prober(self.probe_port, probes) as prober:
             results = asyncio.run(
-                _fleet(port, path, n, rate=self.args.rate, rcvbuf=self.args.rcvbuf,
-                       timeout=self.args.timeout)
+                _fleet(
+                    port,
+                    path,
+                    n,
+                    rate=self.args.rate,
+                    rcvbuf=self.args.rcvbuf,
+                    timeout=self.args.timeout,
+                )
             )
         wall = time.monotonic() - started
         cpu = cpu_seconds(tree(pid)) - cpu_before
         # A blob is its digest; a tar is what a download at full speed gets, after.
         expected = image.blob if path == blob_path else self.warm(image, path)
-        return summarize(name, n, results, wall, cpu, memory.peak_total, prober, self.args,
-                         expected)
+        return summarize(
+            name, n, results, wall, cpu, memory.peak_total, prober, self.args, expected
+        )
 
 
 def summarize(
-    name: str, n: int, results: list[ClientResult], wall: float, cpu: float, rss: int,
-    prober: Prober, args: argparse.Namespace, expected: str,
+    name: str,
+    n: int,
+    results: list[ClientResult],
+    wall: float,
+    cpu: float,
+    rss: int,
+    prober: Prober,
+    args: argparse.Namespace,
+    expected: str,
 ) -> dict[str, Any]:
     firsts = [r.first_byte for r in results if r.first_byte is not None]
     sent = sum(r.size for r in results)
@@ -432,15 +464,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in scenarios:
                     log(f"{name}: {n} clients at {args.rate / 1e6:.2f} MB/s")
                     row = bench.scenario(name, n)
-                    log(f"  whole {row['whole']}/{n}, refused {row['refused']}, "
-                        f"first byte p99 {row['first_byte_p99']:.2f} s, wall {row['wall']:.1f} s")
+                    log(
+                        f"  whole {row['whole']}/{n}, refused {row['refused']}, "
+                        f"first byte p99 {row['first_byte_p99']:.2f} s, wall {row['wall']:.1f} s"
+                    )
                     rows.append(row)
         finally:
             bench.stop()
     print(report(rows))
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "code": code_version(Path(__file__).resolve().parents[1]),
-              "args": vars(args), "rows": rows}
+    result = {
+        "machine": machine(),
+        "code": code_version(Path(__file__).resolve().parents[1]),
+        "args": vars(args),
+        "rows": rows,
+    }
     out = OUT / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     log(f"wrote {out}")

@@ -529,8 +529,9 @@ class ServerSettings:
     )  # fmt: skip
     health_bind: str = setting(
         "HEALTH_BIND", p.text, "0.0.0.0:8081",
-        "the probe listener: only `/health`, `/ready` and `/metrics`, on threads of their "
-        "own, so probes answer however busy the main port is; `off`: none",
+        "the probe port: only `/health`, `/ready` and `/metrics`, served by a process of its "
+        "own (started by gunicorn's master), so probes answer however busy the workers "
+        "are; `off`: none",
         SERVER,
     )  # fmt: skip
     header_timeout: float = setting(

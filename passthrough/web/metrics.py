@@ -2,8 +2,9 @@
 process's, without PROMETHEUS_MULTIPROC_DIR), the pod's transfer slots in use, and the
 content store's usage against its cap; see :mod:`passthrough.observe.metrics`.
 
-On the probe port (HEALTH_BIND, where the chart's ServiceMonitor scrapes) the answer is
-a snapshot at most :data:`SNAPSHOT_TTL` old, made in the background (:class:`_Snapshot`).
+On the probe port (HEALTH_BIND, where the chart's ServiceMonitor scrapes) it is
+rendered by the probe server's process (:mod:`passthrough.probes`), which a busy
+worker's threads never slow.
 
 The store's usage is a listing of the store (a bucket's costs requests), so a worker
 reads it at most once every :data:`USAGE_TTL` seconds and serves that figure between."""
@@ -13,12 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from functools import cache
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
-from passthrough.config import load_server_settings
 from passthrough.errors import PassthroughError
 from passthrough.observe import metrics
 from passthrough.services import Services, services_of
@@ -34,62 +32,10 @@ _usage_lock = threading.Lock()
 _usage: dict[int, tuple[float, int, int]] = {}  # id(store) → (read at, bytes, pinned bytes)
 
 
-@dataclass
-class _Snapshot:
-    """The probe port's last exposition: a scrape there gets it at once when it is
-    under :data:`SNAPSHOT_TTL` old, else the last one while one background round makes
-    the next. Rendering reads every worker's sample files, each read a wait for the GIL
-    on a busy worker (seconds under 500 transfers); a scrape must not wait for that."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    body: bytes = b""
-    content_type: str = ""
-    made: float = 0.0
-    refreshing: bool = False
-
-    def refresh(self, services: Services) -> None:
-        try:
-            body, content_type = _render(services)
-        finally:
-            with self.lock:
-                self.refreshing = False
-        with self.lock:
-            self.body, self.content_type, self.made = body, content_type, time.monotonic()
-
-
-#: Seconds the probe port's exposition is given as it is (see :class:`_Snapshot`).
-SNAPSHOT_TTL = 1.0
-_snapshot = _Snapshot()
-
-
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
-    services = services_of(current_app)
-    port = request.server[1] if request.server else None  # the port the request came to
-    if port is None or port != _probe_port():
-        body, content_type = _render(services)
-    else:
-        body, content_type = _from_snapshot(services)
+    body, content_type = _render(services_of(current_app))
     return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
-
-
-@cache
-def _probe_port() -> int | None:
-    """HEALTH_BIND's port (gunicorn's setting, read once per process)."""
-    return load_server_settings().health_port
-
-
-def _from_snapshot(services: Services) -> tuple[bytes, str]:
-    with _snapshot.lock:
-        if not _snapshot.body:
-            _snapshot.body, _snapshot.content_type = _render(services)
-            _snapshot.made = time.monotonic()
-        elif time.monotonic() - _snapshot.made >= SNAPSHOT_TTL and not _snapshot.refreshing:
-            _snapshot.refreshing = True
-            threading.Thread(
-                target=_snapshot.refresh, args=(services,), name="metrics-refresh", daemon=True
-            ).start()
-        return _snapshot.body, _snapshot.content_type
 
 
 def _render(services: Services) -> tuple[bytes, str]:

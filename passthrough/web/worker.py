@@ -9,9 +9,6 @@ What it changes, and why:
   download that ended stopped accepts, keep-alive dispatch and completions for up to
   2 s (first byte p99 18.8 s at 500 clients). Here the half-closed socket waits in the
   poller (:meth:`PassthroughWorker.linger`).
-- **Probes have threads of their own.** Connections accepted on the HEALTH_BIND
-  listener run on a small pool (:data:`PROBE_THREADS`), never queued behind transfers,
-  and may ask only for :data:`PROBE_PATHS` (404 otherwise).
 - **Deadlines, as totals.** A new connection waits for its first byte in the poller,
   not in a thread; its request head must be whole within HEADER_TIMEOUT of the accept
   (of the previous response on a kept-alive one; what arrived by then is read even when
@@ -21,9 +18,12 @@ What it changes, and why:
   SEND_TIMEOUT. A connection past one is closed without a traceback and counted in
   ``passthrough_connections_dropped_total{phase=idle|headers|body|send}``.
 
-It overrides internals of gunicorn 27.0 (TConn, ``accept``, ``enqueue_req``,
-``handle``, ``handle_request``, ``murder_pending``, ``pending_conns``), hence the pin
-in setup.cfg; tests/e2e/test_fleet.py exercises each override on a real gunicorn.
+The probe port (HEALTH_BIND) is not served here but by a process of its own
+(:mod:`passthrough.probes`): a worker's threads would delay a probe by seconds.
+
+It overrides internals of gunicorn 27.0 (TConn, ``accept``, ``handle``,
+``handle_request``, ``murder_pending``, ``pending_conns``), hence the pin in setup.cfg;
+tests/e2e/test_fleet.py exercises each override on a real gunicorn.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import selectors
 import socket
 import time
 from collections import deque
-from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -47,10 +46,6 @@ from passthrough.config import load_server_settings
 from passthrough.errors import ClientStalled
 from passthrough.observe import metrics
 
-#: The only paths the probe listener answers.
-PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
-#: Threads of each worker that serve the probe listener.
-PROBE_THREADS = 4
 #: How long a closed connection may take to send its FIN (gthread's close_graceful).
 LINGER_SECONDS = 2.0
 #: At most this much of a closing connection's leftover request is read and dropped.
@@ -119,8 +114,8 @@ class DeadlineReader(SocketUnreader):  # type: ignore[misc]
 
 
 class Conn(gthread.TConn):  # type: ignore[misc]
-    """A connection with its deadlines, its pool (probe or not) and a close that
-    lingers in the worker's poller instead of blocking."""
+    """A connection with its deadlines and a close that lingers in the worker's poller
+    instead of blocking."""
 
     def __init__(
         self, worker: PassthroughWorker, sock: socket.socket, client: Any, server: Any
@@ -128,7 +123,6 @@ class Conn(gthread.TConn):  # type: ignore[misc]
         super().__init__(worker.cfg, sock, client, server)
         self.worker = worker
         self.limits = worker.limits
-        self.probe = worker.probe_port is not None and _port(server) == worker.probe_port
         self.phase = "headers"
         self.head_deadline = time.monotonic() + self.limits.header
         self.body_received = 0
@@ -170,10 +164,6 @@ class Conn(gthread.TConn):  # type: ignore[misc]
             util.close(self.sock)
 
 
-def _port(address: Any) -> int | None:
-    return address[1] if isinstance(address, tuple) and len(address) >= 2 else None
-
-
 class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
     """gthread with the changes of the module's docstring."""
 
@@ -183,20 +173,7 @@ class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
         self.limits = Deadlines(
             server.header_timeout, server.body_timeout, server.body_min_rate, server.send_timeout
         )
-        self.probe_port = server.health_port
-        self.probe_pool: futures.ThreadPoolExecutor | None = None
         self.lingering: deque[Conn] = deque()
-
-    def init_process(self) -> None:
-        self.probe_pool = futures.ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="probe")
-        super().init_process()
-
-    def run(self) -> None:
-        try:
-            super().run()
-        finally:
-            if self.probe_pool is not None:
-                self.probe_pool.shutdown(wait=False)
 
     # -- accepting: the first byte is awaited in the poller ---------------------------------
 
@@ -216,11 +193,6 @@ class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
         self.poller.register(
             client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn)
         )
-
-    def enqueue_req(self, conn: Conn) -> None:
-        pool = self.probe_pool if conn.probe and self.probe_pool is not None else self.tpool
-        done = pool.submit(self.handle, conn)
-        done.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
     def murder_pending(self) -> None:
         """Connections that sent nothing within HEADER_TIMEOUT: closed and counted."""
@@ -242,9 +214,6 @@ class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
         return result
 
     def handle_request(self, req: Any, conn: Conn) -> bool:
-        if conn.probe and req.path not in PROBE_PATHS:
-            util.write_error(conn.sock, 404, "Not Found", "this port answers only probes")
-            return False
         conn.start_body()
         conn.sock.settimeout(self.limits.send)
         try:

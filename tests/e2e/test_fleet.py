@@ -1,8 +1,9 @@
 """A fleet at once (issue 18), through real gunicorn with passthrough's worker: the pod's
 transfer slots are shared by its workers (over MAX_TRANSFERS: 503 with Retry-After at
 once, on the tar route and /v2 blobs alike), the probe port answers while every slot is
-held, stalled connections are dropped after their deadline and counted, and a SIGKILLed
-worker's slots come back."""
+held and whatever the workers do (its server is a process of its own, gone with the
+master), stalled connections are dropped after their deadline and counted, and a
+SIGKILLed worker's slots come back."""
 
 from __future__ import annotations
 
@@ -63,18 +64,27 @@ class Fleet:
         found = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
         return float(found[1]) if found else 0.0
 
-    def worker_pids(self) -> list[int]:
+    def children(self) -> list[int]:
         children = Path(f"/proc/{self.server.pid}/task/{self.server.pid}/children")
         return [int(pid) for pid in children.read_text().split()]
+
+    def probe_server_pid(self) -> int:
+        """The master's child that is not a gunicorn worker: the probe server."""
+        for pid in self.children():
+            if b"passthrough.probes" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        raise AssertionError("no probe server among the master's children")
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in self.children() if pid != self.probe_server_pid()]
 
 
 def start_fleet(tmp: Path, env: dict[str, str], threads: int) -> Fleet:
     health_port = free_port()
     bind = f"{LOOPBACK}:{health_port}"
-    # --bind replaces gunicorn.conf.py's binds: the probe port is a second one.
     server = PassthroughServer(
         {**env, "CACHE_DIR": str(tmp / "cache"), "HEALTH_BIND": bind},
-        workers=2, threads=threads, tmp_root=tmp, extra_args=("--bind", bind),
+        workers=2, threads=threads, tmp_root=tmp,
     )  # fmt: skip
     server.start()
     return Fleet(server, health_port)
@@ -179,6 +189,35 @@ def test_probes_answer_while_every_slot_is_held(
     assert requests.get(fleet.server.url + "/health", timeout=5).status_code == 200
     other = requests.get(f"http://{LOOPBACK}:{fleet.health_port}{pushed.tar}", timeout=5)
     assert other.status_code == 404
+
+
+def test_the_probe_server_answers_whatever_the_workers_do_and_ends_with_the_master(
+    registry_anon: RegistryServer, tmp_path: Path
+) -> None:
+    fleet = start_fleet(tmp_path, {"REGISTRY_URL": registry_anon.url}, threads=8)
+    try:
+        probe_pid = fleet.probe_server_pid()
+        workers = fleet.worker_pids()
+        assert len(workers) == 2
+        # Every worker stopped (the extreme of busy): the probe port still answers.
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for path, limit in (("/health", 1.0), ("/ready", 2.0), ("/metrics", 2.0)):
+                status, seconds = fleet.probe(path)
+                assert status == 200 and seconds < limit, (path, status, seconds)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        # The master killed outright: nothing left to serve, and the probes say so.
+        os.kill(fleet.server.pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{probe_pid}").exists()
+                 or b"Z" in Path(f"/proc/{probe_pid}/stat").read_bytes().split(b" ")[2],
+                 "the probe server gone with the master", timeout=10)  # fmt: skip
+        with pytest.raises(requests.ConnectionError):
+            fleet.probe("/health")
+    finally:
+        fleet.server.stop()
 
 
 def socket_owners(fleet: Fleet, readers: list[SlowReader]) -> dict[int, int]:

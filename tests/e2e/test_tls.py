@@ -89,6 +89,33 @@ def container_healthcheck(port: int, env: dict[str, str]) -> subprocess.Complete
     )
 
 
+def test_the_probe_port_speaks_tls_as_the_main_port_does(
+    passthrough_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The probe server (a process of its own) serves the master's certificate: the
+    container's health command, which follows TLS to https, passes on the probe port."""
+    health_port = free_port()
+    env = {"TLS_SELF_SIGNED": "true", "TLS_DIR": str(tmp_path / "tls"),
+           "HEALTH_BIND": f"{LOOPBACK}:{health_port}"}  # fmt: skip
+    server = passthrough_server(env)
+    assert server.ca_file is not None
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    context.check_hostname = False  # the certificate names the host clients use
+    with socket.create_connection((LOOPBACK, health_port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.0 200")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://{LOOPBACK}:{health_port}/health", timeout=10)
+    check = {"PORT": str(server.port), "HEALTH_BIND": f"{LOOPBACK}:{health_port}"}
+    probed = subprocess.run(
+        [str(Path(sys.executable).with_name("passthrough")), "healthcheck"],
+        env={**scrubbed_environment(), **check, "TLS_SELF_SIGNED": "true"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert probed.returncode == 0, probed.stderr
+
+
 def test_self_signed_ca_outlives_a_restart_in_tls_dir(
     passthrough_server: ServerFactory, tmp_path: Path
 ) -> None:

@@ -208,6 +208,8 @@ class PassthroughServer:
         # working directory here): a test without one of its own asks for none.
         if not self.overrides.get("CACHE_DIR") and "STORE" not in self.overrides:
             env["STORE"] = "off"
+        # Nor a probe server on 0.0.0.0:8081 (HEALTH_BIND's default), unless asked for one.
+        env["HEALTH_BIND"] = "off"
         env.update(self.overrides)
         return env
 

@@ -147,7 +147,7 @@ def test_gunicorn_reads_env_file_under_the_environment(tmp_path, monkeypatch):
     conf = load_gunicorn_conf(monkeypatch, tmp_path, GUNICORN_THREADS="9")
     assert (conf.workers, conf.threads, conf.loglevel) == (5, 9, "debug")
     assert conf.graceful_timeout == ServerSettings().graceful_timeout == 120
-    assert conf.bind == ["0.0.0.0:8080", "0.0.0.0:8081"]  # the main port, the probe port
+    assert conf.bind == ["0.0.0.0:8080"]  # the probe port is the probe server's (when_ready)
 
 
 def test_gunicorn_sizes_threads_so_one_worker_holds_every_transfer(tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from passthrough import create_app
 from passthrough.observe import metrics
-from tests.support.helpers import wait_until
 from tests.unit.test_telemetry import FakeRegistry, make_app, token_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -246,33 +245,3 @@ def test_prepare_creates_a_fresh_directory_or_wipes_the_configured_one(tmp_path,
 def test_metrics_route_never_cached(tmp_path):
     response = make_app(tmp_path).test_client().get("/metrics")
     assert response.headers["Cache-Control"] == "no-store"
-
-
-def test_the_probe_port_answers_from_a_snapshot_refreshed_in_the_background(tmp_path, monkeypatch):
-    """On HEALTH_BIND's port a scrape never waits for a render (seconds on a busy
-    worker): it gets the last one, under SNAPSHOT_TTL old, while the next is made."""
-    from passthrough.web import metrics as view
-
-    monkeypatch.setattr(view, "_snapshot", view._Snapshot())
-    monkeypatch.setattr(view, "_probe_port", lambda: 8081)
-    client = make_app(tmp_path).test_client()
-
-    def scrape(port: str) -> str:
-        answer = client.get("/metrics", environ_overrides={"SERVER_PORT": port})
-        return str(answer.get_data(as_text=True))
-
-    def dropped(text: str) -> float:
-        found = [line for line in text.splitlines() if 'dropped_total{phase="body"}' in line]
-        return float(found[0].split()[-1]) if found else 0.0
-
-    before = dropped(scrape("8081"))
-    metrics.connection_dropped("body")
-    assert dropped(scrape("8081")) == before  # the snapshot, under a second old
-    assert dropped(scrape("8080")) == before + 1  # the main port renders at once
-    monkeypatch.setattr(view, "SNAPSHOT_TTL", 0.0)
-    scrape("8081")  # starts the background round, answers the last snapshot
-
-    def refreshed() -> bool:
-        return dropped(scrape("8081")) == before + 1
-
-    wait_until(refreshed, 10, "the background round")
