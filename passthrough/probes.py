@@ -162,9 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener = socket.socket(fileno=args.fd)
     from passthrough import create_app
 
-    server = ProbeServer(
-        listener, only_probes(create_app()), tls_context(args.certfile, args.keyfile)
-    )
+    app = create_app()
+    # /ready's first answer runs its checks inline: run them now, before a probe asks.
+    threading.Thread(target=lambda: app.test_client().get("/ready"), daemon=True).start()
+    server = ProbeServer(listener, only_probes(app), tls_context(args.certfile, args.keyfile))
     log.info("probes answered on %s by pid %d", server.server_address[:2], os.getpid())
     server.serve_forever(poll_interval=PARENT_POLL)
     return 0
