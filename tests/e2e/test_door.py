@@ -96,11 +96,19 @@ def test_the_dashboard_and_rules_name_only_exposed_metrics(
 
 
 def _hold_the_one_slot_while_another_is_refused(door: PassthroughServer, path: str) -> None:
+    """A download held open (read no further than its first chunk) while a second is
+    refused; then read to its end, which shows it held the slot all along."""
     with requests.get(f"{door.url}{path}", stream=True, timeout=120) as holding:
         assert holding.status_code == 200
-        next(holding.iter_content(1 << 16))
+        # Keep the iterator: one dropped mid-body (`next(holding.iter_content(...))`)
+        # is finalized at once, and urllib3 then closes the connection; the server's
+        # next write fails, the download ends and its slot may be free before the refusal.
+        chunks = holding.iter_content(1 << 16)
+        received = len(next(chunks))
         refused = requests.get(f"{door.url}{path}", timeout=60)
-        assert refused.status_code == 503, refused.text
+        assert refused.status_code == 503, refused.text[:500]
+        received += sum(len(chunk) for chunk in chunks)
+    assert received > BIG_LAYER, "the held download came whole"
 
 
 def _stall_a_connection(door: PassthroughServer) -> None:
