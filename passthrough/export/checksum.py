@@ -17,9 +17,9 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from passthrough.export.tarstream import Segment, produce_range
+from passthrough.export.tarstream import FileRegion, Piece, Segment, produce_range
 from passthrough.store.content import ContentStore
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ def checksum_line(record: dict[str, str | int], algorithm: str, filename: str) -
     return f"{record[algorithm]}  {filename}\n"
 
 
+#: bytes, or bytes and FileRegions (a download sent with sendfile).
+_Chunk = TypeVar("_Chunk", bytes, Piece)
+
 class _Known:
     """The archive ids this process knows to be recorded: a fleet downloading one image
     costs the store one read of its record, not one per download."""
@@ -151,11 +154,12 @@ HASHING = _Hashing()
 
 
 def recorded(
-    store: ContentStore | None, archive: Archive, chunks: Iterator[bytes]
-) -> Iterator[bytes]:
+    store: ContentStore | None, archive: Archive, chunks: Iterator[_Chunk]
+) -> Iterator[_Chunk]:
     """``chunks`` (a whole archive) passed on while hashed, and the digests recorded once
     the last byte went out, unless the store holds them already or another download of
-    this process is hashing the same archive (one that fails leaves it to the next)."""
+    this process is hashing the same archive (one that fails leaves it to the next).
+    The download that hashes gets a FileRegion as bytes (it reads them anyway)."""
     if store is None:
         yield from chunks
         return
@@ -172,8 +176,9 @@ def recorded(
         hashes = Hashes()
         try:
             for chunk in chunks:
-                hashes.update(chunk)
-                yield chunk
+                for data in chunk.chunks() if isinstance(chunk, FileRegion) else (chunk,):
+                    hashes.update(data)
+                    yield data
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from typing import TypeVar
 
 from passthrough.capacity import check_free_space
 from passthrough.config import Settings
@@ -52,6 +53,7 @@ from passthrough.export.tarstream import (
     BytesSegment,
     DeferredSegment,
     FileEntrySegment,
+    Piece,
     Segment,
     bytes_entry,
     directory_entry,
@@ -70,6 +72,8 @@ from passthrough.upstream.blobs import blob_chunks
 from passthrough.upstream.client import RegistryClient
 
 log = logging.getLogger(__name__)
+
+_Sized = TypeVar("_Sized", bound=Sized)
 
 
 class Download:
@@ -317,10 +321,18 @@ class Download:
     def body(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """The archive (or bytes ``start``–``end``), chunk by chunk. Raises, aborting the
         transfer, on any failure."""
+        return self._sent(produce_range(self.segments, start, end), start, end)
+
+    def pieces(self, start: int = 0, end: int | None = None) -> Iterator[Piece]:
+        """:meth:`body` with each layer on local disk as one FileRegion, for a server
+        that sends it with ``sendfile``."""
+        return self._sent(produce_range(self.segments, start, end, regions=True), start, end)
+
+    def _sent(self, chunks: Iterator[_Sized], start: int, end: int | None) -> Iterator[_Sized]:
         self.trace.stream_started(start, end)
         metrics.download_started()
         try:
-            for chunk in produce_range(self.segments, start, end):
+            for chunk in chunks:
                 self.bytes_sent += len(chunk)
                 yield chunk
             self.outcome = "completed"

@@ -6,10 +6,12 @@ gives the same bytes, and the archive's size is known once every entry's size is
 
 from __future__ import annotations
 
+import os
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol, overload
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -47,6 +49,35 @@ def directory_entry(name: str) -> bytes:
     return header(name, 0, directory=True)
 
 
+@dataclass(frozen=True)
+class FileRegion:
+    """``count`` bytes of an open local file from ``offset``: a piece of the archive a
+    server may send with ``sendfile`` (no copy through Python), or read as chunks."""
+
+    fileno: int
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def head(self, count: int) -> FileRegion:
+        return FileRegion(self.fileno, self.offset, min(count, self.count))
+
+    def chunks(self) -> Iterator[bytes]:
+        done = 0
+        while done < self.count:
+            chunk = os.pread(self.fileno, min(FILE_CHUNK, self.count - done), self.offset + done)
+            if not chunk:
+                raise OSError("a stored layer ended early")
+            done += len(chunk)
+            yield chunk
+
+
+#: What :func:`produce_range` yields with ``regions=True``.
+Piece = bytes | FileRegion
+
+
 # -- segments: the archive as a list of pieces with known or pending sizes ----------------
 
 
@@ -58,6 +89,10 @@ class Segment(ABC):
 
     @abstractmethod
     def produce(self, offset: int = 0) -> Iterator[bytes]: ...
+
+    def pieces(self, offset: int = 0) -> Iterator[Piece]:
+        """:meth:`produce`, with what can be sent from a local file as a FileRegion."""
+        return self.produce(offset)
 
 
 class BytesSegment(Segment):
@@ -89,6 +124,10 @@ class FileSource(Protocol):
 
     def read_at(self, offset: int, length: int) -> bytes: ...
 
+    def fileno(self) -> int | None:
+        """The descriptor of a local file (None: no file to send from)."""
+        ...
+
 
 class FileEntrySegment(Segment):
     """A file entry (header, content, padding) whose content comes from ``opener`` —
@@ -106,6 +145,14 @@ class FileEntrySegment(Segment):
         self.layer_index = -1
 
     def produce(self, offset: int = 0) -> Iterator[bytes]:
+        for piece in self._entry(offset, regions=False):
+            assert isinstance(piece, bytes)
+            yield piece
+
+    def pieces(self, offset: int = 0) -> Iterator[Piece]:
+        return self._entry(offset, regions=True)
+
+    def _entry(self, offset: int, *, regions: bool) -> Iterator[Piece]:
         source = self.opener()
         if self.known_size is not None and source.size != self.known_size:
             raise OSError(f"{self.name}: expected {self.known_size} bytes, have {source.size}")
@@ -114,6 +161,10 @@ class FileEntrySegment(Segment):
             yield head[offset:]
             offset = len(head)
         position = offset - len(head)
+        fileno = source.fileno() if regions else None
+        if fileno is not None and position < source.size:
+            yield FileRegion(fileno, position, source.size - position)
+            position = source.size
         while position < source.size:
             chunk = source.read_at(position, min(FILE_CHUNK, source.size - position))
             if not chunk:
@@ -135,11 +186,28 @@ def total_size(segments: list[Segment]) -> int | None:
     return total
 
 
+@overload
 def produce_range(
-    segments: list[Segment], start: int = 0, end: int | None = None
-) -> Iterator[bytes]:
+    segments: list[Segment],
+    start: int = 0,
+    end: int | None = None,
+    *,
+    regions: Literal[False] = False,
+) -> Iterator[bytes]: ...
+
+
+@overload
+def produce_range(
+    segments: list[Segment], start: int = 0, end: int | None = None, *, regions: Literal[True]
+) -> Iterator[Piece]: ...
+
+
+def produce_range(
+    segments: list[Segment], start: int = 0, end: int | None = None, *, regions: bool = False
+) -> Iterator[Piece]:
     """Bytes ``start`` to ``end`` (inclusive; None: to the end) of the concatenation.
-    Segments wholly outside the range are never produced (no layer is waited for)."""
+    Segments wholly outside the range are never produced (no layer is waited for).
+    With ``regions``, a layer on local disk comes as one FileRegion, not as bytes."""
     position = 0
     for segment in segments:
         size = segment.size
@@ -147,13 +215,17 @@ def produce_range(
             position += size
             continue
         inner = max(0, start - position)
-        for chunk in segment.produce(inner):
+        for chunk in segment.pieces(inner) if regions else segment.produce(inner):
             chunk_start = position + inner
             inner += len(chunk)
             if end is not None and chunk_start + len(chunk) > end + 1:
-                yield chunk[: end + 1 - chunk_start]
+                yield _head(chunk, end + 1 - chunk_start)
                 return
             yield chunk
         position += inner if size is None else size
         if end is not None and position > end:
             return
+
+
+def _head(piece: Piece, count: int) -> Piece:
+    return piece[:count] if isinstance(piece, bytes) else piece.head(count)

@@ -58,6 +58,10 @@ class LayerFile(ABC):
     @abstractmethod
     def read_at(self, offset: int, length: int) -> bytes: ...
 
+    def fileno(self) -> int | None:
+        """The descriptor of a file on local disk, to send from (None: not local)."""
+        return None
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -73,6 +77,9 @@ class LocalFile(LayerFile):
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self.handle.fileno(), length, offset)
+
+    def fileno(self) -> int | None:
+        return self.handle.fileno()
 
     def close(self) -> None:
         self.handle.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, request
@@ -26,6 +26,7 @@ from passthrough.errors import (
 from passthrough.export.checksum import recorded, split_suffix
 from passthrough.export.download import Download, prepare_download
 from passthrough.export.request import DownloadRequest, OutputOptions, parse_platform
+from passthrough.export.tarstream import FileRegion, Piece
 from passthrough.observe import metrics, telemetry
 from passthrough.registry.pulls import CACHED, HOSTED, Served
 from passthrough.services import Services, services_of
@@ -33,6 +34,7 @@ from passthrough.upstream.auth import parse_basic_authorization
 from passthrough.upstream.target import Route
 from passthrough.web.checksums import checksum_response
 from passthrough.web.errors import error_response
+from passthrough.web.worker import SEND_REGION
 
 bp = Blueprint("downloads", __name__)
 
@@ -178,15 +180,41 @@ def _download(download_request: DownloadRequest) -> Response:
     download.start_fetching(start, end)
     if start == 0:
         _count_pull(svc, download)
-    body = download.body(start, end)
-    if status == 200:  # the whole archive: its digests are recorded on the way
-        body = recorded(svc.store, download, body)
-    response = Response(body, status=status, headers=headers)
+    response = Response(_body(svc, download, start, end, status), status=status, headers=headers)
     # A response closed before its body started never runs the generator's cleanup.
     response.call_on_close(download.close)
     # Werkzeug must not buffer or inspect the generator: stream as produced.
     response.direct_passthrough = True
     return response
+
+
+def _body(
+    svc: Services, download: Download, start: int, end: int | None, status: int
+) -> Iterator[bytes]:
+    """The archive's bytes for the server to write, a layer on local disk handed to the
+    worker's sendfile instead when it offers one (web/worker.py, SEND_REGION)."""
+    send_region = request.environ.get(SEND_REGION)
+    if send_region is None:
+        body = download.body(start, end)
+        # The whole archive: its digests are recorded on the way.
+        return recorded(svc.store, download, body) if status == 200 else body
+    pieces = download.pieces(start, end)
+    if status == 200:
+        pieces = recorded(svc.store, download, pieces)
+    return _sent_by(send_region, pieces)
+
+
+def _sent_by(send_region: Callable[[FileRegion], None], pieces: Iterator[Piece]) -> Iterator[bytes]:
+    try:
+        for piece in pieces:
+            if isinstance(piece, FileRegion):
+                send_region(piece)  # what was yielded before is written by now
+            else:
+                yield piece
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a client gone: the download's own cleanup runs now
 
 
 def _count_pull(svc: Services, download: Download) -> None:

@@ -2,8 +2,8 @@
 process's, without PROMETHEUS_MULTIPROC_DIR), the pod's transfer slots in use, and the
 content store's usage against its cap; see :mod:`passthrough.observe.metrics`.
 
-On the probe port (HEALTH_BIND) it is rendered by the probe server's process (:mod:`passthrough.probes`), which a busy
-worker's threads never slow.
+On the probe port (HEALTH_BIND) it is rendered by the probe server's process
+(:mod:`passthrough.probes`), which a busy worker's threads never slow.
 
 The store's usage is a listing of the store (a bucket's costs requests), so a worker
 reads it at most once every :data:`USAGE_TTL` seconds and serves that figure between."""

@@ -18,6 +18,12 @@ What it changes, and why:
   SEND_TIMEOUT. A connection past one is closed without a traceback and counted in
   ``passthrough_connections_dropped_total{phase=idle|headers|body|send}``.
 
+- **Stored layers leave by ``sendfile``.** The app finds ``environ[SEND_REGION]``
+  (:class:`RegionSender`): a tar download hands it each layer on local disk as one
+  :class:`~passthrough.export.tarstream.FileRegion`, sent by the kernel from the page
+  cache instead of being copied through Python 64 KiB at a time (not over TLS, where
+  the bytes must pass through the TLS layer).
+
 The probe port (HEALTH_BIND) is not served here but by a process of its own
 (:mod:`passthrough.probes`): a worker's threads would delay a probe by seconds.
 
@@ -38,12 +44,14 @@ from functools import partial
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers import gthread
 
 from passthrough.config import load_server_settings
 from passthrough.errors import ClientStalled
+from passthrough.export.tarstream import FileRegion
 from passthrough.observe import metrics
 
 #: How long a closed connection may take to send its FIN (gthread's close_graceful).
@@ -164,6 +172,50 @@ class Conn(gthread.TConn):  # type: ignore[misc]
             util.close(self.sock)
 
 
+#: The WSGI environ key of :func:`send_region` for this response (absent: send bytes).
+SEND_REGION = "passthrough.send_region"
+
+
+class _Descriptor:
+    """What socket.sendfile needs of a file: its descriptor (the region's file stays
+    open, and owned, by the download)."""
+
+    def __init__(self, fileno: int) -> None:
+        self._fileno = fileno
+
+    def fileno(self) -> int:
+        return self._fileno
+
+
+def send_region(response: Any, region: FileRegion) -> None:
+    """Send ``region`` as the next bytes of gunicorn's ``response`` with sendfile, as its
+    ``write`` would have sent them (headers first, chunk framing when chunked, the
+    count kept); a client that stops taking them times out at SEND_TIMEOUT."""
+    response.send_headers()
+    sock = response.sock
+    if response.chunked:
+        sock.sendall(b"%X\r\n" % region.count)
+    sock.sendfile(_Descriptor(region.fileno), region.offset, region.count)
+    if response.chunked:
+        sock.sendall(b"\r\n")
+    response.sent += region.count
+
+
+class RegionSender:
+    """WSGI middleware: each response gets ``environ[SEND_REGION]``, :func:`send_region`
+    bound to its gunicorn Response (the object whose method ``start_response`` is)."""
+
+    def __init__(self, app: Any, *, tls: bool) -> None:
+        self.app = app
+        self.tls = tls
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        response = getattr(start_response, "__self__", None)
+        if not self.tls and isinstance(response, gunicorn_wsgi.Response):
+            environ[SEND_REGION] = partial(send_region, response)
+        return self.app(environ, start_response)
+
+
 class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
     """gthread with the changes of the module's docstring."""
 
@@ -176,6 +228,11 @@ class PassthroughWorker(gthread.ThreadWorker):  # type: ignore[misc]
         self.lingering: deque[Conn] = deque()
 
     # -- accepting: the first byte is awaited in the poller ---------------------------------
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app: Any = getattr(self, "wsgi")  # noqa: B009 - gunicorn's untyped attribute
+        self.wsgi = RegionSender(app, tls=bool(self.cfg.is_ssl))
 
     def accept(self, listener: socket.socket) -> None:
         try:
