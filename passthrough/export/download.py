@@ -331,9 +331,17 @@ class Download:
     def _sent(self, chunks: Iterator[_Sized], start: int, end: int | None) -> Iterator[_Sized]:
         self.trace.stream_started(start, end)
         metrics.download_started()
+        # Where the answer ends, when known (a warm archive, or a range): the slot goes
+        # back as the last piece is handed over, before it is written, so a client
+        # that has every byte and starts its next transfer at once finds it free.
+        stop = end + 1 if end is not None else self.total_size
+        position = start
         try:
             for chunk in chunks:
                 self.bytes_sent += len(chunk)
+                position += len(chunk)
+                if stop is not None and position >= stop:
+                    self._run_on_close()
                 yield chunk
             self.outcome = "completed"
         except GeneratorExit:
@@ -356,14 +364,19 @@ class Download:
             self.trace.stream_finished(self.outcome, self.bytes_sent, self.error_type)
 
     def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the download is over: when its last piece is produced,
+        or when it is closed, whichever comes first."""
         self._on_close.append(callback)
+
+    def _run_on_close(self) -> None:
+        while self._on_close:
+            self._on_close.pop()()
 
     def close(self) -> None:
         """Stop this download's fetches and release its files; safe to call twice.
         Shared cache fetches run on to completion for the others waiting on them."""
         self._cancel.set()
-        while self._on_close:
-            self._on_close.pop()()
+        self._run_on_close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -245,6 +245,12 @@ class PassthroughServer:
                 wait_for_http(
                     f"{self.url}/health", self.startup_timeout, process=proc, context=context
                 )
+                probes = self.overrides.get("HEALTH_BIND", "off")
+                if probes != "off":
+                    # The probe server (its own process) is up once it answers too:
+                    # a test that times probes measures them, not its start-up.
+                    probe_url = f"{self.scheme}://{probes}/health"
+                    wait_for_http(probe_url, self.startup_timeout, process=proc, context=context)
             except StartupError:
                 proc.stop()
                 busy = "Address already in use" in proc.log_text()

@@ -16,6 +16,8 @@ from passthrough import create_app
 from passthrough.config import load_settings
 from passthrough.errors import UpstreamInvalid
 from passthrough.export.archive import layer_ids
+from passthrough.export.tarstream import END_OF_ARCHIVE
+from passthrough.services import services_of
 from tests.support.helpers import digest
 
 REG = "http://reg.test:5000"
@@ -281,3 +283,27 @@ def test_gzip_layers_are_still_checked_readable_before_the_200(app):
     responses.add(responses.HEAD, f"{base}/blobs/{digest(image.blobs[0])}", status=404)
     response = app.test_client().get("/docker/team__api_v1.tar?layers=gzip")
     assert response.status_code == 404
+
+
+@responses.activate
+def test_a_downloads_slot_is_free_before_its_last_bytes_are_written(tmp_path):
+    """A client that has every byte may start its next transfer at once: the slot of a
+    download whose size is known goes back as its last piece is handed to the server,
+    before it is written (a device copying images one after another at MAX_TRANSFERS=1
+    got 503 on the second)."""
+    app = create_app({"REGISTRY_URL": REG, "ENV_FILE": "/nonexistent",
+                      "TEMP_DIR": str(tmp_path), "CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
+    image = FakeImage("team/app", "1.0", [tar_of("a.txt", b"A" * 5000)])
+    image.register(responses)
+    slots = services_of(app).slots
+    assert app.test_client().get("/docker/team__app_1.0.tar").status_code == 200  # warm
+    before = slots.in_use()  # other tests' apps of this process may share the slot file
+    response = app.test_client().get("/docker/team__app_1.0.tar", buffered=False)
+    assert response.status_code == 200
+    chunks = iter(response.response)
+    held, in_use = next(chunks), []
+    for chunk in chunks:
+        in_use.append(slots.in_use())
+        held = chunk
+    assert held == END_OF_ARCHIVE and in_use[-1] == before and in_use[0] == before + 1
+    response.close()
