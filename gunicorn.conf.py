@@ -271,8 +271,9 @@ def on_exit(server: object) -> None:
 
 
 def post_worker_init(worker: object) -> None:
-    """Instrument the app for tracing once the worker has it."""
-    app = getattr(worker, "wsgi", None)
+    """Instrument the app for tracing once the worker has it (the Flask app inside the
+    worker's RegionSender, passthrough/web/worker.py)."""
+    app = getattr(getattr(worker, "wsgi", None), "app", None)
     if app is not None:  # an app preloaded in the master was made before post_fork's setup
         from passthrough.observe import telemetry
 
