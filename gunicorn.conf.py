@@ -195,8 +195,14 @@ def when_ready(server: Any) -> None:
     import socket
     import sys
 
-    address = _probe_address(_server.health_bind)
-    if address is None or any(probe.poll() is None for probe in _probes):
+    if _server.health_bind.strip().lower() == "off":
+        return
+    address = _server.health_address
+    if address is None:
+        raise SystemExit(
+            f"passthrough: HEALTH_BIND must be host:port or off, not {_server.health_bind!r}"
+        )
+    if any(probe.poll() is None for probe in _probes):
         return
     try:
         listener = socket.create_server(
@@ -214,16 +220,6 @@ def when_ready(server: Any) -> None:
     with listener:
         _probes.append(subprocess.Popen(args, pass_fds=(listener.fileno(),)))
     server.log.info("probes on %s (pid %d)", _server.health_bind, _probes[-1].pid)
-
-
-def _probe_address(bind: str) -> tuple[str, int] | None:
-    """HEALTH_BIND as (host, port); None when it is ``off``."""
-    if bind.strip().lower() == "off":
-        return None
-    host, _, port = bind.rpartition(":")
-    if not port.isdigit():
-        raise SystemExit(f"passthrough: HEALTH_BIND must be host:port or off, not {bind!r}")
-    return host.strip("[]"), int(port)
 
 
 def post_fork(server: object, worker: object) -> None:

@@ -565,12 +565,19 @@ class ServerSettings:
     )  # fmt: skip
 
     @property
-    def health_port(self) -> int | None:
-        """HEALTH_BIND's TCP port; None when it is ``off`` (or not ``host:port``)."""
+    def health_address(self) -> tuple[str, int] | None:
+        """HEALTH_BIND as (host, port), brackets off an IPv6 host; None when it is
+        ``off`` (or not ``host:port``)."""
         host, _, port = self.health_bind.rpartition(":")
         if self.health_bind.strip().lower() == "off" or not host or not port.isdigit():
             return None
-        return int(port)
+        return host.strip("[]"), int(port)
+
+    @property
+    def health_port(self) -> int | None:
+        """HEALTH_BIND's TCP port; None when it is ``off`` (or not ``host:port``)."""
+        address = self.health_address
+        return None if address is None else address[1]
 
 
 #: Variables without a field: REGISTRY_NAME folds into ``Settings.registry``; boto3 and

@@ -17,9 +17,9 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from passthrough.export.tarstream import FileRegion, Piece, Segment, produce_range
+from passthrough.export.tarstream import FileRegion, PieceT, Segment, produce_range
 from passthrough.store.content import ContentStore
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,6 @@ def checksum_line(record: dict[str, str | int], algorithm: str, filename: str) -
     return f"{record[algorithm]}  {filename}\n"
 
 
-#: bytes, or bytes and FileRegions (a download sent with sendfile).
-_Chunk = TypeVar("_Chunk", bytes, Piece)
-
 class _Known:
     """The archive ids this process knows to be recorded: a fleet downloading one image
     costs the store one read of its record, not one per download."""
@@ -154,8 +151,8 @@ HASHING = _Hashing()
 
 
 def recorded(
-    store: ContentStore | None, archive: Archive, chunks: Iterator[_Chunk]
-) -> Iterator[_Chunk]:
+    store: ContentStore | None, archive: Archive, chunks: Iterator[PieceT]
+) -> Iterator[PieceT]:
     """``chunks`` (a whole archive) passed on while hashed, and the digests recorded once
     the last byte went out, unless the store holds them already or another download of
     this process is hashing the same archive (one that fails leaves it to the next).

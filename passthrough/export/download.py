@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import TypeVar
 
 from passthrough.capacity import check_free_space
 from passthrough.config import Settings
@@ -54,6 +53,7 @@ from passthrough.export.tarstream import (
     DeferredSegment,
     FileEntrySegment,
     Piece,
+    PieceT,
     Segment,
     bytes_entry,
     directory_entry,
@@ -72,8 +72,6 @@ from passthrough.upstream.blobs import blob_chunks
 from passthrough.upstream.client import RegistryClient
 
 log = logging.getLogger(__name__)
-
-_Sized = TypeVar("_Sized", bound=Sized)
 
 
 class Download:
@@ -328,7 +326,7 @@ class Download:
         that sends it with ``sendfile``."""
         return self._sent(produce_range(self.segments, start, end, regions=True), start, end)
 
-    def _sent(self, chunks: Iterator[_Sized], start: int, end: int | None) -> Iterator[_Sized]:
+    def _sent(self, chunks: Iterator[PieceT], start: int, end: int | None) -> Iterator[PieceT]:
         self.trace.stream_started(start, end)
         metrics.download_started()
         # Where the answer ends, when known (a warm archive, or a range): the slot goes

@@ -11,7 +11,7 @@ import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, overload
+from typing import Literal, Protocol, TypeVar, overload
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -76,6 +76,8 @@ class FileRegion:
 
 #: What :func:`produce_range` yields with ``regions=True``.
 Piece = bytes | FileRegion
+#: A stream's item, for what passes either kind of stream on: bytes, or Pieces.
+PieceT = TypeVar("PieceT", bytes, Piece)
 
 
 # -- segments: the archive as a list of pieces with known or pending sizes ----------------

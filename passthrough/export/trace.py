@@ -10,14 +10,14 @@ The tracer itself and the rules of what may be recorded live in
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sized
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
-from passthrough.export.tarstream import FileEntrySegment, FileSource, Piece
+from passthrough.export.tarstream import FileEntrySegment, FileSource, Piece, PieceT
 from passthrough.observe import telemetry
 
 if TYPE_CHECKING:
@@ -215,8 +215,6 @@ class DownloadTrace:
         return {"trace_id": f"{context.trace_id:032x}"} if context.is_valid else {}
 
 
-_Sized = TypeVar("_Sized", bound=Sized)
-
 class _TracedLayerSegment(FileEntrySegment):
     """A layer's archive entry whose production is the ``write_layer_tar_N`` span: the
     wait for the layer's fetch, then the bytes written into the stream."""
@@ -241,7 +239,7 @@ class _TracedLayerSegment(FileEntrySegment):
     def pieces(self, offset: int = 0) -> Iterator[Piece]:
         return self._traced(super().pieces(offset))
 
-    def _traced(self, chunks: Iterator[_Sized]) -> Iterator[_Sized]:
+    def _traced(self, chunks: Iterator[PieceT]) -> Iterator[PieceT]:
         attributes = _layer_attributes(self._layer, self._compressed)
         attributes["archive.entry.name"] = self.name
         current = self._trace.child_span(f"write_layer_tar_{self._layer.index + 1}", attributes)
